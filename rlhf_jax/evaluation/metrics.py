@@ -1,0 +1,290 @@
+"""Model-free evaluation metrics: BLEU, bootstrap CIs, exact match, best-of-N, KL, length stats.
+
+Everything here works on per-sample arrays and strings that the eval phase has already produced
+(responses, reward-model scores, log-probabilities); no model is called. The functions return
+plain Python floats (or `None` where a metric does not apply) so results go straight into
+`eval.json`.
+"""
+
+from collections.abc import Callable, Sequence
+import math
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import sacrebleu
+
+# Bounds the memory of one bootstrap chunk (number of resampled indices held at once), so that
+# 1,000 resamples of 100k values do not allocate a 100M-element index matrix.
+_BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000
+
+# The exact key set `system_metrics` returns; `report.py` and `eval.json` readers rely on it.
+SYSTEM_METRIC_KEYS = (
+    "bleu",
+    "bleu_signature",
+    "reward_mean",
+    "reward_ci95",
+    "exact_match",
+    "kl_to_sft",
+    "length",
+    "eos_fraction",
+    "num_samples",
+)
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+  """Corpus BLEU of `hypotheses` against one reference each, computed by sacrebleu.
+
+  Args:
+    hypotheses: `num_samples` system outputs.
+    references: `num_samples` reference texts, aligned with `hypotheses`.
+
+  Returns:
+    `{"score": float in [0, 100], "signature": str}` (NaN and None for an empty corpus). The
+    signature (e.g. `nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0`) makes the
+    number reproducible, so reports print it next to the score.
+  """
+  if len(hypotheses) != len(references):
+    raise ValueError(
+        f"corpus_bleu: {len(hypotheses)} hypotheses but {len(references)} references")
+  if not hypotheses:
+    # sacrebleu fails on an empty corpus (and has no signature before scoring one); BLEU of
+    # nothing is undefined.
+    return {"score": math.nan, "signature": None}
+  bleu = sacrebleu.metrics.BLEU()
+  score = bleu.corpus_score(list(hypotheses), [list(references)]).score
+  return {"score": float(score), "signature": str(bleu.get_signature())}
+
+
+def bootstrap_ci(
+    values: np.ndarray,
+    *,
+    num_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+  """Percentile bootstrap confidence interval of the mean.
+
+  Args:
+    values: float [num_samples], e.g. one reward-model score per prompt. Must be finite.
+    num_resamples: number of bootstrap resamples (with replacement, same size as `values`).
+    confidence: two-sided coverage of the interval, in (0, 1).
+    seed: seed of the resampling RNG, so reports are reproducible.
+
+  Returns:
+    `(mean, low, high)` as floats: the sample mean and the `(1 - confidence) / 2` and
+    `(1 + confidence) / 2` percentiles of the resampled means. All NaN for no values.
+  """
+  values = np.asarray(values, dtype=np.float64).reshape(-1)
+  if not 0.0 < confidence < 1.0:
+    raise ValueError(f"bootstrap_ci: confidence must be in (0, 1), got {confidence}")
+  if num_resamples < 1:
+    raise ValueError(f"bootstrap_ci: num_resamples must be >= 1, got {num_resamples}")
+  if values.size == 0:
+    return math.nan, math.nan, math.nan
+  if not np.all(np.isfinite(values)):
+    # A NaN reward is a bug upstream; averaging it away would hide it.
+    raise ValueError(f"bootstrap_ci: {int(np.sum(~np.isfinite(values)))} non-finite values")
+  rng = np.random.default_rng(seed)
+  n = values.size
+  rows_per_chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
+  resampled_means = []
+  for start in range(0, num_resamples, rows_per_chunk):
+    rows = min(rows_per_chunk, num_resamples - start)
+    indices = rng.integers(0, n, size=(rows, n))
+    resampled_means.append(values[indices].mean(axis=1))
+  resampled_means = np.concatenate(resampled_means)
+  tail = (1.0 - confidence) / 2.0 * 100.0
+  low, high = np.percentile(resampled_means, [tail, 100.0 - tail])
+  return float(values.mean()), float(low), float(high)
+
+
+def exact_match(
+    records: Sequence[Any],
+    responses: Sequence[str],
+    check_fn: Callable[[Any, str], bool | None] | None,
+) -> float | None:
+  """Fraction of responses that `check_fn` accepts, over records with a verifiable answer.
+
+  Args:
+    records: `num_samples` data records (whatever the data module yields).
+    responses: `num_samples` generated responses, aligned with `records`.
+    check_fn: `check_fn(record, response) -> bool`, the data set's answer checker (e.g. the
+      built-in set's); it may return `None` for a record with no verifiable answer, which is then
+      left out. Pass `None` for data sets without answers (Dolly).
+
+  Returns:
+    The fraction in [0, 1], or `None` when no record has a verifiable answer.
+  """
+  if len(records) != len(responses):
+    raise ValueError(f"exact_match: {len(records)} records but {len(responses)} responses")
+  if check_fn is None:
+    return None
+  verdicts = [check_fn(record, response) for record, response in zip(records, responses)]
+  checked = [bool(verdict) for verdict in verdicts if verdict is not None]
+  if not checked:
+    return None
+  return sum(checked) / len(checked)
+
+
+def best_of_n_indices(scores: jnp.ndarray) -> jnp.ndarray:
+  """Index of the highest-scoring candidate per prompt; jit-safe.
+
+  Args:
+    scores: float [num_prompts, n], reward-model score of each of the `n` candidates.
+
+  Returns:
+    int32 [num_prompts]. Ties go to the first candidate (argmax's rule). A NaN score never wins
+    unless all of a prompt's scores are NaN (then candidate 0).
+  """
+  scores = jnp.asarray(scores)
+  finite_or_floor = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+  return jnp.argmax(finite_or_floor, axis=-1).astype(jnp.int32)
+
+
+def best_of_n(scores, candidates) -> tuple[Any, Any]:
+  """Best-of-N ("RO" system): picks the argmax-reward candidate for each prompt.
+
+  Args:
+    scores: float [num_prompts, n].
+    candidates: either an array [num_prompts, n, ...] (e.g. int32 token ids
+      [num_prompts, n, seq]; works inside `jax.jit`), or a sequence of `num_prompts` sequences of
+      `n` Python objects (e.g. response strings; outside jit only).
+
+  Returns:
+    `(indices, choices)`: int32 [num_prompts] and either an array [num_prompts, ...] or a list of
+    `num_prompts` chosen objects.
+  """
+  indices = best_of_n_indices(scores)
+  if isinstance(candidates, (np.ndarray, jnp.ndarray)):
+    chosen = jnp.take_along_axis(
+        jnp.asarray(candidates),
+        indices.reshape((-1, 1) + (1,) * (candidates.ndim - 2)),
+        axis=1,
+    )
+    return indices, jnp.squeeze(chosen, axis=1)
+  if len(candidates) != indices.shape[0]:
+    raise ValueError(
+        f"best_of_n: {indices.shape[0]} prompts of scores but {len(candidates)} of candidates")
+  host_indices = np.asarray(indices)
+  return indices, [per_prompt[i] for per_prompt, i in zip(candidates, host_indices)]
+
+
+def mean_kl(logprobs_policy, logprobs_sft, mask) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Sequence-level KL(policy || SFT) estimate from tokens sampled from the policy; jit-safe.
+
+  For a response y ~ policy, sum_t log p_policy(y_t) - log p_sft(y_t) is an unbiased estimate
+  of the sequence KL; its mean over prompts estimates the expected KL.
+
+  Args:
+    logprobs_policy: float [batch, num_tokens], log-prob of each sampled response token under
+      the policy.
+    logprobs_sft: float [batch, num_tokens], the same tokens under the SFT model.
+    mask: bool or float [batch, num_tokens], 1 on response tokens, 0 on padding (whose
+      log-probs are ignored, even if they are inf/NaN).
+
+  Returns:
+    `(per_sequence, mean)`: float32 [batch] KL sums and their float32 scalar mean.
+  """
+  mask = jnp.asarray(mask).astype(bool)
+  per_token = jnp.where(
+      mask, jnp.asarray(logprobs_policy, jnp.float32) - jnp.asarray(logprobs_sft, jnp.float32), 0.0)
+  per_sequence = jnp.sum(per_token, axis=-1)
+  return per_sequence, jnp.mean(per_sequence)
+
+
+def response_stats(lengths, ended_with_eos) -> dict[str, float]:
+  """Mean response length and the fraction of responses that ended with EOS.
+
+  Args:
+    lengths: int [num_samples], response lengths in tokens.
+    ended_with_eos: bool [num_samples], True where generation stopped on EOS (False where it hit
+      the length limit).
+
+  Returns:
+    `{"length": mean tokens, "eos_fraction": fraction in [0, 1]}`; NaN for no samples.
+  """
+  lengths = np.asarray(lengths, dtype=np.float64).reshape(-1)
+  ended_with_eos = np.asarray(ended_with_eos, dtype=bool).reshape(-1)
+  if lengths.size != ended_with_eos.size:
+    raise ValueError(
+        f"response_stats: {lengths.size} lengths but {ended_with_eos.size} eos flags")
+  if lengths.size == 0:
+    return {"length": math.nan, "eos_fraction": math.nan}
+  return {"length": float(lengths.mean()), "eos_fraction": float(ended_with_eos.mean())}
+
+
+def _none_if_nan(value: float) -> float | None:
+  """`None` for NaN so that `eval.json` holds `null`, not the non-standard `NaN`."""
+  return None if value is None or math.isnan(value) else float(value)
+
+
+def system_metrics(
+    *,
+    responses: Sequence[str],
+    references: Sequence[str],
+    rewards=None,
+    kl=None,
+    lengths=None,
+    ended_with_eos=None,
+    records: Sequence[Any] | None = None,
+    check_fn: Callable[[Any, str], bool | None] | None = None,
+    num_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+  """All metrics of one system on one split, as stored under `eval.json`'s `splits`.
+
+  Args:
+    responses: `num_samples` generated responses.
+    references: `num_samples` reference responses.
+    rewards: float [num_samples] reward-model scores, or None if not scored.
+    kl: float [num_samples] per-sequence KL to SFT (`mean_kl`'s first output), or None where it
+      does not apply (RR, whose responses are not sampled from a policy; SFT itself).
+    lengths: int [num_samples] response lengths in tokens, or None (then also
+      `ended_with_eos`).
+    ended_with_eos: bool [num_samples], or None.
+    records: `num_samples` data records for `check_fn`, or None.
+    check_fn: the answer checker (see `exact_match`), or None when there are no answers.
+    num_resamples: bootstrap resamples for the reward CI.
+    seed: bootstrap seed.
+
+  Returns:
+    A dict with exactly `SYSTEM_METRIC_KEYS`: `bleu` (float), `bleu_signature` (str),
+    `reward_mean` (float), `reward_ci95` ([low, high]), `exact_match` (fraction), `kl_to_sft`
+    (mean nats per sequence), `length` (mean tokens), `eos_fraction`, `num_samples` (int). A
+    metric that does not apply or has no data is `None`.
+  """
+  num_samples = len(responses)
+  per_sample = {"references": references, "rewards": rewards, "kl": kl, "lengths": lengths,
+                "ended_with_eos": ended_with_eos, "records": records}
+  for name, value in per_sample.items():
+    if value is not None and len(value) != num_samples:
+      raise ValueError(f"system_metrics: {num_samples} responses but {len(value)} {name}")
+
+  bleu = corpus_bleu(responses, references)
+  metrics = {
+      "bleu": _none_if_nan(bleu["score"]),
+      "bleu_signature": bleu["signature"],
+      "reward_mean": None,
+      "reward_ci95": None,
+      "exact_match": None,
+      "kl_to_sft": None,
+      "length": None,
+      "eos_fraction": None,
+      "num_samples": num_samples,
+  }
+  if rewards is not None and num_samples:
+    mean, low, high = bootstrap_ci(np.asarray(rewards), num_resamples=num_resamples, seed=seed)
+    metrics["reward_mean"] = mean
+    metrics["reward_ci95"] = [low, high]
+  if records is not None:
+    metrics["exact_match"] = exact_match(records, responses, check_fn)
+  if kl is not None and num_samples:
+    metrics["kl_to_sft"] = _none_if_nan(float(np.mean(np.asarray(kl, dtype=np.float64))))
+  if (lengths is None) != (ended_with_eos is None):
+    raise ValueError("system_metrics: pass both lengths and ended_with_eos, or neither")
+  if lengths is not None:
+    stats = response_stats(lengths, ended_with_eos)
+    metrics["length"] = _none_if_nan(stats["length"])
+    metrics["eos_fraction"] = _none_if_nan(stats["eos_fraction"])
+  return metrics

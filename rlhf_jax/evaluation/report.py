@@ -1,0 +1,378 @@
+"""Writes the eval phase's report: eval.json, eval.md, two plots and samples.jsonl.
+
+The figures are drawn on a private `Figure` with an Agg canvas instead of `pyplot`, so writing a
+report neither switches the process-wide matplotlib backend nor leaves figures open.
+"""
+
+from collections.abc import Mapping, Sequence
+import json
+import math
+import os
+from pathlib import Path
+import textwrap
+from typing import Any
+
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import numpy as np
+
+from rlhf_jax.errors import UserError
+
+IN_DISTRIBUTION_SPLIT = "test"
+# Fixed size and dpi so every plot is exactly 1200 x 600 pixels.
+FIGURE_SIZE_INCHES = (12.0, 6.0)
+FIGURE_DPI = 100
+
+SYSTEM_DESCRIPTIONS = {
+    "RR": "random responses (another prompt's reference response)",
+    "SFT": "the supervised fine-tuned policy",
+    "RO": "best-of-N samples from SFT, ranked by the reward model",
+    "RLHF": "the PPO policy",
+}
+
+_MISSING = "n/a"
+
+
+def ood_split_name(level: int) -> str:
+  """The `splits` key of an OOD level: level 0 is the in-distribution `test` split."""
+  return IN_DISTRIBUTION_SPLIT if level == 0 else f"ood_{level}"
+
+
+def to_json_safe(value: Any) -> Any:
+  """Converts a results tree to plain JSON types.
+
+  NumPy/JAX scalars and arrays become Python numbers and lists, tuples become lists, NaN and
+  infinities become `None` (JSON has no NaN), paths become strings, and objects with
+  `to_dict()` (e.g. `ml_collections.ConfigDict`) become dicts. Anything else is written as its
+  `str()` so that an odd config value cannot crash the report at the end of a long evaluation.
+  """
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, (int, np.integer)):
+    return int(value)
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, Mapping):
+    return {str(key): to_json_safe(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_json_safe(item) for item in value]
+  if hasattr(value, "tolist"):  # NumPy and JAX arrays and scalars.
+    return to_json_safe(value.tolist())
+  if hasattr(value, "to_dict"):
+    return to_json_safe(value.to_dict())
+  if isinstance(value, os.PathLike):
+    return os.fspath(value)
+  return str(value)
+
+
+def _write_atomically(path: Path, write_fn) -> None:
+  """Writes through a temporary file and renames it, so a crash never leaves half a file."""
+  tmp_path = path.with_name(path.name + ".tmp")
+  write_fn(tmp_path)
+  os.replace(tmp_path, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+  _write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _number(value: Any) -> float | None:
+  """A finite float, or None for missing/NaN values."""
+  if value is None:
+    return None
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
+def _split_metrics(system: Mapping[str, Any], split: str) -> Mapping[str, Any]:
+  return (system.get("splits") or {}).get(split) or {}
+
+
+def _format(value: Any, spec: str) -> str:
+  number = _number(value)
+  return _MISSING if number is None else format(number, spec)
+
+
+def _format_percent(value: Any) -> str:
+  number = _number(value)
+  return _MISSING if number is None else f"{100.0 * number:.1f}%"
+
+
+def _format_reward(metrics: Mapping[str, Any]) -> str:
+  mean = _number(metrics.get("reward_mean"))
+  if mean is None:
+    return _MISSING
+  ci = metrics.get("reward_ci95") or [None, None]
+  low, high = _number(ci[0]), _number(ci[1])
+  if low is None or high is None:
+    return f"{mean:.3f}"
+  return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _markdown_table(systems: Mapping[str, Any], split: str) -> list[str]:
+  lines = [
+      "| system | BLEU | reward (95% CI) | exact match | KL to SFT (nats) | length (tokens) "
+      "| ended with EOS | samples |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for name, system in systems.items():
+    metrics = _split_metrics(system, split)
+    num_samples = metrics.get("num_samples")
+    cells = [
+        str(name).replace("|", "\\|"),
+        _format(metrics.get("bleu"), ".2f"),
+        _format_reward(metrics),
+        _format_percent(metrics.get("exact_match")),
+        _format(metrics.get("kl_to_sft"), ".3f"),
+        _format(metrics.get("length"), ".1f"),
+        _format_percent(metrics.get("eos_fraction")),
+        _MISSING if num_samples is None else str(num_samples),
+    ]
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
+def _other_splits(systems: Mapping[str, Any], ood_levels: Mapping[int, str]) -> list[str]:
+  """Splits other than the in-distribution one: OOD levels in order, then any others by name."""
+  present = {split for system in systems.values() for split in (system.get("splits") or {})}
+  ordered = [ood_split_name(level) for level in sorted(ood_levels) if level != 0]
+  ordered = [split for split in ordered if split in present]
+  rest = sorted(present - set(ordered) - {IN_DISTRIBUTION_SPLIT})
+  return ordered + rest
+
+
+def _bleu_signature(results: Mapping[str, Any]) -> str | None:
+  if results.get("bleu_signature"):
+    return results["bleu_signature"]
+  for system in results["systems"].values():
+    for metrics in (system.get("splits") or {}).values():
+      if metrics and metrics.get("bleu_signature"):
+        return metrics["bleu_signature"]
+  return None
+
+
+def _markdown(results: Mapping[str, Any], ood_levels: Mapping[int, str]) -> str:
+  systems = results["systems"]
+  lines = ["# Evaluation report", ""]
+  described = [name for name in systems if name in SYSTEM_DESCRIPTIONS]
+  if described:
+    lines.append("Systems: " + "; ".join(
+        f"**{name}** = {SYSTEM_DESCRIPTIONS[name]}" for name in described) + ".")
+    lines.append("")
+  lines += [
+      "Reward is the mean reward-model score with a 95% percentile-bootstrap confidence "
+      "interval; KL to SFT is the mean per-response sum of log p_policy - log p_SFT over the "
+      "sampled tokens.",
+      "",
+      f"## In-distribution (`{IN_DISTRIBUTION_SPLIT}`)",
+      "",
+      *_markdown_table(systems, IN_DISTRIBUTION_SPLIT),
+      "",
+  ]
+  other_splits = _other_splits(systems, ood_levels)
+  if other_splits:
+    lines += ["## Out of distribution", ""]
+  level_of_split = {ood_split_name(level): level for level in ood_levels}
+  for split in other_splits:
+    level = level_of_split.get(split)
+    title = f"`{split}`" if level is None else f"Level {level}: {ood_levels[level]} (`{split}`)"
+    lines += [f"### {title}", "", *_markdown_table(systems, split), ""]
+  signature = _bleu_signature(results)
+  lines.append(f"BLEU: sacrebleu, signature `{signature}`." if signature else
+               "BLEU: sacrebleu (no signature recorded).")
+  lines.append("")
+  return "\n".join(lines)
+
+
+def _new_figure() -> Figure:
+  figure = Figure(figsize=FIGURE_SIZE_INCHES, dpi=FIGURE_DPI, layout="constrained")
+  FigureCanvasAgg(figure)
+  return figure
+
+
+def _save_png(figure: Figure, path: Path) -> None:
+  # print_png renders at the figure's own dpi and size, ignoring any global savefig rcParams
+  # (e.g. bbox "tight") that would change the pixel size.
+  _write_atomically(path, lambda tmp: figure.canvas.print_png(str(tmp)))
+
+
+def _wrap(label: str, width: int = 16) -> str:
+  return "\n".join(textwrap.wrap(str(label), width)) or str(label)
+
+
+def _system_colors(names: Sequence[str]) -> dict[str, Any]:
+  """One colour per system, the same in both plots."""
+  palette = colormaps["tab10" if len(names) <= 10 else "tab20"]
+  return {name: palette(index % palette.N) for index, name in enumerate(names)}
+
+
+def _plot_reward_by_system(results: Mapping[str, Any], path: Path) -> None:
+  systems = results["systems"]
+  names = list(systems)
+  colors = _system_colors(names)
+  figure = _new_figure()
+  axes = figure.add_subplot()
+  any_bar = False
+  for x, name in enumerate(names):
+    metrics = _split_metrics(systems[name], IN_DISTRIBUTION_SPLIT)
+    mean = _number(metrics.get("reward_mean"))
+    if mean is None:
+      axes.annotate(_MISSING, (x, 0.0), xytext=(0, 4), textcoords="offset points",
+                    ha="center", va="bottom", color="gray")
+      continue
+    any_bar = True
+    ci = metrics.get("reward_ci95") or [None, None]
+    low, high = _number(ci[0]), _number(ci[1])
+    has_ci = low is not None and high is not None
+    yerr = [[max(mean - low, 0.0)], [max(high - mean, 0.0)]] if has_ci else None
+    axes.bar(x, mean, yerr=yerr, capsize=8, color=colors[name], edgecolor="black",
+             linewidth=0.6)
+    # The value label sits beyond the end of the error bar, on the side the bar points to.
+    tip = (high if mean >= 0 else low) if has_ci else mean
+    axes.annotate(f"{mean:.3f}", (x, tip), xytext=(0, 5 if mean >= 0 else -5),
+                  textcoords="offset points", ha="center",
+                  va="bottom" if mean >= 0 else "top", fontsize=11)
+  if not any_bar:
+    axes.text(0.5, 0.5, "no reward-model scores recorded", transform=axes.transAxes,
+              ha="center", va="center", color="gray")
+  axes.axhline(0.0, color="black", linewidth=0.8)
+  axes.set_xticks(range(len(names)), [_wrap(name) for name in names])
+  axes.set_xlim(-0.6, len(names) - 0.4)
+  axes.margins(y=0.15)
+  axes.set_xlabel("system")
+  axes.set_ylabel("mean reward-model score (reward-model units)")
+  axes.set_title(f"Reward-model score per system on the in-distribution split "
+                 f"(`{IN_DISTRIBUTION_SPLIT}`); error bars: 95% bootstrap CI")
+  axes.grid(axis="y", alpha=0.3)
+  _save_png(figure, path)
+
+
+def _curve(system: Mapping[str, Any], metric: str, levels: Sequence[int]) -> np.ndarray:
+  """A system's metric per OOD level: from `ood_curve`, else read off the per-level splits.
+
+  Returns float64 [len(levels)] with NaN where the value is missing (matplotlib leaves a gap).
+  """
+  curve = (system.get("ood_curve") or {}).get(metric)
+  values = []
+  for level in levels:
+    if curve is not None:
+      value = curve[level] if level < len(curve) else None
+    else:
+      value = _split_metrics(system, ood_split_name(level)).get(metric)
+    number = _number(value)
+    values.append(math.nan if number is None else number)
+  return np.asarray(values, dtype=np.float64)
+
+
+def _levels(results: Mapping[str, Any], ood_levels: Mapping[int, str]) -> list[int]:
+  """Levels to plot: those named in `ood_levels`, or as many as the longest curve has."""
+  if ood_levels:
+    return sorted(ood_levels)
+  longest = max((len(curve) for system in results["systems"].values()
+                 for curve in (system.get("ood_curve") or {}).values()), default=1)
+  return list(range(longest))
+
+
+def _plot_ood_robustness(results: Mapping[str, Any], ood_levels: Mapping[int, str],
+                         path: Path) -> None:
+  systems = results["systems"]
+  names = list(systems)
+  colors = _system_colors(names)
+  levels = _levels(results, ood_levels)
+  curves = {metric: {name: _curve(systems[name], metric, levels) for name in names}
+            for metric in ("exact_match", "reward_mean", "bleu")}
+  # Data sets without verifiable answers (Dolly) have no exact match: show BLEU instead.
+  has_exact_match = any(np.isfinite(curve).any() for curve in curves["exact_match"].values())
+  if has_exact_match:
+    left = ("exact_match", 100.0, "exact match (% of prompts)", "Exact match")
+  else:
+    left = ("bleu", 1.0, "BLEU (0-100)", "BLEU (no verifiable answers: exact match n/a)")
+  right = ("reward_mean", 1.0, "mean reward-model score (reward-model units)",
+           "Reward-model score")
+
+  figure = _new_figure()
+  panels = figure.subplots(1, 2)
+  tick_labels = [_wrap(f"{level}: {ood_levels.get(level, '')}".rstrip(": "), 18)
+                 for level in levels]
+  for axes, (metric, scale, ylabel, title) in zip(panels, (left, right)):
+    drawn = False
+    for name in names:
+      values = curves[metric][name] * scale
+      if np.isfinite(values).any():
+        drawn = True
+      axes.plot(range(len(levels)), values, marker="o", linewidth=2, color=colors[name],
+                label=name)
+    if not drawn:
+      axes.text(0.5, 0.5, "no data", transform=axes.transAxes, ha="center", va="center",
+                color="gray")
+    if metric == "exact_match":
+      axes.set_ylim(-2.0, 102.0)  # The whole 0-100% scale, so small gaps do not look large.
+    elif metric == "bleu":
+      axes.set_ylim(bottom=0.0)
+    axes.set_xticks(range(len(levels)), tick_labels)
+    axes.set_xlabel("OOD level (distance from the training distribution)")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+  handles, labels = panels[0].get_legend_handles_labels()
+  if handles:
+    figure.legend(handles, [_wrap(label, 30) for label in labels], loc="outside lower center",
+                  ncol=min(len(handles), 6), title="system")
+  figure.suptitle("Robustness under distribution shift, per system")
+  _save_png(figure, path)
+
+
+def _write_samples(path: Path, samples: Sequence[Mapping[str, Any]]) -> None:
+  lines = []
+  for index, sample in enumerate(samples):
+    if not isinstance(sample, Mapping):
+      raise ValueError(f"write_report: sample {index} is a {type(sample).__name__}, not a dict")
+    lines.append(json.dumps(to_json_safe(sample), ensure_ascii=False, allow_nan=False))
+  _write_text(path, "".join(line + "\n" for line in lines))
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    results: Mapping[str, Any],
+    *,
+    ood_levels: Mapping[int, str],
+    samples: Sequence[Mapping[str, Any]],
+) -> dict[str, Path]:
+  """Writes the evaluation report files into `out_dir` (created if missing).
+
+  Args:
+    out_dir: the eval phase's directory, e.g. `WORKDIR/eval`.
+    results: `{"systems": {name: {"splits": {split: metrics}, "ood_curve": {metric: [per
+      level 0..k]}}}, "config": {...}, "bleu_signature": str}`, with `metrics` as returned by
+      `metrics.system_metrics` and splits `test` (in-distribution) and `ood_1`, `ood_2`, ...
+      Systems appear in the report in the dict's order. Missing metrics (`None`, NaN, absent
+      keys, absent splits or curves) are shown as "n/a" or left out of the plots.
+    ood_levels: `{level: name}`, level 0 being the in-distribution split; the names label the
+      OOD plot's x axis and the OOD tables.
+    samples: one dict per prompt, by convention `{"prompt": str, "reference": str, "systems":
+      {name: {"response": str, "reward": float}}}`; written as given, one JSON line each.
+
+  Returns:
+    `{file name: path}` for `eval.json`, `eval.md`, `reward_by_system.png`,
+    `ood_robustness.png` and `samples.jsonl`.
+  """
+  out_dir = Path(out_dir)
+  if out_dir.exists() and not out_dir.is_dir():
+    raise UserError(f"{out_dir}: the eval output directory is an existing file")
+  if not isinstance(results.get("systems"), Mapping):
+    raise ValueError("write_report: results must hold a 'systems' dict")
+  out_dir.mkdir(parents=True, exist_ok=True)
+  paths = {name: out_dir / name for name in (
+      "eval.json", "eval.md", "reward_by_system.png", "ood_robustness.png", "samples.jsonl")}
+
+  _write_text(paths["eval.json"],
+              json.dumps(to_json_safe(results), indent=2, ensure_ascii=False, allow_nan=False)
+              + "\n")
+  _write_text(paths["eval.md"], _markdown(results, ood_levels))
+  _plot_reward_by_system(results, paths["reward_by_system.png"])
+  _plot_ood_robustness(results, ood_levels, paths["ood_robustness.png"])
+  _write_samples(paths["samples.jsonl"], samples)
+  return paths

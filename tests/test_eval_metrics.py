@@ -1,0 +1,261 @@
+"""Tests for rlhf_jax.evaluation.metrics against sacrebleu, NumPy loops and hand-computed values."""
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sacrebleu
+
+from rlhf_jax.evaluation import metrics
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+HYPOTHESES = [
+    "The cat sat on the mat.",
+    "There is a dog in the garden",
+    "Paris is the capital of France.",
+    "I like green eggs and ham very much",
+]
+REFERENCES = [
+    "The cat is sitting on the mat.",
+    "A dog is in the garden.",
+    "Paris is the capital city of France.",
+    "I do not like green eggs and ham.",
+]
+
+
+def _dolly_records(limit):
+  path = DATA_DIR / "dolly" / "dolly_sample_1k.jsonl"
+  if not path.exists():
+    pytest.skip(f"shared test data not found: {path}")
+  with path.open(encoding="utf-8") as f:
+    return [json.loads(line) for _, line in zip(range(limit), f)]
+
+
+# --- BLEU -----------------------------------------------------------------------------------
+
+
+def test_corpus_bleu_equals_sacrebleu():
+  result = metrics.corpus_bleu(HYPOTHESES, REFERENCES)
+  expected = sacrebleu.corpus_bleu(HYPOTHESES, [REFERENCES])
+  assert result["score"] == pytest.approx(expected.score, abs=1e-9)
+  assert 0.0 < result["score"] < 100.0
+  assert result["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp")
+
+
+def test_corpus_bleu_changes_with_a_hypothesis():
+  before = metrics.corpus_bleu(HYPOTHESES, REFERENCES)["score"]
+  changed = list(HYPOTHESES)
+  changed[2] = "Paris is the capital city of France."  # Now identical to its reference.
+  after = metrics.corpus_bleu(changed, REFERENCES)["score"]
+  assert after > before
+  assert after == pytest.approx(sacrebleu.corpus_bleu(changed, [REFERENCES]).score, abs=1e-9)
+
+
+def test_corpus_bleu_identical_corpus_is_100():
+  assert metrics.corpus_bleu(REFERENCES, REFERENCES)["score"] == pytest.approx(100.0)
+
+
+def test_corpus_bleu_on_dolly_random_responses():
+  # RR-style baseline on real data: each prompt's "response" is the next record's reference.
+  records = _dolly_records(200)
+  references = [record["response"] for record in records]
+  shuffled = references[1:] + references[:1]
+  result = metrics.corpus_bleu(shuffled, references)
+  assert result["score"] == pytest.approx(
+      sacrebleu.corpus_bleu(shuffled, [references]).score, abs=1e-9)
+  assert result["score"] < metrics.corpus_bleu(references, references)["score"]
+
+
+def test_corpus_bleu_empty_and_mismatched():
+  empty = metrics.corpus_bleu([], [])
+  assert math.isnan(empty["score"]) and empty["signature"] is None
+  with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
+    metrics.corpus_bleu(["a", "b"], ["a"])
+
+
+# --- bootstrap ------------------------------------------------------------------------------
+
+
+def test_bootstrap_ci_contains_mean_and_shrinks_with_more_samples():
+  rng = np.random.default_rng(123)
+  small = rng.normal(0.5, 2.0, size=100)
+  large = rng.normal(0.5, 2.0, size=10_000)
+  widths = []
+  for values in (small, large):
+    mean, low, high = metrics.bootstrap_ci(values)
+    assert mean == pytest.approx(values.mean())
+    assert low < mean < high
+    widths.append(high - low)
+  assert widths[1] < widths[0] / 5  # ~sqrt(100) narrower in theory.
+
+
+def test_bootstrap_ci_matches_normal_theory():
+  # For the mean of n normal values the 95% interval is about mean +- 1.96 * sd / sqrt(n).
+  values = np.random.default_rng(7).normal(3.0, 1.5, size=2_000)
+  mean, low, high = metrics.bootstrap_ci(values, num_resamples=2_000)
+  half_width = 1.96 * values.std(ddof=1) / math.sqrt(values.size)
+  assert (high - low) / 2 == pytest.approx(half_width, rel=0.1)
+  assert (low + high) / 2 == pytest.approx(mean, abs=0.2 * half_width)
+
+
+def test_bootstrap_ci_matches_scipy_percentile_bootstrap():
+  stats = pytest.importorskip("scipy.stats", reason="scipy is an optional cross-check")
+  values = np.random.default_rng(11).exponential(2.0, size=300)  # Skewed on purpose.
+  _, low, high = metrics.bootstrap_ci(values, num_resamples=4_000, seed=1)
+  reference = stats.bootstrap((values,), np.mean, n_resamples=4_000, method="percentile",
+                              confidence_level=0.95, rng=np.random.default_rng(2))
+  interval = reference.confidence_interval
+  tolerance = 0.05 * (interval.high - interval.low)  # Monte Carlo noise of two RNG streams.
+  assert low == pytest.approx(interval.low, abs=tolerance)
+  assert high == pytest.approx(interval.high, abs=tolerance)
+
+
+def test_bootstrap_ci_confidence_seed_and_edge_cases():
+  values = np.random.default_rng(0).normal(size=500)
+  _, low90, high90 = metrics.bootstrap_ci(values, confidence=0.90)
+  _, low99, high99 = metrics.bootstrap_ci(values, confidence=0.99)
+  assert low99 < low90 and high90 < high99
+  assert metrics.bootstrap_ci(values, seed=5) == metrics.bootstrap_ci(values, seed=5)
+  assert metrics.bootstrap_ci(np.full(10, 2.5)) == pytest.approx((2.5, 2.5, 2.5))
+  assert all(math.isnan(v) for v in metrics.bootstrap_ci(np.array([])))
+  with pytest.raises(ValueError, match="non-finite"):
+    metrics.bootstrap_ci(np.array([1.0, np.nan]))
+  with pytest.raises(ValueError, match="confidence"):
+    metrics.bootstrap_ci(values, confidence=1.0)
+
+
+# --- exact match ----------------------------------------------------------------------------
+
+
+def _check_answer(record, response):
+  """A stand-in checker: None where the record has no answer, else a containment test."""
+  if record.get("answer") is None:
+    return None
+  return record["answer"] in response
+
+
+def test_exact_match_hand_computed():
+  records = [{"answer": "4"}, {"answer": "9"}, {"answer": "12"}, {"answer": None}]
+  responses = ["2 + 2 = 4", "it is 8", "12", "anything"]
+  # 2 of the 3 verifiable records are right; the unverifiable one is left out.
+  assert metrics.exact_match(records, responses, _check_answer) == pytest.approx(2 / 3)
+
+
+def test_exact_match_none_without_answers():
+  records = _dolly_records(5)  # Dolly has no verifiable answers.
+  responses = [record["response"] for record in records]
+  assert metrics.exact_match(records, responses, None) is None
+  assert metrics.exact_match([{"answer": None}] * 2, ["a", "b"], _check_answer) is None
+  with pytest.raises(ValueError):
+    metrics.exact_match([{}], ["a", "b"], _check_answer)
+
+
+# --- best of N ------------------------------------------------------------------------------
+
+
+def test_best_of_n_matches_numpy_loop():
+  rng = np.random.default_rng(3)
+  scores = rng.normal(size=(6, 4)).astype(np.float32)
+  candidates = [[f"prompt{p}-sample{s}" for s in range(4)] for p in range(6)]
+  indices, chosen = metrics.best_of_n(scores, candidates)
+  for p in range(6):
+    best = max(range(4), key=lambda s, p=p: scores[p, s])
+    assert int(indices[p]) == best
+    assert chosen[p] == f"prompt{p}-sample{best}"
+
+
+def test_best_of_n_ties_go_to_first_and_nan_never_wins():
+  scores = np.array([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0], [np.nan, 0.5, -1.0]])
+  indices = metrics.best_of_n_indices(scores)
+  np.testing.assert_array_equal(np.asarray(indices), [1, 0, 1])
+
+
+def test_best_of_n_gathers_token_arrays_inside_jit():
+  rng = np.random.default_rng(4)
+  scores = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, 50_257, size=(3, 5, 7)), jnp.int32)
+  indices, chosen = jax.jit(metrics.best_of_n)(scores, tokens)
+  expected_indices = np.argmax(np.asarray(scores), axis=1)
+  np.testing.assert_array_equal(np.asarray(indices), expected_indices)
+  np.testing.assert_array_equal(
+      np.asarray(chosen), np.asarray(tokens)[np.arange(3), expected_indices])
+  assert chosen.shape == (3, 7) and chosen.dtype == jnp.int32
+
+
+# --- KL and response stats ------------------------------------------------------------------
+
+
+def test_mean_kl_hand_computed_and_masked():
+  logprobs_policy = np.array([[-1.0, -2.0, -0.5, 7.0], [-0.1, -3.0, np.nan, -np.inf]])
+  logprobs_sft = np.array([[-1.5, -1.0, -0.5, 0.0], [-0.4, -2.0, 0.0, 0.0]])
+  mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]])
+  per_sequence, mean = metrics.mean_kl(logprobs_policy, logprobs_sft, mask)
+  # Row 0: 0.5 - 1.0 + 0.0 = -0.5 ; row 1: 0.3 - 1.0 = -0.7 (padding, even NaN/inf, ignored).
+  np.testing.assert_allclose(np.asarray(per_sequence), [-0.5, -0.7], rtol=1e-6)
+  assert float(mean) == pytest.approx(-0.6, rel=1e-6)
+  jitted_per_sequence, _ = jax.jit(metrics.mean_kl)(logprobs_policy, logprobs_sft, mask)
+  np.testing.assert_allclose(np.asarray(jitted_per_sequence), [-0.5, -0.7], rtol=1e-6)
+
+
+def test_mean_kl_matches_numpy_loop():
+  rng = np.random.default_rng(5)
+  policy = rng.normal(-2.0, 1.0, size=(4, 9))
+  sft = rng.normal(-2.0, 1.0, size=(4, 9))
+  lengths = [9, 3, 0, 6]
+  mask = np.array([[t < n for t in range(9)] for n in lengths])
+  per_sequence, mean = metrics.mean_kl(policy, sft, mask)
+  expected = [sum(policy[b, t] - sft[b, t] for t in range(lengths[b])) for b in range(4)]
+  np.testing.assert_allclose(np.asarray(per_sequence), expected, rtol=1e-5, atol=1e-5)
+  assert float(mean) == pytest.approx(np.mean(expected), rel=1e-5, abs=1e-5)
+
+
+def test_response_stats_hand_computed():
+  stats = metrics.response_stats([10, 20, 30, 40], [True, False, True, True])
+  assert stats == {"length": pytest.approx(25.0), "eos_fraction": pytest.approx(0.75)}
+  assert all(math.isnan(v) for v in metrics.response_stats([], []).values())
+
+
+# --- system_metrics -------------------------------------------------------------------------
+
+
+def test_system_metrics_keys_and_values():
+  records = [{"answer": "a"}, {"answer": "x"}, {"answer": "b"}, {"answer": "c"}]
+  rewards = np.array([0.5, 1.5, -1.0, 3.0])
+  kl = np.array([0.1, 0.3, 0.2, 0.4])
+  result = metrics.system_metrics(
+      responses=HYPOTHESES, references=REFERENCES, rewards=rewards, kl=kl,
+      lengths=[5, 6, 7, 8], ended_with_eos=[True, True, False, True], records=records,
+      check_fn=_check_answer, num_resamples=200)
+  assert set(result) == set(metrics.SYSTEM_METRIC_KEYS)
+  assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(HYPOTHESES, [REFERENCES]).score)
+  assert result["bleu_signature"].startswith("nrefs:1")
+  assert result["reward_mean"] == pytest.approx(1.0)
+  low, high = result["reward_ci95"]
+  assert low < 1.0 < high
+  # Substring checks by hand: "a" in "The cat ...": yes; "x" in "There is a dog ...": no;
+  # "b" in "Paris ...": no; "c" in "... very much": yes.
+  assert result["exact_match"] == pytest.approx(0.5)
+  assert result["kl_to_sft"] == pytest.approx(0.25)
+  assert result["length"] == pytest.approx(6.5)
+  assert result["eos_fraction"] == pytest.approx(0.75)
+  assert result["num_samples"] == 4
+  json.dumps(result, allow_nan=False)  # Plain JSON types only.
+
+
+def test_system_metrics_missing_parts_are_none():
+  records = _dolly_records(20)
+  references = [record["response"] for record in records]
+  result = metrics.system_metrics(responses=references[::-1], references=references,
+                                  records=records, check_fn=None)
+  assert set(result) == set(metrics.SYSTEM_METRIC_KEYS)
+  for key in ("reward_mean", "reward_ci95", "exact_match", "kl_to_sft", "length",
+              "eos_fraction"):
+    assert result[key] is None, key
+  assert result["num_samples"] == 20
+  with pytest.raises(ValueError, match="4 responses but 3 rewards"):
+    metrics.system_metrics(responses=HYPOTHESES, references=REFERENCES, rewards=[1.0, 2.0, 3.0])
