@@ -1,0 +1,141 @@
+"""The one compiled text generator: used by `--phase=generate`, PPO rollouts and evaluation.
+
+Prompts arrive left-padded to a common width P, so every row's next token goes to the same cache column.
+One prefill pass fills a preallocated KV cache of width P + max_new_tokens and yields the first
+next-token logits (LM head on the last column only); then a `lax.while_loop` samples one token per
+iteration until every row has produced EOS or `max_new_tokens` are out. The whole thing is one jitted
+function: no Python per token.
+
+Logprobs returned are `log_softmax(logits / temperature)` of the sampled tokens (of `logits` when
+greedy), before top-k / top-p filtering. PPO recomputes exactly this quantity in its update, so
+behaviour and learner logprobs agree (see "The N Implementation Details of RLHF with PPO", on
+temperature).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models import gpt_neo
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+  """How to sample. temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+  max_new_tokens: int = 64
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  eos_token_id: int = 50256
+  pad_token_id: int = 50256
+
+  @classmethod
+  def from_config(cls, config, eos_token_id: int, pad_token_id: int | None = None) -> "SamplingSettings":
+    """From a config section with fields max_new_tokens, temperature, top_k, top_p."""
+    return cls(max_new_tokens=int(config.max_new_tokens), temperature=float(config.temperature),
+               top_k=int(config.top_k), top_p=float(config.top_p), eos_token_id=eos_token_id,
+               pad_token_id=eos_token_id if pad_token_id is None else pad_token_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+  """Generated responses, all [B, N] with N = max_new_tokens.
+
+  tokens: int32; pad_token_id after a row's EOS.
+  logprobs: float32 log-probability of each token (see module docstring); 0 on padding.
+  mask: float32, 1.0 on real response tokens (EOS included), 0.0 after.
+  lengths: int32 [B], number of real response tokens.
+  ended: bool [B], whether the row produced EOS.
+  """
+  tokens: Array
+  logprobs: Array
+  mask: Array
+  lengths: Array
+  ended: Array
+
+
+jax.tree_util.register_dataclass(
+    Samples, data_fields=["tokens", "logprobs", "mask", "lengths", "ended"], meta_fields=[])
+
+
+def process_logits(logits: Array, settings: SamplingSettings) -> Array:
+  """Temperature, then top-k and top-p filtering: float32 [B, V] -> [B, V] (-inf where filtered)."""
+  logits = logits / settings.temperature
+  if settings.top_k > 0:
+    kth = jax.lax.top_k(logits, settings.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if settings.top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the token crossing the threshold included).
+    keep = cumulative - jax.nn.softmax(sorted_logits, axis=-1) < settings.top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return logits
+
+
+def _choose(logits: Array, rng: Array, settings: SamplingSettings) -> tuple[Array, Array]:
+  """Picks the next token [B] and its logprob [B] from float32 logits [B, V]."""
+  if settings.temperature == 0:
+    token = jnp.argmax(logits, axis=-1)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+  else:
+    token = jax.random.categorical(rng, process_logits(logits, settings), axis=-1)
+    logprobs = jax.nn.log_softmax(logits / settings.temperature, axis=-1)
+  return token.astype(jnp.int32), jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "settings"))
+def generate(model: gpt_neo.GPTNeo, params, prompt_ids: Array, prompt_mask: Array, rng: Array,
+             settings: SamplingSettings) -> Samples:
+  """Samples responses for a batch of left-padded prompts.
+
+  Args:
+    model: the policy (its `dtype` sets the compute and KV-cache dtype).
+    params: its parameters.
+    prompt_ids: int32 [B, P], left-padded.
+    prompt_mask: int32/bool [B, P], 1 on real prompt tokens.
+    rng: a PRNG key; the same key gives the same samples.
+    settings: static sampling settings (a change recompiles).
+  Returns:
+    `Samples` with [B, max_new_tokens] arrays.
+  """
+  batch, prompt_length = prompt_ids.shape
+  steps = settings.max_new_tokens
+  segments = prompt_mask.astype(jnp.int32)
+  cache = gpt_neo.init_cache(model.config, batch, prompt_length + steps, model.dtype)
+  out = model.apply({"params": params}, prompt_ids, segments, gpt_neo.default_positions(segments),
+                    cache=cache, last_only=True)
+  next_position = jnp.sum(segments, axis=1).astype(jnp.int32)  # [B]
+
+  def body(state):
+    step, cache, logits, position, tokens, logprobs, ended, rng = state
+    rng, step_rng = jax.random.split(rng)
+    token, logprob = _choose(logits, step_rng, settings)
+    token = jnp.where(ended, settings.pad_token_id, token)
+    tokens = tokens.at[:, step].set(token)
+    logprobs = logprobs.at[:, step].set(jnp.where(ended, 0.0, logprob))
+    live = ~ended
+    ended = ended | (token == settings.eos_token_id)
+    out = model.apply({"params": params}, token[:, None], live.astype(jnp.int32)[:, None],
+                      position[:, None], cache=cache, last_only=True)
+    return (step + 1, out["cache"], out["logits"][:, 0], position + 1, tokens, logprobs, ended, rng)
+
+  def cond(state):
+    step, ended = state[0], state[6]
+    return (step < steps) & ~jnp.all(ended)
+
+  init = (jnp.zeros((), jnp.int32), out["cache"], out["logits"][:, 0], next_position,
+          jnp.full((batch, steps), settings.pad_token_id, jnp.int32),
+          jnp.zeros((batch, steps), jnp.float32), jnp.zeros((batch,), bool), rng)
+  _, _, _, _, tokens, logprobs, ended, _ = jax.lax.while_loop(cond, body, init)
+  # A row's real tokens run up to and including its first EOS.
+  is_eos = tokens == settings.eos_token_id
+  first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), steps)
+  lengths = jnp.minimum(first_eos + 1, steps).astype(jnp.int32)
+  mask = (jnp.arange(steps)[None, :] < lengths[:, None]).astype(jnp.float32)
+  return Samples(tokens=tokens, logprobs=logprobs * mask, mask=mask, lengths=lengths, ended=ended)
