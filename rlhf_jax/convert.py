@@ -1,0 +1,66 @@
+"""The phases that move models in and out: `import` (HF -> Orbax), `export` (Orbax -> HF), and
+`init` (a fresh built-in model and tokenizer, for the offline default pipeline)."""
+
+import pathlib
+
+from absl import logging
+import jax
+import numpy as np
+
+from rlhf_jax import checkpoints
+from rlhf_jax import sharding
+from rlhf_jax.errors import UserError
+from rlhf_jax.models import hf
+
+
+def _finished(phase_dir: pathlib.Path) -> bool:
+  ckpt = checkpoints.find_checkpoint_dir(phase_dir)
+  return ckpt is not None and checkpoints.Checkpoints(ckpt, create=False).manifest().get("finished")
+
+
+def save_model(phase_dir: pathlib.Path, params, config, *, kind: str, phase: str,
+               tokenizer_dir=None, **extras) -> pathlib.Path:
+  """Writes a finished single-step checkpoint (params, manifest, tokenizer) under `phase_dir`."""
+  ckpts = checkpoints.Checkpoints(phase_dir / "checkpoint")
+  if tokenizer_dir is not None and jax.process_index() == 0:
+    hf.copy_tokenizer(tokenizer_dir, ckpts.tokenizer_dir)
+  manifest = checkpoints.make_manifest(config, kind=kind, score_head="score" in params, phase=phase,
+                                       finished=True, **extras)
+  ckpts.save(0, params=params, manifest=manifest)
+  ckpts.close()
+  return ckpts.directory
+
+
+def run_import(config, workdir: pathlib.Path) -> None:
+  """HF directory or hub id (`config.hf_model`) -> WORKDIR/import/checkpoint."""
+  if not config.hf_model:
+    raise UserError("--config.hf_model: give a Hugging Face directory or hub id to import")
+  phase_dir = workdir / "import"
+  if _finished(phase_dir):
+    logging.info("import: %s already holds a finished checkpoint; skipping", phase_dir)
+    return
+  model_config, params, kind, directory = hf.load_checkpoint(config.hf_model)
+  tokenizer = directory if hf.has_tokenizer(directory) else None
+  if tokenizer is None:
+    logging.warning("import: %s has no tokenizer files; later phases will need one", directory)
+  out = save_model(phase_dir, params, model_config, kind=kind, phase="import",
+                   tokenizer_dir=tokenizer, source=str(config.hf_model))
+  n = sum(np.size(x) for x in jax.tree.leaves(params))
+  print(f"import: {config.hf_model} ({kind}, {n / 1e6:.1f}M parameters) -> {out}")
+
+
+def run_export(config, workdir: pathlib.Path) -> None:
+  """Orbax checkpoint (`config.checkpoint`, default the newest policy) -> HF directory."""
+  from rlhf_jax.data import batching
+  source = config.checkpoint or checkpoints.find_phase_checkpoint(workdir, checkpoints.POLICY_PHASES)
+  loaded = checkpoints.load_model(source)
+  kind = loaded["kind"] if config.kind == "auto" else config.kind
+  if kind not in (hf.CAUSAL_LM, hf.REWARD):
+    raise UserError(f"--config.kind={config.kind}: use auto, {hf.CAUSAL_LM} or {hf.REWARD}")
+  out_dir = pathlib.Path(config.hf_out) if config.hf_out else workdir / "export" / "hf"
+  params = sharding.to_host(loaded["params"])  # Every process takes part in the gather.
+  if jax.process_index() == 0:
+    hf.save_checkpoint(params, loaded["config"], out_dir, kind=kind,
+                       tokenizer_dir=loaded["tokenizer_dir"], dtype=config.dtype,
+                       extra_files={"PROMPT_TEMPLATE.md": batching.PROMPT_TEMPLATE_DOC})
+  print(f"export: {loaded['source']} ({kind}) -> {out_dir}")
