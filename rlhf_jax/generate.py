@@ -66,7 +66,8 @@ def generate_texts(model: gpt_neo.GPTNeo, params, tokenizer, prompts: list[str],
   results = []
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
-    padded = chunk + [""] * (batch_size - len(chunk))  # Fixed batch shape; empty rows are dropped.
+    # A fixed batch shape compiles once; the filler rows of the last batch are dropped.
+    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
     ids, mask = batching.prompt_batch(tokenizer, padded, width)
     rng, batch_rng = jax.random.split(rng)
     samples = jax.device_get(sampling.generate(model, params, ids, mask, batch_rng, settings))
