@@ -1,0 +1,190 @@
+"""Tests for rlhf_jax.data.records: loading Dolly-format records, bad data, splits."""
+
+import collections
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf_jax.data import records
+from rlhf_jax.errors import UserError
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DOLLY_3K = DATA / "dolly" / "dolly_alpagasus_3k.jsonl"
+DOLLY_1K = DATA / "dolly" / "dolly_sample_1k.jsonl"
+
+GOOD = {"instruction": "What is 2 + 2?", "context": "", "response": "4", "category": "open_qa"}
+
+
+def _need_data():
+  if not DOLLY_3K.exists():
+    pytest.skip(f"shared test data not found at {DATA}")
+
+
+def _write_lines(path: Path, lines: list[bytes]) -> str:
+  path.write_bytes(b"\n".join(lines) + b"\n")
+  return str(path)
+
+
+def _json_line(obj) -> bytes:
+  return json.dumps(obj).encode()
+
+
+def test_reads_shared_dolly_files_like_plain_json():
+  _need_data()
+  for path, expected_count in ((DOLLY_3K, 2996), (DOLLY_1K, 1000)):
+    loaded, stats = records.load_records(str(path))
+    raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(loaded) == expected_count == len(raw)
+    assert loaded == raw  # every Dolly line already has all four fields
+    assert stats["read"] == stats["kept"] == expected_count
+    assert stats["skipped"] == {}
+  loaded, _ = records.load_records(str(DOLLY_3K))
+  # Category and empty-context counts published in SOURCES.md.
+  categories = collections.Counter(r["category"] for r in loaded)
+  assert categories["open_qa"] == 943 and categories["summarization"] == 111
+  assert sum(r["context"] == "" for r in loaded) == 2562
+
+
+MALFORMED = [
+    ("missing_field", _json_line({k: v for k, v in GOOD.items() if k != "response"}),
+     "'response'"),
+    ("empty_field", _json_line(dict(GOOD, response="  \n")), "'response'"),
+    ("empty_field", _json_line(dict(GOOD, instruction="")), "'instruction'"),
+    ("not_utf8", b'{"instruction": "caf\xe9", "response": "x", "category": "c"}', "UTF-8"),
+    ("invalid_json", b'{"instruction": "x", "response": ', "invalid JSON"),
+    ("wrong_type", _json_line(dict(GOOD, response=42)), "'response'"),
+    ("wrong_type", _json_line(dict(GOOD, category=None)), "'category'"),
+    ("not_object", b'["a", "list"]', "object"),
+]
+
+
+@pytest.mark.parametrize("reason,bad_line,names", MALFORMED)
+def test_malformed_line_raises_with_file_and_line(tmp_path, reason, bad_line, names):
+  del reason
+  # A blank line before the bad one checks that line numbers count every physical line.
+  path = _write_lines(tmp_path / "data.jsonl", [_json_line(GOOD), b"", bad_line, _json_line(GOOD)])
+  with pytest.raises(UserError) as error:
+    records.load_records(path)
+  message = str(error.value)
+  assert f"{path}:3" in message
+  assert names in message
+
+
+def test_malformed_lines_are_skipped_and_counted(tmp_path):
+  lines = [_json_line(GOOD)] + [bad for _, bad, _ in MALFORMED] + [_json_line(GOOD)]
+  path = _write_lines(tmp_path / "data.jsonl", lines)
+  loaded, stats = records.load_records(path, skip_bad_records=True)
+  assert loaded == [GOOD, GOOD]
+  assert stats["read"] == len(lines)
+  assert stats["kept"] == 2
+  assert stats["skipped"] == dict(collections.Counter(reason for reason, _, _ in MALFORMED))
+
+
+def test_missing_context_becomes_empty_and_extra_fields_are_kept(tmp_path):
+  record = {"instruction": "Q", "response": "A", "category": "c", "answer": "A", "ood_level": 2}
+  path = _write_lines(tmp_path / "data.jsonl", [_json_line(record)])
+  loaded, _ = records.load_records(path)
+  assert loaded == [dict(record, context="")]
+
+
+def test_json_list_and_parquet_and_gzip_give_the_same_records(tmp_path):
+  rows = [GOOD, dict(GOOD, instruction="Name a colour.", response="Red", context="Colours.")]
+  json_path = tmp_path / "data.json"
+  json_path.write_text(json.dumps(rows, indent=2))
+  gz_path = tmp_path / "data.jsonl.gz"
+  with gzip.open(gz_path, "wt") as f:
+    f.write("\n".join(json.dumps(r) for r in rows))
+  import pyarrow  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  parquet_path = tmp_path / "data.parquet"
+  pq.write_table(pyarrow.Table.from_pylist(rows), parquet_path)
+  for path in (json_path, gz_path, parquet_path):
+    loaded, stats = records.load_records(str(path))
+    assert loaded == rows, path
+    assert stats["kept"] == 2
+
+
+def test_json_list_errors_name_the_element_line(tmp_path):
+  path = tmp_path / "data.json"
+  # Element 2 starts on line 3 and lacks its response.
+  path.write_text('[\n' + json.dumps(GOOD) + ',\n' +
+                  json.dumps({"instruction": "Q", "category": "c"}) + '\n]\n')
+  with pytest.raises(UserError, match=re.escape(f"{path}:3: missing field 'response'")):
+    records.load_records(str(path))
+  path.write_text('[\n' + json.dumps(GOOD) + ',\n{"instruction": oops}\n]')
+  with pytest.raises(UserError, match=re.escape(f"{path}:3: invalid JSON")):
+    records.load_records(str(path))
+  path.write_text(json.dumps(GOOD))
+  with pytest.raises(UserError, match="list of objects"):
+    records.load_records(str(path))
+
+
+def test_missing_file_and_unsupported_format(tmp_path):
+  with pytest.raises(UserError, match="no such file"):
+    records.load_records(str(tmp_path / "absent.jsonl"))
+  other = tmp_path / "data.csv"
+  other.write_text("instruction,response\n")
+  with pytest.raises(UserError, match="unsupported"):
+    records.load_records(str(other))
+
+
+def test_offline_hub_id_gives_a_clean_user_error():
+  # Runs in a fresh interpreter: huggingface_hub reads HF_HUB_OFFLINE when it is imported.
+  code = (
+      "from rlhf_jax.data.records import load_records\n"
+      "from rlhf_jax.errors import UserError\n"
+      "try:\n"
+      "  load_records('databricks/databricks-dolly-15k')\n"
+      "except UserError as e:\n"
+      "  print('USER_ERROR', e)\n")
+  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+  result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr
+  assert "USER_ERROR databricks/databricks-dolly-15k" in result.stdout
+  assert "unreachable" in result.stdout
+
+
+def _records_with_categories(n: int) -> list[dict]:
+  return [dict(GOOD, instruction=f"question {i}", category=f"cat{i % 4}") for i in range(n)]
+
+
+def test_split_is_deterministic_and_a_partition():
+  data = _records_with_categories(200)
+  first = records.split_records(data, seed=3, validation_fraction=0.1, test_fraction=0.2)
+  again = records.split_records(data, seed=3, validation_fraction=0.1, test_fraction=0.2)
+  other = records.split_records(data, seed=4, validation_fraction=0.1, test_fraction=0.2)
+  assert first == again
+  assert first["validation"] != other["validation"]
+  assert (len(first["validation"]), len(first["test"]), len(first["train"])) == (20, 40, 140)
+  assert first["ood"] == []
+  seen = sorted(r["instruction"] for split in first.values() for r in split)
+  assert seen == sorted(r["instruction"] for r in data)
+
+
+def test_split_holds_out_ood_categories():
+  data = _records_with_categories(200)
+  splits = records.split_records(data, seed=0, validation_fraction=0.1, test_fraction=0.1,
+                                 ood_categories=["cat1", "cat3"])
+  assert sorted(r["instruction"] for r in splits["ood"]) == sorted(
+      r["instruction"] for r in data if r["category"] in ("cat1", "cat3"))
+  for name in ("train", "validation", "test"):
+    assert all(r["category"] in ("cat0", "cat2") for r in splits[name])
+  assert len(splits["validation"]) == 10  # 10% of the 100 in-distribution records
+
+
+def test_split_rejects_bad_settings():
+  data = _records_with_categories(10)
+  with pytest.raises(UserError, match="validation_fraction"):
+    records.split_records(data, seed=0, validation_fraction=1.5, test_fraction=0.1)
+  with pytest.raises(UserError, match="below 1"):
+    records.split_records(data, seed=0, validation_fraction=0.5, test_fraction=0.5)
+  with pytest.raises(UserError, match="ood_categories.*nope"):
+    records.split_records(data, seed=0, validation_fraction=0.1, test_fraction=0.1,
+                          ood_categories=["nope"])
