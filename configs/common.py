@@ -9,5 +9,40 @@ def mesh() -> ml_collections.ConfigDict:
 
 
 def model() -> ml_collections.ConfigDict:
-  """Numerics of the model: compute dtype, master-weight dtype, rematerialisation per block."""
-  return ml_collections.ConfigDict(dict(dtype="float32", param_dtype="float32", remat=False))
+  """Numerics of the model: compute dtype, master-weight dtype, rematerialisation per block, and
+  dropout (-1 keeps the checkpoint's embed/attention/resid dropout; GPT-Neo ships with 0)."""
+  return ml_collections.ConfigDict(dict(dtype="float32", param_dtype="float32", remat=False,
+                                        dropout=-1.0))
+
+
+def data(source: str = "builtin") -> ml_collections.ConfigDict:
+  """Instruction data: the built-in generated set, a local Dolly-format file, or a hub dataset id.
+
+  source: "builtin", a .jsonl/.json/.parquet file with instruction/context/response/category, or
+    a hub id such as "databricks/databricks-dolly-15k".
+  seed: split (and generation) seed.
+  num_train / num_eval: sizes of the built-in set's train split and of each evaluation split.
+  validation_fraction / test_fraction / ood_categories: how files and hub data are split (records of
+    the listed categories form the `ood` split).
+  skip_bad_records: skip, count and log malformed records instead of stopping at the first.
+  """
+  return ml_collections.ConfigDict(dict(
+      source=source, seed=0, num_train=4000, num_eval=200, validation_fraction=0.05,
+      test_fraction=0.05, ood_categories=(), skip_bad_records=False))
+
+
+def optim(lr: float, **overrides) -> ml_collections.ConfigDict:
+  """AdamW + clipping + warmup/decay (rlhf_jax/training/optim.py)."""
+  fields = dict(lr=lr, warmup_steps=0, schedule="cosine", end_lr_fraction=0.1, b1=0.9, b2=0.999,
+                eps=1e-8, weight_decay=0.0, clip_norm=1.0)
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def train(steps: int, batch_size: int, **overrides) -> ml_collections.ConfigDict:
+  """The shared loop's settings (rlhf_jax/training/loop.py). batch_size is global (all devices and
+  processes); accum_steps splits it into micro-batches; save_every 0 saves only at the end."""
+  fields = dict(steps=steps, batch_size=batch_size, accum_steps=1, log_every=50, eval_every=0,
+                save_every=500, keep_checkpoints=2, eval_at_start=True, seed=0)
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)

@@ -99,8 +99,7 @@ def find_checkpoint_dir(path: str | os.PathLike) -> pathlib.Path | None:
 
 
 def abstract_params(config: GPTNeoConfig, score_head: bool, shardings: Any = None) -> Any:
-  """ShapeDtypeStructs of the parameters (float32), with shardings if given (default: replicated
-  on the first device... of a trivial one-device placement)."""
+  """ShapeDtypeStructs of the parameters (float32) on `shardings` (default: the first device)."""
   from rlhf_jax.models import gpt_neo
   shapes = gpt_neo.param_shapes(gpt_neo.GPTNeo(config, score_head=score_head))
   if shardings is None:
@@ -110,14 +109,15 @@ def abstract_params(config: GPTNeoConfig, score_head: bool, shardings: Any = Non
                       shapes, shardings)
 
 
-def load_model(path: str | os.PathLike, shardings_fn=None) -> dict:
-  """Loads a model from an Orbax checkpoint (directory, or a phase directory) or an HF directory/id.
+def describe_model(path: str | os.PathLike) -> dict:
+  """What a checkpoint holds, without loading its weights.
 
   Args:
-    path: the checkpoint.
-    shardings_fn: (config, score_head) -> tree of shardings for the params; default one device.
+    path: an Orbax checkpoint directory, a phase directory holding `checkpoint/`, or an HF
+      directory / hub id.
   Returns:
-    dict(config, params, kind, score_head, manifest, tokenizer_dir or None, source).
+    dict(config, kind, score_head, manifest ({} for HF), tokenizer_dir or None, source, format
+    ("orbax" or "hf"), path (the resolved directory)).
   """
   ckpt_dir = find_checkpoint_dir(path)
   if ckpt_dir is None:
@@ -125,24 +125,39 @@ def load_model(path: str | os.PathLike, shardings_fn=None) -> dict:
     if local.exists() and not (local / "config.json").exists():
       raise UserError(f"{path}: neither an Orbax checkpoint (numbered step folders) nor a "
                       "Hugging Face directory (config.json)")
-    config, params, kind, directory = hf.load_checkpoint(str(path))
-    score_head = "score" in params
-    if shardings_fn is not None:
-      params = jax.device_put(params, shardings_fn(config, score_head))
-    return dict(config=config, params=params, kind=kind, score_head=score_head, manifest={},
-                tokenizer_dir=directory if hf.has_tokenizer(directory) else None, source=str(path))
-  checkpoints = Checkpoints(ckpt_dir, create=False)
-  manifest = checkpoints.manifest()
-  config = GPTNeoConfig.from_hf_dict(manifest["model"])
-  score_head = manifest["score_head"]
-  shardings = shardings_fn(config, score_head) if shardings_fn is not None else None
-  params = checkpoints.restore(params=abstract_params(config, score_head, shardings))["params"]
+    directory = hf.resolve(str(path))
+    config = hf.read_config(directory)
+    score_head = hf.has_score_head(directory)
+    return dict(config=config, kind=hf.REWARD if score_head else hf.CAUSAL_LM,
+                score_head=score_head, manifest={}, source=str(path), format="hf", path=directory,
+                tokenizer_dir=directory if hf.has_tokenizer(directory) else None)
+  manifest = Checkpoints(ckpt_dir, create=False).manifest()
+  tokenizer = ckpt_dir / TOKENIZER_DIR
+  return dict(config=GPTNeoConfig.from_hf_dict(manifest["model"]), kind=manifest["kind"],
+              score_head=manifest["score_head"], manifest=manifest, source=str(path),
+              format="orbax", path=ckpt_dir, tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
+
+
+def load_params(info: dict, shardings: Any = None) -> Any:
+  """The parameters of a checkpoint described by `describe_model`, placed on `shardings` (a tree
+  matching the checkpoint's params; default: the first local device)."""
+  if info["format"] == "hf":
+    params = hf.hf_to_flax(hf.read_weights(info["path"]), info["config"], str(info["path"]))
+    if shardings is None:
+      return jax.device_put(params, jax.local_devices()[0])
+    return jax.device_put(params, shardings)
+  checkpoints = Checkpoints(info["path"], create=False)
+  target = abstract_params(info["config"], info["score_head"], shardings)
+  params = checkpoints.restore(params=target)["params"]
   checkpoints.close()
-  logging.info("Loaded %s (step %s) from %s", manifest["kind"], checkpoints.latest_step(), ckpt_dir)
-  tokenizer = checkpoints.tokenizer_dir
-  return dict(config=config, params=params, kind=manifest["kind"], score_head=score_head,
-              manifest=manifest, tokenizer_dir=tokenizer if tokenizer.is_dir() else None,
-              source=str(ckpt_dir))
+  logging.info("Loaded %s parameters from %s", info["kind"], info["path"])
+  return params
+
+
+def load_model(path: str | os.PathLike, shardings: Any = None) -> dict:
+  """`describe_model(path)` plus its "params" (see `load_params`)."""
+  info = describe_model(path)
+  return {**info, "params": load_params(info, shardings)}
 
 
 POLICY_PHASES = ("ppo", "sft", "init", "import")

@@ -64,3 +64,29 @@ def run_export(config, workdir: pathlib.Path) -> None:
                        tokenizer_dir=loaded["tokenizer_dir"], dtype=config.dtype,
                        extra_files={"PROMPT_TEMPLATE.md": batching.PROMPT_TEMPLATE_DOC})
   print(f"export: {loaded['source']} ({kind}) -> {out_dir}")
+
+
+def run_init(config, workdir: pathlib.Path) -> None:
+  """A tokenizer trained on the built-in set and a random tiny GPT-Neo -> WORKDIR/init/checkpoint."""
+  import tempfile
+  from rlhf_jax.data import batching
+  from rlhf_jax.data import builtin
+  from rlhf_jax.models import gpt_neo
+  phase_dir = workdir / "init"
+  if _finished(phase_dir):
+    logging.info("init: %s already holds a finished checkpoint; skipping", phase_dir)
+    return
+  train = builtin.generate(config.data.seed, config.data.num_train, config.data.num_eval)["train"]
+  corpus = [batching.format_prompt(r["instruction"], r["context"]) + r["response"] for r in train]
+  with tempfile.TemporaryDirectory() as tokenizer_dir:
+    tokenizer = builtin.train_tokenizer(corpus, config.vocab_size, tokenizer_dir)
+    arch = config.arch.to_dict()
+    arch["attention_layers"] = tuple(arch["attention_layers"])
+    model_config = gpt_neo.GPTNeoConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, **arch)
+    params = gpt_neo.init_params(gpt_neo.GPTNeo(model_config), jax.random.key(config.seed))
+    out = save_model(phase_dir, params, model_config, kind=hf.CAUSAL_LM, phase="init",
+                     tokenizer_dir=tokenizer_dir)
+  print(f"init: built-in GPT-Neo ({model_config.num_params / 1e6:.2f}M parameters, vocab "
+        f"{model_config.vocab_size}) and tokenizer -> {out}")

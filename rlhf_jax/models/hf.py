@@ -269,6 +269,24 @@ def load_tokenizer(directory: str | os.PathLike):
   return tokenizer
 
 
+def has_score_head(directory: str | os.PathLike) -> bool:
+  """Whether an HF checkpoint directory is a sequence classifier (has `score.weight`)."""
+  import safetensors
+  directory = pathlib.Path(directory)
+  index = next((directory / n for n in _WEIGHT_FILES if n.endswith(".index.json")
+                and (directory / n).is_file()), None)
+  if index is not None:
+    return "score.weight" in json.loads(index.read_text()).get("weight_map", {})
+  path = directory / "model.safetensors"
+  if path.is_file():
+    try:
+      with safetensors.safe_open(str(path), framework="numpy") as f:
+        return "score.weight" in f.keys()
+    except Exception as e:
+      raise UserError(f"{path}: cannot read safetensors file ({e})") from None
+  return "score.weight" in read_weights(directory)
+
+
 def has_tokenizer(directory: str | os.PathLike) -> bool:
   directory = pathlib.Path(directory)
   return any((directory / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))

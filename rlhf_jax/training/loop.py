@@ -1,0 +1,282 @@
+"""The one training loop every phase runs (SFT, reward, PPO).
+
+A phase supplies pure pieces and the loop does the rest:
+  step_fn(state, batch) -> (state, metrics)   compiled once here (jit, donated state, fixed shapes);
+                                              `make_train_step(loss_fn, tx, accum)` builds it from a
+                                              `loss_fn(params, batch, rng) -> (loss, metrics)`;
+  batches(start_step) -> iterator             host-local numpy batches, resumable at any step;
+  eval_step(params, batch) -> sums            optional, compiled once, summed over the eval split.
+The loop places batches on the mesh, logs (console, metrics.jsonl, TensorBoard), evaluates, saves
+Orbax checkpoints every `save_every` steps and at the end, resumes from the newest checkpoint (params,
+optimizer state, step, RNG; the step is the data position), saves and stops on SIGTERM, and stops
+with a clear message on a NaN/inf loss, keeping the last good checkpoint.
+"""
+
+import dataclasses
+import pathlib
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax import checkpoints
+from rlhf_jax import sharding
+from rlhf_jax.errors import UserError
+from rlhf_jax.training import progress
+
+Batch = dict[str, Any]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue exactly: step, params, optimizer state, RNG (key data),
+  and `extra` (phase state such as PPO's value model and KL coefficient)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  extra: Any
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array,
+                       extra: Any = None) -> TrainState:
+  """A fresh state at step 0 (call under jit with out_shardings to create it sharded)."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(rng), extra={} if extra is None else extra)
+
+
+def accumulate_gradients(loss_fn: Callable, params: Any, batch: Batch, rng: jax.Array,
+                         accum_steps: int) -> tuple[Any, jax.Array, dict]:
+  """Gradients of `loss_fn` over `batch`, computed in `accum_steps` micro-batches.
+
+  `loss_fn(params, batch, rng) -> (loss, metrics)` returns a mean over its micro-batch; an optional
+  `metrics["weight"]` (e.g. its number of target tokens) makes the combination exact: gradients, loss
+  and metrics are weight-averaged, so k micro-batches equal one k-times-larger batch.
+  Micro-batch i takes rows i, i+k, ... so each device contributes equally without any transfer.
+
+  Returns: (grads, loss, metrics) with metrics["weight"] the summed weight.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (loss, metrics), grads = grad_fn(params, batch, rng)
+    return grads, loss, {**metrics, "weight": metrics.get("weight", jnp.ones(()))}
+  for name, x in batch.items():
+    if x.shape[0] % accum_steps:
+      raise UserError(f"batch field {name!r} has {x.shape[0]} rows, not divisible by "
+                      f"accum_steps={accum_steps}")
+  micro = jax.tree.map(
+      lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+  rngs = jax.random.split(rng, accum_steps)
+
+  def body(carry, inputs):
+    grads_sum, loss_sum, metrics_sum, weight_sum = carry
+    (loss, metrics), grads = grad_fn(params, *inputs)
+    weight = metrics.get("weight", jnp.ones(()))
+    grads_sum = jax.tree.map(lambda a, g: a + weight * g, grads_sum, grads)
+    metrics_sum = {k: metrics_sum[k] + weight * v for k, v in metrics.items() if k != "weight"}
+    return (grads_sum, loss_sum + weight * loss, metrics_sum, weight_sum + weight), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  _, metric_shapes = jax.eval_shape(loss_fn, params, first, rngs[0])
+  zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+  init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()),
+          {k: v for k, v in zeros(metric_shapes).items() if k != "weight"}, jnp.zeros(()))
+  (grads, loss, metrics, weight), _ = jax.lax.scan(body, init, (micro, rngs))
+  denominator = jnp.maximum(weight, 1e-12)
+  grads = jax.tree.map(lambda g: g / denominator, grads)
+  return grads, loss / denominator, {**{k: v / denominator for k, v in metrics.items()},
+                                     "weight": weight}
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
+                    accum_steps: int = 1) -> Callable:
+  """`step_fn(state, batch) -> (state, metrics)`: one optimizer step over a (global) batch."""
+
+  def step_fn(state: TrainState, batch: Batch):
+    rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    grads, loss, metrics = accumulate_gradients(loss_fn, state.params, batch, step_rng, accum_steps)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              rng=jax.random.key_data(rng))
+    return new_state, metrics
+
+  return step_fn
+
+
+def state_shardings(abstract_state: TrainState, param_shardings: Any, mesh) -> TrainState:
+  """Shardings for a whole TrainState: params as given, optimizer moments like their params (ZeRO),
+  everything else (step, rng, counters, scalars) replicated."""
+  by_path = {tuple(str(k) for k in path): s
+             for path, s in jax.tree_util.tree_leaves_with_path(param_shardings)}
+  replicated = sharding.replicated(mesh)
+
+  def like_param(path, leaf):
+    keys = tuple(str(k) for k in path)
+    for start in range(len(keys)):  # Optimizer paths end with the parameter's path.
+      found = by_path.get(keys[start:])
+      if found is not None and len(found.spec) <= len(leaf.shape):
+        return found
+    return replicated
+
+  opt = jax.tree_util.tree_map_with_path(like_param, abstract_state.opt_state)
+  extra = jax.tree_util.tree_map_with_path(like_param, abstract_state.extra)
+  return TrainState(step=replicated, params=param_shardings, opt_state=opt,
+                    rng=replicated, extra=extra)
+
+
+def _host_metrics(pending: list[tuple[int, dict]]) -> list[tuple[int, dict[str, float]]]:
+  """Fetches logged device metrics in one transfer."""
+  fetched = jax.device_get([m for _, m in pending])
+  return [(step, {k: float(np.mean(v)) for k, v in m.items()}) for (step, _), m in
+          zip(pending, fetched)]
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """How to evaluate: a per-batch sums function, the batches, and how to turn sums into metrics."""
+  step: Callable[[Any, Batch], dict]
+  batches: Callable[[], Iterable[Batch]]
+  summarize: Callable[[dict[str, float]], dict[str, float]]
+
+  def run(self, compiled_step: Callable, params: Any, mesh) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    results = [compiled_step(params, sharding.shard_batch(b, mesh)) for b in self.batches()]
+    for sums in jax.device_get(results):
+      for k, v in sums.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    return {f"eval/{k}": v for k, v in self.summarize(totals).items()}
+
+
+def train(*, phase: str, phase_dir: pathlib.Path, config, mesh, abstract_state: TrainState,
+          init_state: Callable[[], TrainState], step_fn: Callable,
+          batches: Callable[[int], Iterator[Batch]], manifest: dict,
+          evaluator: Evaluator | None = None, count_items: Callable[[Batch], float] | None = None,
+          unit: str = "tok", progress_keys: tuple[str, ...] = ("loss",),
+          tokenizer_dir: str | pathlib.Path | None = None,
+          milestone_eval: Callable[[Any], dict] | None = None) -> TrainState | None:
+  """Runs (or resumes) a phase's training and returns the final state (None if already finished).
+
+  Args:
+    phase: name for messages ("sft", ...); outputs go to `phase_dir`.
+    config: the phase's `train` section: steps, log_every, eval_every, save_every, keep_checkpoints,
+      eval_at_start.
+    mesh: the device mesh.
+    abstract_state: TrainState of ShapeDtypeStructs carrying the target shardings.
+    init_state: builds the fresh state (only called when there is nothing to resume); it is then
+      placed on the shardings of `abstract_state`.
+    step_fn: `(state, batch) -> (state, metrics)`; compiled here with the state donated.
+    batches: `start_step -> iterator` of host-local batches.
+    manifest: saved with every checkpoint (`finished` is set here).
+    evaluator: optional evaluation every `eval_every` steps and at the end.
+    count_items: items (tokens, pairs, ...) in a host batch, for throughput; `unit` names them.
+    progress_keys: metrics shown on the console line.
+    tokenizer_dir: copied into the checkpoint so it is self-contained.
+    milestone_eval: an expensive evaluation (e.g. generation-based), `params -> metrics`, run only
+      before training (fresh start) and at the end; logged with an "eval/" prefix.
+  """
+  ckpts = checkpoints.Checkpoints(phase_dir / "checkpoint", keep=int(config.keep_checkpoints))
+  if tokenizer_dir is not None and jax.process_index() == 0 and not ckpts.tokenizer_dir.exists():
+    from rlhf_jax.models import hf
+    hf.copy_tokenizer(tokenizer_dir, ckpts.tokenizer_dir)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+  start = ckpts.latest_step()
+  if start is not None:
+    saved = ckpts.manifest(start)
+    if saved.get("finished"):
+      print(f"{phase}: {ckpts.directory} holds a finished run (step {start}); skipping. Delete it "
+            "or use another --workdir to train again.")
+      ckpts.close()
+      return None
+    print(f"{phase}: resuming from step {start} in {ckpts.directory}")
+    restored = ckpts.restore(start, params=abstract_state.params, train_state=dict(
+        step=abstract_state.step, opt_state=abstract_state.opt_state, rng=abstract_state.rng,
+        extra=abstract_state.extra))
+    state = TrainState(params=restored["params"], **restored["train_state"])
+  else:
+    start = 0
+    state = jax.device_put(init_state(), shardings)
+
+  total = int(config.steps)
+  compiled_step = jax.jit(step_fn, out_shardings=(shardings, sharding.replicated(mesh)),
+                          donate_argnums=0)
+  compiled_eval = jax.jit(evaluator.step) if evaluator else None
+  writer = progress.MetricsWriter(phase_dir, resume_step=start)
+  bar = progress.Progress(phase, total, start, unit)
+  stop_requested = []
+  # Preemption sends SIGTERM: finish the step, save, exit. (Handlers only work in the main thread.)
+  in_main_thread = threading.current_thread() is threading.main_thread()
+  previous_handler = signal.getsignal(signal.SIGTERM)
+  if in_main_thread:
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+
+  def save(step: int, finished: bool = False) -> None:
+    ckpts.save(step, params=state.params, manifest={**manifest, "finished": finished, "step": step},
+               train_state=dict(step=state.step, opt_state=state.opt_state, rng=state.rng,
+                                extra=state.extra))
+    logging.info("%s: saved checkpoint at step %d", phase, step)
+
+  def evaluate(step: int, milestone: bool = False) -> None:
+    metrics = evaluator.run(compiled_eval, state.params, mesh) if evaluator else {}
+    if milestone and milestone_eval:
+      metrics.update({f"eval/{k}": v for k, v in milestone_eval(state.params).items()})
+    writer.write(step, metrics)
+    if jax.process_index() == 0:
+      print(f"{phase} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+            flush=True)
+
+  try:
+    if (evaluator or milestone_eval) and start == 0 and config.get("eval_at_start", True):
+      evaluate(0, milestone=True)
+    pending: list[tuple[int, dict]] = []
+    items, window_start, last_good = 0.0, time.time(), start
+    data = batches(start)
+    for step in range(start + 1, total + 1):
+      batch = next(data)
+      items += count_items(batch) * jax.process_count() if count_items else 0.0
+      state, metrics = compiled_step(state, sharding.shard_batch(batch, mesh))
+      pending.append((step, metrics))
+      boundary = step == total or step % int(config.log_every) == 0
+      saving = step == total or (config.save_every and step % int(config.save_every) == 0)
+      if boundary or saving or stop_requested:
+        logged = _host_metrics(pending)
+        pending = []
+        for logged_step, values in logged:
+          if not np.isfinite(values.get("loss", 0.0)):
+            raise UserError(
+                f"{phase}: the loss became {values['loss']} at step {logged_step}; stopped. The last "
+                f"good checkpoint (step {last_good}) is kept in {ckpts.directory}; lower "
+                "--config.optim.lr or check the data")
+        elapsed = time.time() - window_start
+        rate = items / elapsed if items and elapsed > 0 else None
+        mean = {k: float(np.mean([v[k] for _, v in logged])) for k in logged[-1][1]}
+        writer.write(step, {**mean, **({f"{unit}_per_second": rate} if rate else {})})
+        bar.update(step, {k: mean[k] for k in progress_keys if k in mean}, rate)
+        items, window_start = 0.0, time.time()
+      if evaluator and config.eval_every and step % int(config.eval_every) == 0 and step != total:
+        evaluate(step)
+      if stop_requested:
+        save(step)
+        raise UserError(f"{phase}: stopped by SIGTERM at step {step}; checkpoint saved, rerun the "
+                        "same command to resume")
+      if saving and step != total:
+        save(step)
+        last_good = step
+    bar.done()
+    if evaluator or milestone_eval:
+      evaluate(total, milestone=True)
+    save(total, finished=True)
+    return state
+  finally:
+    if in_main_thread:
+      signal.signal(signal.SIGTERM, previous_handler)
+    writer.close()
+    ckpts.close()
