@@ -188,3 +188,18 @@ def test_split_rejects_bad_settings():
   with pytest.raises(UserError, match="ood_categories.*nope"):
     records.split_records(data, seed=0, validation_fraction=0.1, test_fraction=0.1,
                           ood_categories=["nope"])
+
+
+def test_load_splits_from_a_data_config():
+  _need_data()
+  from rlhf_jax.configs import common  # pylint: disable=g-import-not-at-top
+  config = common.data(str(DOLLY_1K))
+  config.ood_categories = ("creative_writing",)
+  config.validation_fraction = 0.1
+  config.test_fraction = 0.1
+  splits = records.load_splits(config)
+  assert len(splits["ood"]) == 39  # SOURCES.md: creative_writing 39 of the 1k sample
+  assert (len(splits["validation"]), len(splits["test"])) == (96, 96)  # 10% of 961
+  assert len(splits["train"]) == 1000 - 39 - 2 * 96
+  builtin_splits = records.load_splits(common.data("builtin"))
+  assert set(builtin_splits) >= {"train", "validation", "test"}

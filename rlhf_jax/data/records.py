@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from rlhf_jax.data import builtin
 from rlhf_jax.errors import UserError, where
 
 REQUIRED_FIELDS = ("instruction", "response", "category")
@@ -320,6 +321,34 @@ def load_splits(data_config) -> dict[str, list[dict]]:
     from rlhf_jax.data import builtin
     return builtin.generate(data_config.seed, data_config.num_train, data_config.num_eval)
   loaded, _ = load_records(data_config.source, skip_bad_records=data_config.skip_bad_records)
+  return split_records(loaded, seed=data_config.seed,
+                       validation_fraction=data_config.validation_fraction,
+                       test_fraction=data_config.test_fraction,
+                       ood_categories=tuple(data_config.ood_categories))
+
+
+def load_splits(data_config: Any) -> dict[str, list[dict]]:
+  """Loads the splits a data config names (see `data()` in configs/common.py).
+
+  Args:
+    data_config: has `source` ("builtin", a records file or a hub dataset id), `seed`,
+      `num_train`, `num_eval` (built-in set), `validation_fraction`, `test_fraction`,
+      `ood_categories` (files and hub data) and `skip_bad_records`.
+
+  Returns:
+    {split: records}: the built-in set's `builtin.SPLITS`, or for other sources "train",
+    "validation", "test" and "ood" from `split_records`.
+
+  Raises:
+    UserError: as `load_records` and `split_records`.
+  """
+  if data_config.source == "builtin":
+    return builtin.generate(data_config.seed, num_train=data_config.num_train,
+                            num_eval=data_config.num_eval)
+  loaded, stats = load_records(data_config.source,
+                               skip_bad_records=data_config.skip_bad_records)
+  logging.info("%s: %d records read, %d kept, skipped %s", stats["source"], stats["read"],
+               stats["kept"], stats["skipped"] or "none")
   return split_records(loaded, seed=data_config.seed,
                        validation_fraction=data_config.validation_fraction,
                        test_fraction=data_config.test_fraction,
