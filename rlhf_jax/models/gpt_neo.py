@@ -255,7 +255,8 @@ class GPTNeo(nn.Module):
   @nn.compact
   def __call__(self, input_ids: Array, segment_ids: Array, positions: Array | None = None, *,
                cache: dict | None = None, deterministic: bool = True, lm_head: bool = True,
-               last_only: bool = False) -> dict[str, Array]:
+               last_only: bool = False,
+               head_slice: tuple[int, int] | None = None) -> dict[str, Array]:
     """Runs the model.
 
     Args:
@@ -267,11 +268,13 @@ class GPTNeo(nn.Module):
       deterministic: False enables dropout (needs a "dropout" rng).
       lm_head: compute LM logits (skip them for a reward model or value-only pass).
       last_only: compute heads only for the last column (generation).
+      head_slice: (start, length): compute heads only for these columns (e.g. the response part
+        of prompt+response in PPO), saving the vocabulary projection of the rest.
 
     Returns:
       dict with "hidden" [B, T', D] (after ln_f), "logits" float32 [B, T', V] if `lm_head`,
       "scores" float32 [B, T'] if the model has a score head, "cache" if a cache was given;
-      T' is 1 when `last_only` else T.
+      T' is 1 when `last_only`, `length` with `head_slice`, else T.
     """
     cfg = self.config
     if positions is None:
@@ -313,6 +316,8 @@ class GPTNeo(nn.Module):
 
     if last_only:
       x = x[:, -1:]
+    elif head_slice is not None:
+      x = jax.lax.dynamic_slice_in_dim(x, head_slice[0], head_slice[1], axis=1)
     out = {"hidden": x}
     if lm_head:
       out["logits"] = jnp.einsum("btd,vd->btv", x, wte.embedding.astype(self.dtype),

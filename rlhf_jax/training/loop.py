@@ -1,7 +1,7 @@
 """The one training loop every phase runs (SFT, reward, PPO).
 
 A phase supplies pure pieces and the loop does the rest:
-  step_fn(state, batch) -> (state, metrics)   compiled once here (jit, donated state, fixed shapes);
+  step_fn(state, batch[, frozen]) -> (state, metrics)   compiled once here (jit, donated state, fixed shapes);
                                               `make_train_step(loss_fn, tx, accum)` builds it from a
                                               `loss_fn(params, batch, rng) -> (loss, metrics)`;
   batches(start_step) -> iterator             host-local numpy batches, resumable at any step;
@@ -162,7 +162,8 @@ def train(*, phase: str, phase_dir: pathlib.Path, config, mesh, abstract_state: 
           evaluator: Evaluator | None = None, count_items: Callable[[Batch], float] | None = None,
           unit: str = "tok", progress_keys: tuple[str, ...] = ("loss",),
           tokenizer_dir: str | pathlib.Path | None = None,
-          milestone_eval: Callable[[Any], dict] | None = None) -> TrainState | None:
+          milestone_eval: Callable[[Any], dict] | None = None,
+          frozen: Any = None) -> TrainState | None:
   """Runs (or resumes) a phase's training and returns the final state (None if already finished).
 
   Args:
@@ -182,6 +183,9 @@ def train(*, phase: str, phase_dir: pathlib.Path, config, mesh, abstract_state: 
     tokenizer_dir: copied into the checkpoint so it is self-contained.
     milestone_eval: an expensive evaluation (e.g. generation-based), `params -> metrics`, run only
       before training (fresh start) and at the end; logged with an "eval/" prefix.
+    frozen: arrays the step reads but never updates (PPO's reference and reward models), passed
+      as `step_fn(state, batch, frozen)`: arguments, not closure constants, so they are neither
+      baked into the compiled program nor copied per step.
   """
   ckpts = checkpoints.Checkpoints(phase_dir / "checkpoint", keep=int(config.keep_checkpoints))
   if tokenizer_dir is not None and jax.process_index() == 0 and not ckpts.tokenizer_dir.exists():
@@ -242,7 +246,8 @@ def train(*, phase: str, phase_dir: pathlib.Path, config, mesh, abstract_state: 
     for step in range(start + 1, total + 1):
       batch = next(data)
       items += count_items(batch) * jax.process_count() if count_items else 0.0
-      state, metrics = compiled_step(state, sharding.shard_batch(batch, mesh))
+      inputs = (state, sharding.shard_batch(batch, mesh)) + (() if frozen is None else (frozen,))
+      state, metrics = compiled_step(*inputs)
       pending.append((step, metrics))
       boundary = step == total or step % int(config.log_every) == 0
       saving = step == total or (config.save_every and step % int(config.save_every) == 0)

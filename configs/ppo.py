@@ -1,0 +1,66 @@
+"""PPO against the reward model with a KL penalty to the SFT policy (RLHF).
+
+Built-in default (offline, after the sft and reward phases in the same workdir):
+  python -m rlhf_jax.main --phase=ppo --config=configs/ppo.py --workdir=runs/default
+  Machine: 2 CPU cores. Time and result: see the README's PPO section (from a real run).
+
+GPT-Neo 125M on Dolly (after import, sft and reward with their gpt_neo_125m variants):
+  python -m rlhf_jax.main --phase=ppo --config=configs/ppo.py:gpt_neo_125m --workdir=runs/neo
+
+Defaults and their sources (Ziegler et al. 2019 = OpenAI lm-human-preferences, `launch.py`/
+`train_policy.py`; "N details" = Huang et al., "The N Implementation Details of RLHF with PPO";
+TRL = `PPOConfig`):
+  rollout.temperature 0.7 ............ lm-human-preferences and TRL sample at 0.7; logprobs are
+                                       taken at the same temperature (N details #...temperature)
+  ppo.num_epochs 4, num_minibatches 1  lm-human-preferences noptepochs=4, nminibatches=1; TRL 4/1
+  ppo.gamma 1.0, lam 0.95 ............ lm-human-preferences and TRL
+  ppo.clip_range 0.2, clip_range_value 0.2, vf_coef 0.1 ... lm-human-preferences and TRL
+  ppo.init_kl_coef, adaptive_kl, kl_target, kl_horizon .... Ziegler et al.'s adaptive controller
+                                       (0.15 / target 6 nats / horizon 10000 for 24-token samples);
+                                       scaled here to short built-in answers
+  ppo.normalize_scores ............... lm-human-preferences normalises the reward model to mean 0,
+                                       std 1 on reference responses (the reward phase's stats)
+  ppo.whiten_rewards False, advantages whitened ... TRL defaults (N details: advantage whitening)
+  optim.eps 1e-5 ..................... TF Adam epsilon used by lm-human-preferences (N details)
+  optim.lr 1e-5 for 125M ............. lm-human-preferences (1.41e-5 in TRL's examples)
+  ppo.missing_eos_penalty ............ TRL's `missing_eos_penalty` (subtracted from the score)
+"""
+
+import ml_collections
+
+from rlhf_jax.configs import common
+
+
+def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.sft_checkpoint = ""  # "" = WORKDIR/sft
+  config.reward_checkpoint = ""  # "" = WORKDIR/reward
+  config.value_model = "reward"  # reward: a trained copy of the reward model | policy_head
+  config.data = common.data("builtin")  # Prompts: the train split; held-out: the validation split.
+  config.eval_prompts = 128  # Held-out prompts scored before and after PPO.
+  config.model = common.model()
+  config.mesh = common.mesh()
+  config.rollout = ml_collections.ConfigDict(dict(
+      max_prompt_length=64, max_new_tokens=24, temperature=0.7, top_k=0,
+      top_p=1.0))
+  config.ppo = ml_collections.ConfigDict(dict(
+      num_epochs=4, num_minibatches=2, accum_steps=1, gamma=1.0, lam=0.95, clip_range=0.2,
+      clip_range_value=0.2, vf_coef=0.1, entropy_coef=0.0, kl_estimator="k1",
+      init_kl_coef=0.1, adaptive_kl=True, kl_target=1.0, kl_horizon=2000.0,
+      whiten_rewards=False, normalize_scores=True, missing_eos_penalty=1.0, approx_kl_stop=0.0))
+  config.optim = common.optim(1e-4, warmup_steps=0, schedule="constant", eps=1e-5, clip_norm=1.0)
+  # train.batch_size = prompts (episodes) per PPO iteration; one loop step = one iteration.
+  config.train = common.train(steps=60, batch_size=32, log_every=5, save_every=20)
+
+  if variant == "builtin":
+    pass
+  elif variant == "gpt_neo_125m":
+    config.data = common.data("databricks/databricks-dolly-15k")
+    config.rollout.update(dict(max_prompt_length=256, max_new_tokens=64))
+    config.ppo.update(dict(num_minibatches=4, init_kl_coef=0.15, kl_target=6.0,
+                           kl_horizon=10000.0))
+    config.optim = common.optim(1e-5, schedule="constant", eps=1e-5, clip_norm=1.0)
+    config.train = common.train(steps=500, batch_size=64, log_every=5, save_every=50)
+  else:
+    raise ValueError(f"unknown variant {variant!r}: builtin, gpt_neo_125m")
+  return config

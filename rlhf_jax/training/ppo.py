@@ -1,0 +1,463 @@
+"""The PPO phase: RLHF against the reward model with a KL penalty to the SFT reference.
+
+  python -m rlhf_jax.main --phase=ppo --config=configs/ppo.py --workdir=runs/default
+
+The recipe is Ziegler et al. 2019 (OpenAI lm-human-preferences) as dissected in "The N
+Implementation Details of RLHF with PPO" (Huang et al.); every choice is a config field (see
+configs/ppo.py for the defaults and their sources). The math lives in `ppo_core.py`; this module
+wires it to the models.
+
+One PPO iteration is ONE compiled function (`ppo_iteration`), run by the shared training loop:
+  1. rollout: the project's sampler (KV cache, `lax.while_loop`) answers a batch of prompts and
+     returns the behaviour logprobs, so they are not recomputed;
+  2. scoring: the frozen reward model scores prompt+response (normalised with the reward phase's
+     statistics), the frozen reference gives its logprobs, the value model its values;
+  3. rewards: per-token KL penalty plus the score on the last response token, GAE, whitening;
+  4. update: `lax.scan` over epochs x shuffled minibatches (each with gradient accumulation), the
+     clipped policy and value losses, optional early stop when approx-KL exceeds a bound;
+  5. the KL coefficient's adaptive update.
+
+Four models: the policy (trained), its value model (trained: a copy of the reward model, or a value
+head on the policy trunk, `value_model`), and the frozen reference (SFT) and reward models. The
+frozen ones are passed to the compiled step as arguments, so each exists once on the mesh.
+"""
+
+import dataclasses
+import pathlib
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax import checkpoints
+from rlhf_jax import sampling
+from rlhf_jax import sharding
+from rlhf_jax.data import batching
+from rlhf_jax.data import builtin
+from rlhf_jax.data import records
+from rlhf_jax.errors import UserError
+from rlhf_jax.models import gpt_neo
+from rlhf_jax.models import hf
+from rlhf_jax.training import loop
+from rlhf_jax.training import optim
+from rlhf_jax.training import ppo_core as core
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOSettings:
+  """The static (compile-time) settings of one PPO iteration; see configs/ppo.py."""
+  sampling: sampling.SamplingSettings
+  num_epochs: int = 4
+  num_minibatches: int = 1
+  accum_steps: int = 1
+  gamma: float = 1.0
+  lam: float = 0.95
+  clip_range: float = 0.2
+  clip_range_value: float = 0.2
+  vf_coef: float = 0.1
+  entropy_coef: float = 0.0
+  kl_estimator: str = "k1"
+  adaptive_kl: bool = True
+  kl_target: float = 6.0
+  kl_horizon: float = 10000.0
+  whiten_rewards: bool = False
+  normalize_scores: bool = True
+  missing_eos_penalty: float = 0.0
+  approx_kl_stop: float = 0.0  # 0 disables the early stop of the epoch loop.
+  shared_value_head: bool = False
+
+  @property
+  def temperature(self) -> float:
+    """The temperature the logprobs are computed at (1 for greedy sampling)."""
+    return self.sampling.temperature or 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """The modules (static): policy, reference (the policy's architecture without a value head),
+  value (None when the policy carries the value head) and reward."""
+  policy: gpt_neo.GPTNeo
+  reference: gpt_neo.GPTNeo
+  value: gpt_neo.GPTNeo | None
+  reward: gpt_neo.GPTNeo
+
+
+def _response_outputs(model: gpt_neo.GPTNeo, params, sequences: dict, prompt_length: int,
+                      response_length: int, *, lm_head: bool, temperature: float = 1.0,
+                      tokens=None) -> dict:
+  """Logprobs/entropy of the response tokens and/or values before each of them.
+
+  The output at column P+j-1 predicts response token j (at column P+j), so both the LM head and
+  the value head are read on the columns [P-1, P+N-1).
+  """
+  out = model.apply({"params": params}, sequences["input_ids"], sequences["segment_ids"],
+                    sequences["positions"], lm_head=lm_head,
+                    head_slice=(prompt_length - 1, response_length))
+  result = {}
+  if lm_head:
+    logits = out["logits"] / temperature
+    result["logprobs"] = core.logprobs_from_logits(logits, tokens)
+    result["entropy"] = core.entropy_from_logits(logits)
+  if "scores" in out:
+    result["values"] = out["scores"]
+  return result
+
+
+def _sequences(prompt_ids, prompt_mask, tokens, response_mask) -> dict:
+  """prompt + response as one LM input: int32 [B, P+N] ids, segment ids and positions."""
+  segment_ids = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
+  return dict(input_ids=jnp.concatenate([prompt_ids, tokens], axis=1).astype(jnp.int32),
+              segment_ids=segment_ids, positions=gpt_neo.default_positions(segment_ids))
+
+
+def score_responses(reward_model: gpt_neo.GPTNeo, reward_params, prompt_ids, prompt_mask, tokens,
+                    response_mask, eos_token_id: int) -> jax.Array:
+  """Reward-model scores [B] of prompt+response, read at the last real token before any EOS.
+
+  The reward model was trained on prompt+response without a trailing EOS (see batching), so the
+  EOS that ends a sampled response is masked out before scoring.
+  """
+  without_eos = response_mask * (tokens != eos_token_id)
+  sequences = _sequences(prompt_ids, prompt_mask, tokens, without_eos)
+  out = reward_model.apply({"params": reward_params}, sequences["input_ids"],
+                           sequences["segment_ids"], sequences["positions"], lm_head=False)
+  return gpt_neo.sequence_scores(out["scores"], sequences["segment_ids"])
+
+
+def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: Models,
+                  settings: PPOSettings, tx: optax.GradientTransformation) -> tuple:
+  """One PPO iteration (rollout, scoring, GAE, epochs of minibatch updates, KL control).
+
+  Args:
+    state: `params` = the policy; `extra` = {"value": value params or {}, "kl_coef": scalar}.
+      `opt_state` covers (policy, value) jointly, as TRL's policy-and-value wrapper.
+    batch: {"prompt_ids": int32 [B, P] left-padded, "prompt_mask": [B, P]}.
+    frozen: {"reference": params, "reward": params, "reward_stats": {"mean", "std"}}.
+  Returns:
+    (new state, metrics dict of scalars).
+  """
+  rng = jax.random.wrap_key_data(state.rng)
+  rng, sample_rng, permutation_rng, update_rng = jax.random.split(rng, 4)
+  prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+  batch_size, prompt_length = prompt_ids.shape
+  response_length = settings.sampling.max_new_tokens
+
+  # 1. Rollout with behaviour logprobs log_softmax(logits / T).
+  samples = sampling.generate(models.policy, state.params, prompt_ids, prompt_mask, sample_rng,
+                              settings.sampling)
+  mask = samples.mask
+  sequences = _sequences(prompt_ids, prompt_mask, samples.tokens, mask)
+  response_outputs = lambda model, params, **kw: _response_outputs(
+      model, params, sequences, prompt_length, response_length, temperature=settings.temperature,
+      tokens=samples.tokens, **kw)
+
+  # 2. Frozen models and rollout-time values.
+  ref_logprobs = response_outputs(models.reference, frozen["reference"], lm_head=True)["logprobs"]
+  if settings.shared_value_head:
+    old_values = response_outputs(models.policy, state.params, lm_head=False)["values"]
+  else:
+    old_values = response_outputs(models.value, state.extra["value"], lm_head=False)["values"]
+  raw_scores = score_responses(models.reward, frozen["reward"], prompt_ids, prompt_mask,
+                               samples.tokens, mask, settings.sampling.eos_token_id)
+  scores = raw_scores
+  if settings.normalize_scores:
+    stats = frozen["reward_stats"]
+    scores = (scores - stats["mean"]) / jnp.maximum(stats["std"], 1e-6)
+  if settings.missing_eos_penalty:
+    scores = core.missing_eos_penalty(scores, samples.ended, settings.missing_eos_penalty)
+
+  # 3. Rewards, advantages, returns.
+  kl_coef = state.extra["kl_coef"]
+  rewards, non_score_reward, _ = core.kl_penalty_rewards(
+      scores, samples.logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator)
+  if settings.whiten_rewards:
+    rewards = core.whiten(rewards, mask, shift_mean=False)
+  advantages, returns = core.gae(rewards, old_values, mask, settings.gamma, settings.lam)
+  advantages = core.whiten(advantages, mask)
+
+  rollout = dict(input_ids=sequences["input_ids"], segment_ids=sequences["segment_ids"],
+                 positions=sequences["positions"], tokens=samples.tokens, mask=mask,
+                 old_logprobs=samples.logprobs, old_values=old_values, advantages=advantages,
+                 returns=returns)
+
+  # 4. Epochs x minibatches, each a (possibly accumulated) gradient step on policy and value.
+  def loss_fn(learner, minibatch, rng):
+    del rng  # Dropout stays off in PPO: behaviour and learner logprobs must agree.
+    seqs = {k: minibatch[k] for k in ("input_ids", "segment_ids", "positions")}
+    policy_out = _response_outputs(models.policy, learner["policy"], seqs, prompt_length,
+                                   response_length, lm_head=True, temperature=settings.temperature,
+                                   tokens=minibatch["tokens"])
+    if settings.shared_value_head:
+      values = policy_out["values"]
+    else:
+      values = _response_outputs(models.value, learner["value"], seqs, prompt_length,
+                                 response_length, lm_head=False)["values"]
+    m = minibatch["mask"]
+    pg_loss, pg_metrics = core.ppo_policy_loss(policy_out["logprobs"], minibatch["old_logprobs"],
+                                               minibatch["advantages"], m, settings.clip_range)
+    vf_loss, vf_metrics = core.ppo_value_loss(values, minibatch["old_values"],
+                                              minibatch["returns"], m, settings.clip_range_value)
+    entropy = core.masked_mean(policy_out["entropy"], m)
+    loss = pg_loss + settings.vf_coef * vf_loss - settings.entropy_coef * entropy
+    return loss, {"weight": jnp.sum(m), "policy_loss": pg_loss, "value_loss": vf_loss,
+                  "entropy": entropy, **pg_metrics, **vf_metrics}
+
+  learner = {"policy": state.params, "value": state.extra["value"]}
+  permutations = core.minibatch_permutations(permutation_rng, batch_size, settings.num_minibatches,
+                                             settings.num_epochs)
+  permutations = permutations.reshape(-1, permutations.shape[-1])  # [epochs * minibatches, mb]
+  update_rngs = jax.random.split(update_rng, permutations.shape[0])
+
+  def update(carry, inputs):
+    learner, opt_state, stopped = carry
+    indices, step_rng = inputs
+    minibatch = jax.tree.map(lambda x: x[indices], rollout)
+    grads, loss, metrics = loop.accumulate_gradients(loss_fn, learner, minibatch, step_rng,
+                                                     settings.accum_steps)
+    # Early stop (approx-KL bound): once exceeded, the remaining minibatches change nothing.
+    if settings.approx_kl_stop > 0:
+      stopped = stopped | (metrics["approx_kl"] > settings.approx_kl_stop)
+    updates, new_opt_state = tx.update(grads, opt_state, learner)
+    new_learner = optax.apply_updates(learner, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(stopped, b, a), new, old)
+    learner, opt_state = keep(new_learner, learner), keep(new_opt_state, opt_state)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+               "applied": 1.0 - stopped.astype(jnp.float32)}
+    return (learner, opt_state, stopped), metrics
+
+  (learner, opt_state, _), update_metrics = jax.lax.scan(
+      update, (learner, state.opt_state, jnp.zeros((), bool)), (permutations, update_rngs))
+
+  # 5. KL control, measured on this rollout (k1 summed per sequence, as Ziegler et al.).
+  kl = core.kl_estimates(samples.logprobs, ref_logprobs, mask)
+  if settings.adaptive_kl:
+    new_kl_coef = core.adaptive_kl_update(kl_coef, kl["k1_mean"], batch_size,
+                                          target=settings.kl_target, horizon=settings.kl_horizon)
+  else:
+    new_kl_coef = core.fixed_kl_update(kl_coef, kl["k1_mean"], batch_size)
+
+  applied = update_metrics.pop("applied")
+  update_means = {k: jnp.sum(v * applied) / jnp.maximum(jnp.sum(applied), 1.0)
+                  for k, v in update_metrics.items() if k != "weight"}
+  metrics = {
+      **update_means,
+      "score": jnp.mean(raw_scores),
+      "score_normalized": jnp.mean(scores),
+      "kl": kl["k1_mean"], "kl_k3": kl["k3_mean"],
+      "kl_coef": kl_coef,
+      "non_score_reward": jnp.mean(jnp.sum(non_score_reward, axis=1)),
+      "return": jnp.mean(jnp.sum(rewards, axis=1)),
+      "response_length": jnp.mean(samples.lengths.astype(jnp.float32)),
+      "eos_fraction": jnp.mean(samples.ended.astype(jnp.float32)),
+      "value_mean": core.masked_mean(old_values, mask),
+      "advantage_std_before_whitening": jnp.std(jnp.sum(advantages * mask, axis=1)),
+      "minibatches_applied": jnp.sum(applied),
+  }
+  extra = {"value": learner["value"], "kl_coef": new_kl_coef}
+  new_state = state.replace(step=state.step + 1, params=learner["policy"], opt_state=opt_state,
+                            rng=jax.random.key_data(rng), extra=extra)
+  return new_state, metrics
+
+
+def prompt_batches(prompts: list[str], tokenizer, *, batch_size: int, max_prompt_length: int,
+                   seed: int, start_step: int = 0, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[dict]:
+  """Endless, deterministic, resumable prompt batches (this process's slice), reshuffled per epoch.
+
+  Yields {"prompt_ids": int32 [B/n, P], "prompt_mask": float32 [B/n, P]}, left-padded to P.
+  """
+  if batch_size % process_count:
+    raise UserError(f"ppo batch_size {batch_size} is not divisible by {process_count} processes")
+  if len(prompts) < batch_size:
+    raise UserError(f"ppo: {len(prompts)} prompts are fewer than batch_size {batch_size}")
+  per_host = batch_size // process_count
+  per_epoch = len(prompts) // batch_size
+  step = start_step
+  while True:
+    epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(len(prompts))
+    rows = order[index * batch_size:(index + 1) * batch_size]
+    mine = rows[process_index * per_host:(process_index + 1) * per_host]
+    ids, mask = batching.prompt_batch(tokenizer, [prompts[i] for i in mine], max_prompt_length)
+    yield {"prompt_ids": ids, "prompt_mask": mask}
+    step += 1
+
+
+def held_out_eval(models: Models, tokenizer, prompts: list[str], eval_records: list[dict], *,
+                  reference, reward_params, settings: PPOSettings, batch_size: int,
+                  max_prompt_length: int, seed: int):
+  """`params -> metrics` on held-out prompts: mean reward-model score and KL to the reference of
+  samples (rollout settings), and greedy exact match where answers are verifiable."""
+  ids, mask = batching.prompt_batch(tokenizer, prompts, max_prompt_length)
+  n = (len(prompts) // batch_size) * batch_size
+  if n == 0:
+    raise UserError(f"ppo: {len(prompts)} held-out prompts are fewer than batch_size {batch_size}")
+  greedy = dataclasses.replace(settings.sampling, temperature=0.0)
+
+  @jax.jit
+  def sample_stats(params, ids, mask, rng):
+    samples = sampling.generate(models.policy, params, ids, mask, rng, settings.sampling)
+    seqs = _sequences(ids, mask, samples.tokens, samples.mask)
+    ref = _response_outputs(models.reference, reference, seqs, ids.shape[1],
+                            settings.sampling.max_new_tokens, lm_head=True,
+                            temperature=settings.temperature, tokens=samples.tokens)["logprobs"]
+    kl = core.kl_estimates(samples.logprobs, ref, samples.mask)["k1"]
+    scores = score_responses(models.reward, reward_params, ids, mask, samples.tokens,
+                             samples.mask, settings.sampling.eos_token_id)
+    return scores, kl, samples.lengths
+
+  @jax.jit
+  def greedy_tokens(params, ids, mask):
+    return sampling.generate(models.policy, params, ids, mask, jax.random.key(0), greedy)
+
+  def evaluate(params) -> dict:
+    scores, kls, correct = [], [], []
+    rng = jax.random.key(seed)
+    for start in range(0, n, batch_size):
+      rng, batch_rng = jax.random.split(rng)
+      s, k, _ = sample_stats(params, ids[start:start + batch_size], mask[start:start + batch_size],
+                             batch_rng)
+      scores.append(np.asarray(s))
+      kls.append(np.asarray(k))
+      if eval_records:
+        out = jax.device_get(greedy_tokens(params, ids[start:start + batch_size],
+                                           mask[start:start + batch_size]))
+        for i in range(batch_size):
+          record = eval_records[start + i]
+          n_tokens = int(out.lengths[i])
+          tokens = out.tokens[i, :n_tokens - int(out.ended[i])]
+          correct.append(builtin.check_answer(record, tokenizer.decode(tokens)))
+    metrics = {"score": float(np.mean(np.concatenate(scores))),
+               "kl": float(np.mean(np.concatenate(kls)))}
+    if correct:
+      metrics["exact_match"] = float(np.mean(correct))
+    return metrics
+
+  return evaluate
+
+
+def _checkpoint(path: str, workdir: pathlib.Path, phase: str, what: str) -> dict:
+  source = path or (workdir / phase)
+  if checkpoints.find_checkpoint_dir(source) is None and not path:
+    raise UserError(f"ppo: no {what} checkpoint in {workdir / phase}; run --phase={phase} first or "
+                    f"set --config.{what}_checkpoint")
+  return checkpoints.describe_model(source)
+
+
+def settings_from_config(config, tokenizer) -> PPOSettings:
+  p = config.ppo
+  if p.kl_estimator not in ("k1", "k3"):
+    raise UserError(f"--config.ppo.kl_estimator={p.kl_estimator}: use k1 or k3")
+  if config.value_model not in ("reward", "policy_head"):
+    raise UserError(f"--config.value_model={config.value_model}: use reward or policy_head")
+  return PPOSettings(
+      sampling=sampling.SamplingSettings.from_config(config.rollout, tokenizer.eos_token_id,
+                                                     tokenizer.pad_token_id),
+      num_epochs=p.num_epochs, num_minibatches=p.num_minibatches, accum_steps=p.accum_steps,
+      gamma=p.gamma, lam=p.lam, clip_range=p.clip_range, clip_range_value=p.clip_range_value,
+      vf_coef=p.vf_coef, entropy_coef=p.entropy_coef, kl_estimator=p.kl_estimator,
+      adaptive_kl=p.adaptive_kl, kl_target=p.kl_target, kl_horizon=p.kl_horizon,
+      whiten_rewards=p.whiten_rewards, normalize_scores=p.normalize_scores,
+      missing_eos_penalty=p.missing_eos_penalty, approx_kl_stop=p.approx_kl_stop,
+      shared_value_head=config.value_model == "policy_head")
+
+
+def run(config, workdir: pathlib.Path) -> None:
+  phase_dir = workdir / "ppo"
+  mesh = sharding.mesh_from_config(config.mesh)
+  sft = _checkpoint(config.sft_checkpoint, workdir, "sft", "sft")
+  reward = _checkpoint(config.reward_checkpoint, workdir, "reward", "reward")
+  if not reward["score_head"]:
+    raise UserError(f"{reward['source']}: not a reward model (no score head)")
+  if reward["config"].vocab_size != sft["config"].vocab_size:
+    raise UserError(f"{reward['source']}: the reward model's vocabulary ({reward['config'].vocab_size}) "
+                    f"differs from the policy's ({sft['config'].vocab_size}); they must share a tokenizer")
+  if sft["tokenizer_dir"] is None:
+    raise UserError(f"{sft['source']}: the SFT checkpoint has no tokenizer files")
+  tokenizer = hf.load_tokenizer(sft["tokenizer_dir"])
+  settings = settings_from_config(config, tokenizer)
+  shared = settings.shared_value_head
+
+  policy = gpt_neo.build(sft["config"], config.model, score_head=shared)
+  reward_model = gpt_neo.build(reward["config"], config.model, score_head=True)
+  models = Models(policy=policy, reference=gpt_neo.build(sft["config"], config.model),
+                  value=None if shared else reward_model, reward=reward_model)
+  shard = lambda model: sharding.param_shardings(gpt_neo.logical_axes(model),
+                                                 gpt_neo.param_shapes(model), mesh)
+  policy_shardings, reward_shardings = shard(policy), shard(reward_model)
+  sft_shardings = shard(gpt_neo.build(sft["config"], score_head=sft["score_head"]))
+
+  splits = records.load_splits(config.data)
+  prompt_of = lambda r: batching.format_prompt(r["instruction"], r.get("context", ""))
+  train_prompts = [prompt_of(r) for r in splits["train"]]
+  eval_records = splits["validation"][:config.eval_prompts]
+  eval_prompts = [prompt_of(r) for r in eval_records]
+  verifiable = eval_records if all(r.get("answer") for r in eval_records) else []
+
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  reward_stats = reward["manifest"].get("reward_stats", {"mean": 0.0, "std": 1.0})
+  if settings.normalize_scores and "reward_stats" not in reward["manifest"]:
+    print("ppo: the reward checkpoint has no reward_stats; scores are not normalised")
+
+  def load_policy():
+    params = checkpoints.load_params(sft, sft_shardings)
+    params = {k: v for k, v in params.items() if k != "score"}
+    if shared:  # A fresh value head on the policy trunk.
+      head = gpt_neo.init_params(policy, jax.random.key(config.train.seed))["score"]
+      params["score"] = jax.device_put(head, policy_shardings["score"])
+    return params
+
+  reference = load_policy()
+  reference = {k: v for k, v in reference.items() if k != "score"}
+  reward_params = checkpoints.load_params(reward, reward_shardings)
+  frozen = {"reference": reference, "reward": reward_params,
+            "reward_stats": {k: jnp.float32(reward_stats[k]) for k in ("mean", "std")}}
+
+  rng = jax.random.key(config.train.seed)
+
+  def make_state(policy_params, value_params):
+    state = loop.create_train_state({"policy": policy_params, "value": value_params}, tx, rng,
+                                    extra={"kl_coef": jnp.float32(config.ppo.init_kl_coef)})
+    learner = state.params
+    return state.replace(params=learner["policy"],
+                         extra={**state.extra, "value": learner["value"]})
+
+  value_shapes = {} if shared else gpt_neo.param_shapes(reward_model)
+  abstract = jax.eval_shape(make_state, gpt_neo.param_shapes(policy), value_shapes)
+  param_shardings = policy_shardings
+  shardings = loop.state_shardings(abstract, param_shardings, mesh)
+  if not shared:
+    shardings = shardings.replace(extra={**shardings.extra, "value": reward_shardings})
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          abstract, shardings)
+
+  def init_state():
+    value = {} if shared else jax.tree.map(jnp.copy, reward_params)
+    return make_state(load_policy(), value)
+
+  def step_fn(state, batch, frozen):
+    return ppo_iteration(state, batch, frozen, models=models, settings=settings, tx=tx)
+
+  evaluate = held_out_eval(models, tokenizer, eval_prompts, verifiable, reference=reference,
+                           reward_params=reward_params, settings=settings,
+                           batch_size=config.train.batch_size,
+                           max_prompt_length=config.rollout.max_prompt_length,
+                           seed=config.train.seed) if eval_prompts else None
+  manifest = checkpoints.make_manifest(sft["config"], kind=hf.CAUSAL_LM, score_head=shared,
+                                       phase="ppo")
+  state = loop.train(
+      phase="ppo", phase_dir=phase_dir, config=config.train, mesh=mesh, abstract_state=abstract,
+      init_state=init_state, step_fn=step_fn, frozen=frozen,
+      batches=lambda start: prompt_batches(
+          train_prompts, tokenizer, batch_size=config.train.batch_size,
+          max_prompt_length=config.rollout.max_prompt_length, seed=config.train.seed,
+          start_step=start, process_index=jax.process_index(),
+          process_count=jax.process_count()),
+      manifest=manifest, count_items=lambda b: float(len(b["prompt_ids"])), unit="episode",
+      progress_keys=("score", "kl", "kl_coef", "response_length", "eos_fraction"),
+      tokenizer_dir=sft["tokenizer_dir"], milestone_eval=evaluate)
+  if state is not None:
+    print(f"ppo: done; policy checkpoint in {phase_dir / 'checkpoint'}, metrics in "
+          f"{phase_dir / 'metrics.jsonl'}")
