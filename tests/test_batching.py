@@ -242,18 +242,40 @@ def test_pair_batch_layout(tokenizer):
   batches = list(batching.eval_pair_batches(examples, batch_size=2, max_length=32, pad_id=EOS))
   assert len(batches) == 2
   for batch in batches:
-    assert batch["input_ids"].shape == (4, 32)
+    for key in ("input_ids", "segment_ids", "positions"):
+      assert batch[key].shape == (2, 2, 32) and batch[key].dtype == np.int32
+    assert batch["pair_mask"].shape == batch["strategy"].shape == (2,)
   rows = [(b, k) for b in batches for k in range(2)]
   for pair, (batch, k) in zip(PAIRS, rows):
-    for row, side in ((k, "chosen"), (2 + k, "rejected")):
-      real = int(batch["segment_ids"][row].sum())
-      assert tokenizer.decode(batch["input_ids"][row, :real]) == pair["prompt"] + pair[side]
-      last = tokenizer(pair[side])["input_ids"][-1]
-      assert batch["input_ids"][row, real - 1] == last  # no trailing EOS: score is read here
-      np.testing.assert_array_equal(batch["positions"][row, :real], np.arange(real))
+    for side, name in enumerate(("chosen", "rejected")):  # pairs first: [pair, side, token]
+      real = int(batch["segment_ids"][k, side].sum())
+      assert tokenizer.decode(batch["input_ids"][k, side, :real]) == pair["prompt"] + pair[name]
+      last = tokenizer(pair[name])["input_ids"][-1]
+      assert batch["input_ids"][k, side, real - 1] == last  # no trailing EOS: score is read here
+      np.testing.assert_array_equal(batch["positions"][k, side, :real], np.arange(real))
+      assert not batch["segment_ids"][k, side, real:].any()
     assert batch["strategy"][k] == batching.PAIR_STRATEGIES.index(pair.get("strategy", "human"))
   np.testing.assert_array_equal(batches[1]["pair_mask"], [1.0, 0.0])
-  assert batches[1]["strategy"][1] == -1 and not batches[1]["segment_ids"][[1, 3]].any()
+  assert batches[1]["strategy"][1] == -1 and not batches[1]["segment_ids"][1].any()
+
+
+def test_pair_batch_splits_keep_whole_pairs(tokenizer):
+  """Gradient accumulation takes micro-batch rows i, i+k, ... of axis 0; every such split must
+  keep each pair's chosen and rejected sequence together."""
+  pairs = [dict(PAIRS[i % 3], chosen=f"{PAIRS[i % 3]['chosen']} {i}") for i in range(8)]
+  examples, _ = batching.tokenize_pairs(tokenizer, pairs, max_length=32)
+  batch = next(batching.eval_pair_batches(examples, batch_size=8, max_length=32, pad_id=EOS))
+  accum = 4
+  # The same split as `loop.accumulate_gradients`: micro-batch m holds rows m, m + k, ...
+  micro = {key: value.reshape(value.shape[0] // accum, accum, *value.shape[1:]).swapaxes(0, 1)
+           for key, value in batch.items()}
+  for m in range(accum):
+    for j in range(8 // accum):
+      pair = pairs[m + j * accum]
+      for side, name in enumerate(("chosen", "rejected")):
+        real = int(micro["segment_ids"][m, j, side].sum())
+        assert tokenizer.decode(micro["input_ids"][m, j, side, :real]) == (
+            pair["prompt"] + pair[name])
 
 
 def test_pair_batches_resume_and_split_across_hosts(tokenizer):

@@ -21,14 +21,16 @@ Batch layouts (numpy; int32 unless stated):
   An SFT example is prompt + response + EOS; a response cut to fit `max_length` gets no EOS, so
   the model never learns to stop mid-answer.
 
-* Pair batch for the reward model, from `pair_batches` and `eval_pair_batches`:
-  - `input_ids`, `segment_ids`, `positions` [2B, T]: rows 0..B-1 are prompt+chosen, rows
-    B..2B-1 prompt+rejected of the same pairs in the same order, right-padded, with *no*
-    trailing EOS: the score is read at the last real token, row `b` at index
-    `sum(segment_ids[b] > 0) - 1` (HF's sequence classifier reads the last non-pad token, and
-    pad == eos would hide a trailing EOS).
+* Pair batch for the reward model, from `pair_batches` and `eval_pair_batches`, pairs first:
+  - `input_ids`, `segment_ids`, `positions` [B, 2, T]: `[b, 0]` is prompt+chosen and `[b, 1]`
+    prompt+rejected of pair `b`, right-padded, with *no* trailing EOS: the score is read at the
+    last real token, index `sum(segment_ids[b, side] > 0) - 1` (HF's sequence classifier reads
+    the last non-pad token, and pad == eos would hide a trailing EOS). The reward loss reshapes
+    to [2B, T] for one forward pass and back to [B, 2].
   - `pair_mask` float32 [B]: 1.0 for a real pair, 0.0 for padding in the last eval batch.
   - `strategy` [B]: index into `PAIR_STRATEGIES` of how the pair was made; -1 on padding.
+  Keeping a pair's two rows together on axis 0 means any split along axis 0 (gradient
+  accumulation's micro-batches, hosts, data-parallel devices) keeps whole pairs.
 
 * Prompt batch for generation, from `prompt_batch`, left-padded so every prompt ends at the
   last column: `prompt_ids` [B, P] and `prompt_mask` float32 [B, P] (1.0 real, 0.0 pad).
@@ -38,9 +40,8 @@ recompile.
 
 Multi-host: process `i` of `n` gets the slice `[i * N / n, (i + 1) * N / n)` along axis 0 of
 every global array (N its leading size), so `jax.make_array_from_process_local_data` puts the
-hosts' parts back together into exactly the global layout above. For pair batches this means
-a host's rows are not its own pairs' chosen and rejected rows (with 2 hosts, host 0 holds all
-chosen rows); compute the pair loss on the global array, never per host.
+hosts' parts back together into exactly the global layout above. For pair batches each host
+holds whole pairs (both rows of pair `b` sit at `[b]`).
 """
 
 from __future__ import annotations
@@ -373,39 +374,33 @@ def _pair_batch(examples: Sequence[dict], pairs: Sequence[int | None], max_lengt
     process_count: the number of processes (divides B).
 
   Returns:
-    The process's slice along axis 0 of every global array: rows [i * 2B/n, (i+1) * 2B/n) of
-    the [2B, T] arrays and [i * B/n, (i+1) * B/n) of the [B] arrays.
+    The process's slice `[i * B/n, (i+1) * B/n)` along axis 0 of every global array: the
+    [B, 2, T] token arrays and the [B] pair arrays.
   """
-  b = len(pairs)
-  rows_per_host, pairs_per_host = 2 * b // process_count, b // process_count
-  row_lo, row_hi = process_index * rows_per_host, (process_index + 1) * rows_per_host
-  pair_lo, pair_hi = process_index * pairs_per_host, (process_index + 1) * pairs_per_host
-  shape = (row_hi - row_lo, max_length)
+  per_host = len(pairs) // process_count
+  mine = pairs[process_index * per_host:(process_index + 1) * per_host]
+  shape = (len(mine), 2, max_length)
   batch = {
       "input_ids": np.full(shape, pad_id, np.int32),
       "segment_ids": np.zeros(shape, np.int32),
       "positions": np.zeros(shape, np.int32),
-      "pair_mask": np.zeros((pair_hi - pair_lo,), np.float32),
-      "strategy": np.full((pair_hi - pair_lo,), -1, np.int32),
+      "pair_mask": np.zeros((len(mine),), np.float32),
+      "strategy": np.full((len(mine),), -1, np.int32),
   }
-  for row in range(row_lo, row_hi):
-    index = pairs[row % b]  # rows 0..B-1: chosen, B..2B-1: rejected of the same pairs
+  for local, index in enumerate(mine):
     if index is None:
       continue
     example = examples[index]
-    response = example["chosen_ids"] if row < b else example["rejected_ids"]
-    tokens = np.concatenate([example["prompt_ids"], response])
-    if len(tokens) > max_length:
-      raise ValueError(f"pair {index} ({len(tokens)} tokens) does not fit max_length="
-                       f"{max_length}; tokenise with the same max_length")
-    local = row - row_lo
-    batch["input_ids"][local, :len(tokens)] = tokens
-    batch["segment_ids"][local, :len(tokens)] = 1
-    batch["positions"][local, :len(tokens)] = np.arange(len(tokens))
-  for k in range(pair_lo, pair_hi):
-    if pairs[k] is not None:
-      batch["pair_mask"][k - pair_lo] = 1.0
-      batch["strategy"][k - pair_lo] = examples[pairs[k]]["strategy_id"]
+    for side, response in enumerate((example["chosen_ids"], example["rejected_ids"])):
+      tokens = np.concatenate([example["prompt_ids"], response])
+      if len(tokens) > max_length:
+        raise ValueError(f"pair {index} ({len(tokens)} tokens) does not fit max_length="
+                         f"{max_length}; tokenise with the same max_length")
+      batch["input_ids"][local, side, :len(tokens)] = tokens
+      batch["segment_ids"][local, side, :len(tokens)] = 1
+      batch["positions"][local, side, :len(tokens)] = np.arange(len(tokens))
+    batch["pair_mask"][local] = 1.0
+    batch["strategy"][local] = example["strategy_id"]
   return batch
 
 
@@ -464,7 +459,7 @@ def pair_batches(examples: Sequence[dict], *, batch_size: int, max_length: int, 
 
   Args:
     examples: from `tokenize_pairs` (with the same `max_length`).
-    batch_size: B, pairs in the global batch (2B rows); `process_count` must divide it.
+    batch_size: B, pairs in the global batch (2B sequences); `process_count` must divide it.
     Others: as `sft_batches`.
 
   Yields:
