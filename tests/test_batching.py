@@ -2,6 +2,7 @@
 
 import collections
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -321,6 +322,37 @@ def test_tokenize_pairs_bad_cases(tokenizer):
   assert tokenizer.decode(examples[0]["chosen_ids"]) == "yes it"
   assert tokenizer.decode(examples[0]["rejected_ids"]) == "no,"
 
+
+def test_tokenize_pairs_too_long_policies(tokenizer):
+  pair = {"prompt": "What is the capital of France?\n", "chosen": "Paris is the capital.",
+          "rejected": "The capital is Rome.", "location": "pairs.jsonl:7"}
+  ids = lambda text: tokenizer(text)["input_ids"]
+  prompt, chosen, rejected = ids(pair["prompt"]), ids(pair["chosen"]), ids(pair["rejected"])
+  longest = max(len(chosen), len(rejected))
+  max_length = len(prompt) + longest - 2  # two tokens too long
+  with pytest.raises(UserError, match=re.escape("pairs.jsonl:7: prompt (")):
+    batching.tokenize_pairs(tokenizer, [pair], max_length=max_length, too_long="error")
+  examples, stats = batching.tokenize_pairs(tokenizer, [pair, PAIRS[2]], max_length=max_length,
+                                            too_long="error", skip_bad_records=True)
+  assert stats["skipped"] == {"too_long": 1} and len(examples) == 1
+  # truncate_prompt: the prompt loses its first two tokens, both responses stay whole.
+  examples, stats = batching.tokenize_pairs(tokenizer, [pair], max_length=max_length,
+                                            too_long="truncate_prompt")
+  assert stats["truncated_prompts"] == 1 and stats["truncated_responses"] == 0
+  assert examples[0]["prompt_ids"].tolist() == prompt[2:]
+  assert examples[0]["chosen_ids"].tolist() == chosen
+  assert examples[0]["rejected_ids"].tolist() == rejected
+  # A response that alone fills max_length leaves no room for the prompt.
+  with pytest.raises(UserError, match="pairs.jsonl:7: .*the response alone does not fit"):
+    batching.tokenize_pairs(tokenizer, [pair], max_length=longest, too_long="truncate_prompt")
+  # truncate (the default): the whole prompt, each response cut at its end.
+  examples, stats = batching.tokenize_pairs(tokenizer, [pair], max_length=max_length)
+  room = max_length - len(prompt)
+  assert examples[0]["prompt_ids"].tolist() == prompt
+  assert examples[0]["chosen_ids"].tolist() == chosen[:room]
+  assert examples[0]["rejected_ids"].tolist() == rejected[:room]
+  with pytest.raises(UserError, match="too_long='drop'"):
+    batching.tokenize_pairs(tokenizer, [pair], max_length=max_length, too_long="drop")
 
 def test_prompt_batch_is_left_padded(tokenizer):
   prompts = [batching.format_prompt("Hi"), batching.format_prompt("What is the capital of "

@@ -109,12 +109,13 @@ def test_explicit_pairs_and_bad_lines(tmp_path):
     with pytest.raises(UserError, match=re.escape(f"{path}:2:")):
       preferences.load_pairs(str(path))
     pairs, stats = preferences.load_pairs(str(path), skip_bad_records=True)
-    assert pairs == [good]
+    assert pairs == [dict(good, location=f"{path}:1")]
     assert stats["skipped"] == {reason: 1}, reason
   path = tmp_path / "plain.jsonl"
   path.write_text(json.dumps({"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}) + "\n")
   assert preferences.load_pairs(str(path))[0] == [
-      {"prompt": "Q?", "chosen": "Yes.", "rejected": "No.", "strategy": "human"}]
+      {"prompt": "Q?", "chosen": "Yes.", "rejected": "No.", "strategy": "human",
+       "location": f"{path}:1"}]
 
 
 def _dolly_records():

@@ -193,56 +193,87 @@ def tokenize_sft_example(tokenizer: Any, record: dict, max_length: int) -> dict:
   return examples[0]
 
 
+# What `tokenize_pairs` does with a pair longer than `max_length` (see its docstring).
+TOO_LONG_POLICIES = ("truncate", "truncate_prompt", "error")
+
+
 def tokenize_pairs(tokenizer: Any, pairs: Sequence[dict], *, max_length: int,
-                   skip_bad_records: bool = False,
-                   source: str = "pairs") -> tuple[list[dict], dict]:
+                   skip_bad_records: bool = False, source: str = "pairs",
+                   too_long: str = "truncate") -> tuple[list[dict], dict]:
   """Tokenises preference pairs for the reward model.
 
-  Each example has int32 arrays `prompt_ids`, `chosen_ids`, `rejected_ids` (no EOS; each side
-  cut to fit `max_length` together with the prompt) and `strategy_id` (index into
-  `PAIR_STRATEGIES`; a pair without a `strategy` counts as "human").
+  Each example has int32 arrays `prompt_ids`, `chosen_ids`, `rejected_ids` (no EOS) and
+  `strategy_id` (index into `PAIR_STRATEGIES`; a pair without a `strategy` counts as "human").
+
+  A pair is too long when its prompt plus its longer response exceed `max_length`; `too_long`
+  says what happens then:
+    * "truncate": each response is cut at its end to fit after the whole prompt (counted in
+      `truncated_responses`);
+    * "truncate_prompt": the prompt keeps only its last tokens, so both whole responses fit
+      (the end of a dialogue, nearest the answer, matters most; counted in
+      `truncated_prompts`); a pair whose longer response leaves no room for one prompt token
+      is a bad pair (`too_long`);
+    * "error": the pair is a bad pair (`too_long`).
+  Bad pairs raise, or with `skip_bad_records` are skipped, logged and counted: never dropped
+  silently.
 
   Args:
     tokenizer: a Hugging Face fast tokenizer.
-    pairs: dicts with `prompt`, `chosen`, `rejected` and optional `strategy`.
+    pairs: dicts with `prompt`, `chosen`, `rejected`, optional `strategy` and optional
+      `location` (e.g. "file.jsonl:12", as `preferences.load_pairs` sets it; messages name it).
     max_length: the sequence length of the batches.
     skip_bad_records: skip (log and count) bad pairs instead of raising.
-    source: names the pairs in messages.
+    source: names the pairs in messages when they carry no `location`.
+    too_long: one of `TOO_LONG_POLICIES`.
 
   Returns:
-    (examples, stats): stats has `examples`, `truncated_responses` (sides cut) and `skipped`
-    per reason: `prompt_too_long`, `empty_response`, `identical_after_truncation` (both sides
-    cut to the same tokens, so the pair carries no preference), `unknown_strategy`.
+    (examples, stats): stats has `examples`, `truncated_responses` (sides cut),
+    `truncated_prompts` and `skipped` per reason: `prompt_too_long` (the prompt alone leaves no
+    room for a response), `too_long`, `empty_response`, `identical_after_truncation` (both
+    sides cut to the same tokens, so the pair carries no preference), `unknown_strategy`.
 
   Raises:
-    UserError: on a bad pair when skipping is off, naming the pair index and `source`.
+    UserError: on a bad pair when skipping is off, naming its location (or index and `source`).
   """
   _check_max_length(max_length)
+  if too_long not in TOO_LONG_POLICIES:
+    raise UserError(f"too_long={too_long!r}: use one of {', '.join(TOO_LONG_POLICIES)}")
   prompts = _encode(tokenizer, [p["prompt"] for p in pairs])
   chosen = _encode(tokenizer, [p["chosen"] for p in pairs])
   rejected = _encode(tokenizer, [p["rejected"] for p in pairs])
   bad = BadRecords(skip_bad_records)
   examples = []
-  truncated = 0
+  truncated = truncated_prompts = 0
   for index, pair in enumerate(pairs):
-    location = f"{source} pair {index}"
-    prompt = prompts[index]
+    location = pair.get("location") or f"{source} pair {index}"
+    prompt, chosen_ids, rejected_ids = prompts[index], chosen[index], rejected[index]
     strategy = pair.get("strategy", "human")
     if strategy not in PAIR_STRATEGIES:
       bad.report(location, "unknown_strategy",
                  f"strategy {strategy!r} is not one of {PAIR_STRATEGIES}")
       continue
+    if not chosen_ids or not rejected_ids:
+      bad.report(location, "empty_response", "chosen or rejected response has no tokens")
+      continue
+    longest = max(len(chosen_ids), len(rejected_ids))
+    if prompt and len(prompt) + longest > max_length:
+      if too_long == "error" or (too_long == "truncate_prompt" and longest > max_length - 1):
+        bad.report(location, "too_long",
+                   f"prompt ({len(prompt)} tokens) + longer response ({longest} tokens) exceed "
+                   f"max_length={max_length}; raise max_length"
+                   + ("" if too_long == "error" else " (the response alone does not fit)"))
+        continue
+      if too_long == "truncate_prompt":
+        prompt = prompt[len(prompt) + longest - max_length:]
+        truncated_prompts += 1
     if not prompt or len(prompt) > max_length - 1:
       bad.report(location, "prompt_too_long",
                  f"prompt is {len(prompt)} tokens but 1 to max_length - 1 = {max_length - 1} "
                  "fit; raise max_length")
       continue
-    if not chosen[index] or not rejected[index]:
-      bad.report(location, "empty_response", "chosen or rejected response has no tokens")
-      continue
     room = max_length - len(prompt)
-    truncated += (len(chosen[index]) > room) + (len(rejected[index]) > room)
-    chosen_ids, rejected_ids = chosen[index][:room], rejected[index][:room]
+    truncated += (len(chosen_ids) > room) + (len(rejected_ids) > room)
+    chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
     if chosen_ids == rejected_ids:
       bad.report(location, "identical_after_truncation",
                  f"chosen and rejected are identical within max_length={max_length} tokens")
@@ -253,11 +284,11 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[dict], *, max_length: int,
         "rejected_ids": np.asarray(rejected_ids, np.int32),
         "strategy_id": PAIR_STRATEGIES.index(strategy),
     })
-  if truncated:
-    logging.info("%s: %d responses truncated to fit max_length=%d", source, truncated,
-                 max_length)
+  if truncated or truncated_prompts:
+    logging.info("%s: %d responses and %d prompts truncated to fit max_length=%d", source,
+                 truncated, truncated_prompts, max_length)
   stats = {"examples": len(examples), "truncated_responses": truncated,
-           "skipped": bad.summary()}
+           "truncated_prompts": truncated_prompts, "skipped": bad.summary()}
   return examples, stats
 
 

@@ -121,7 +121,7 @@ def load_pairs(path: str, *, skip_bad_records: bool = False) -> tuple[list[dict]
     skip_bad_records: skip, log and count bad lines instead of raising.
 
   Returns:
-    (pairs, stats): pairs in file order; stats has `source`, `read`, `kept` and `skipped`
+    (pairs, stats): pairs in file order, each with `location` ("file:line"); stats has `source`, `read`, `kept` and `skipped`
     ({reason: count}; reasons: not_utf8, invalid_json, not_object, missing_field, wrong_type,
     wrong_value, empty_field, identical, no_assistant_turn, prefix_mismatch).
 
@@ -139,7 +139,8 @@ def load_pairs(path: str, *, skip_bad_records: bool = False) -> tuple[list[dict]
     if error is not None:
       bad.report(where(path, line), *error)
       continue
-    pairs.append(pair)
+    # Later stages (tokenisation) name the pair's file:line in their messages too.
+    pairs.append({**pair, "location": where(path, line)})
   stats = {"source": path, "read": read, "kept": len(pairs), "skipped": bad.summary()}
   if stats["skipped"]:
     logging.warning("%s: skipped %d bad pairs: %s", path, read - len(pairs), stats["skipped"])
