@@ -255,9 +255,11 @@ def test_pair_batch_layout(tokenizer):
       assert batch["input_ids"][k, side, real - 1] == last  # no trailing EOS: score is read here
       np.testing.assert_array_equal(batch["positions"][k, side, :real], np.arange(real))
       assert not batch["segment_ids"][k, side, real:].any()
+      assert batch["response_length"][k, side] == len(tokenizer(pair[name])["input_ids"])
     assert batch["strategy"][k] == batching.PAIR_STRATEGIES.index(pair.get("strategy", "human"))
   np.testing.assert_array_equal(batches[1]["pair_mask"], [1.0, 0.0])
   assert batches[1]["strategy"][1] == -1 and not batches[1]["segment_ids"][1].any()
+  assert not batches[1]["response_length"][1].any()
 
 
 def test_pair_batch_splits_keep_whole_pairs(tokenizer):

@@ -27,6 +27,8 @@ Batch layouts (numpy; int32 unless stated):
     last real token, index `sum(segment_ids[b, side] > 0) - 1` (HF's sequence classifier reads
     the last non-pad token, and pad == eos would hide a trailing EOS). The reward loss reshapes
     to [2B, T] for one forward pass and back to [B, 2].
+  - `response_length` [B, 2]: tokens of the chosen and the rejected response (0 on padding),
+    for length statistics such as the "prefer the longer response" baseline.
   - `pair_mask` float32 [B]: 1.0 for a real pair, 0.0 for padding in the last eval batch.
   - `strategy` [B]: index into `PAIR_STRATEGIES` of how the pair was made; -1 on padding.
   Keeping a pair's two rows together on axis 0 means any split along axis 0 (gradient
@@ -415,6 +417,7 @@ def _pair_batch(examples: Sequence[dict], pairs: Sequence[int | None], max_lengt
       "input_ids": np.full(shape, pad_id, np.int32),
       "segment_ids": np.zeros(shape, np.int32),
       "positions": np.zeros(shape, np.int32),
+      "response_length": np.zeros((len(mine), 2), np.int32),
       "pair_mask": np.zeros((len(mine),), np.float32),
       "strategy": np.full((len(mine),), -1, np.int32),
   }
@@ -430,6 +433,7 @@ def _pair_batch(examples: Sequence[dict], pairs: Sequence[int | None], max_lengt
       batch["input_ids"][local, side, :len(tokens)] = tokens
       batch["segment_ids"][local, side, :len(tokens)] = 1
       batch["positions"][local, side, :len(tokens)] = np.arange(len(tokens))
+      batch["response_length"][local, side] = len(response)
     batch["pair_mask"][local] = 1.0
     batch["strategy"][local] = example["strategy_id"]
   return batch
