@@ -1,0 +1,180 @@
+"""Shared pytest fixtures.
+
+- `shared_data`: the project's real test data directory (/work/shared/data), skipping when absent.
+- `tiny_tokenizer_dir`: a byte-level BPE tokenizer trained on a few sentences, saved as an HF directory.
+- `make_hf_gpt_neo`: builds, seeds and saves tiny random Hugging Face GPT-Neo checkpoints.
+Plain helpers for tests (import them with `from conftest import ...`): `left_padded`,
+`hf_position_ids`, `load_cleanly`.
+
+Everything is built offline from `transformers`/`tokenizers` in a session temp directory.
+"""
+
+import dataclasses
+import logging
+import pathlib
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+EOS = "<|endoftext|>"
+# Text to train the tiny tokenizer on: a few sentences are enough for a few dozen merges.
+_TOKENIZER_CORPUS = (
+    "### Instruction:\nWhat is the capital of France?\n\n### Response:\nParis is the capital.",
+    "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.",
+    "Reinforcement learning from human feedback trains a reward model on preference pairs.",
+    "A language model predicts the next token; greedy decoding takes the most likely one.",
+    "Hello world! Numbers like 12, 345 and 6789 appear too, with punctuation: (a) [b] {c}.",
+)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+  """/work/shared/data (see its SOURCES.md); skips the test when the directory is absent."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"shared test data not found at {SHARED_DATA}")
+  return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> pathlib.Path:
+  """An HF tokenizer directory (byte-level BPE, ~300 tokens, EOS `<|endoftext|>` = id 0).
+
+  Byte-level, like GPT-2's, so any text round-trips; trained here so no test needs the network.
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  import transformers
+  tokenizer = Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=[EOS], show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tokenizer.train_from_iterator(list(_TOKENIZER_CORPUS) * 4, trainer)
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS,
+                                              bos_token=EOS, unk_token=EOS)
+  out = tmp_path_factory.mktemp("tiny_tokenizer")
+  fast.save_pretrained(out)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class HFModel:
+  """A saved tiny HF checkpoint and the torch model it was saved from (eval mode, float32)."""
+  path: pathlib.Path
+  model: Any  # GPTNeoForCausalLM or GPTNeoForSequenceClassification.
+
+  @property
+  def config(self):
+    return self.model.config
+
+
+def randomize_(model, seed: int, scale: float = 0.2) -> None:
+  """Overwrites every parameter with seeded noise, biases and LayerNorms included.
+
+  HF's own initialisation (std 0.02, zero biases, unit LayerNorm) leaves attention nearly uniform
+  and biases invisible, so a parity test on it could miss swapped or dropped tensors.
+  """
+  import torch
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      noise = torch.randn(param.shape, generator=generator)
+      is_norm_scale = ".ln_" in name and name.endswith("weight")  # ln_1, ln_2, ln_f scales.
+      param.copy_(1.0 + 0.1 * noise if is_norm_scale else scale * noise)
+
+
+@pytest.fixture(scope="session")
+def make_hf_gpt_neo(tmp_path_factory) -> Callable[..., HFModel]:
+  """Factory for tiny random HF GPT-Neo checkpoints, cached per argument set for the session.
+
+  make_hf_gpt_neo(attention_layers=("global", "local"), hidden_size=32, num_heads=4,
+                  vocab_size=300, window_size=4, max_position_embeddings=128, seed=0,
+                  classifier=False, tokenizer_dir=None, **config_overrides) -> HFModel
+
+  `classifier=True` builds a `GPTNeoForSequenceClassification` with one label and `pad_token_id`
+  equal to EOS (as `rlhf_jax.models.hf.save_checkpoint` writes reward models). `tokenizer_dir`
+  saves that tokenizer with the model (its vocabulary must fit `vocab_size`).
+  """
+  cache: dict[tuple, HFModel] = {}
+
+  def make(attention_layers=("global", "local"), hidden_size=32, num_heads=4, vocab_size=300,
+           window_size=4, max_position_embeddings=128, seed=0, classifier=False,
+           tokenizer_dir=None, eos_token_id=0, **config_overrides) -> HFModel:
+    key = (tuple(attention_layers), hidden_size, num_heads, vocab_size, window_size,
+           max_position_embeddings, seed, classifier, str(tokenizer_dir), eos_token_id,
+           tuple(sorted(config_overrides.items())))
+    if key in cache:
+      return cache[key]
+    import torch
+    import transformers
+    config = transformers.GPTNeoConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_layers=len(attention_layers),
+        num_heads=num_heads, attention_types=[[[kind], 1] for kind in attention_layers],
+        window_size=window_size, max_position_embeddings=max_position_embeddings,
+        bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+        embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, **config_overrides)
+    torch.manual_seed(seed)
+    if classifier:
+      config.num_labels = 1
+      config.pad_token_id = eos_token_id
+      model = transformers.GPTNeoForSequenceClassification(config)
+    else:
+      model = transformers.GPTNeoForCausalLM(config)
+    randomize_(model, seed)
+    model.eval()
+    path = tmp_path_factory.mktemp("hf_gpt_neo")
+    model.save_pretrained(path)
+    if tokenizer_dir is not None:
+      transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(path)
+    cache[key] = HFModel(path=path, model=model)
+    return cache[key]
+
+  return make
+
+
+def left_padded(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token lists: (ids int32 [B, T], mask int32 [B, T]), T = the longest row."""
+  width = max(len(r) for r in rows)
+  ids = np.full((len(rows), width), pad_id, np.int32)
+  mask = np.zeros((len(rows), width), np.int32)
+  for i, row in enumerate(rows):
+    ids[i, width - len(row):] = row
+    mask[i, width - len(row):] = 1
+  return ids, mask
+
+
+def hf_position_ids(mask: np.ndarray) -> np.ndarray:
+  """What HF `generate` passes for a left-padded batch: cumsum(mask) - 1, clipped at 0 on padding."""
+  return np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+
+
+class _WarningRecords(logging.Handler):
+  """Collects the messages of WARNING and above."""
+
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
+def load_cleanly(model_class, path: pathlib.Path, **kwargs):
+  """`model_class.from_pretrained(path)` that fails on any missing, unexpected or mismatched weight,
+  whether reported in the loading info or only as a logged warning (transformers' load report)."""
+  import transformers
+  records = _WarningRecords()
+  logger = transformers.utils.logging.get_logger("transformers")
+  logger.addHandler(records)
+  try:
+    model, info = model_class.from_pretrained(str(path), output_loading_info=True, **kwargs)
+  finally:
+    logger.removeHandler(records)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  assert not info.get("mismatched_keys") and not info.get("error_msgs"), info
+  words = ("load report", "weight", "initialized", "missing", "unexpected", "mismatch")
+  weight_warnings = [m for m in records.messages if any(w in m.lower() for w in words)]
+  assert not weight_warnings, weight_warnings
+  return model.eval()
