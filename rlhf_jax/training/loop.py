@@ -193,7 +193,8 @@ def train(*, phase: str, phase_dir: pathlib.Path, config, mesh, abstract_state: 
     hf.copy_tokenizer(tokenizer_dir, ckpts.tokenizer_dir)
   shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
   start = ckpts.latest_step()
-  if start is not None:
+  resumed = start is not None
+  if resumed:
     saved = ckpts.manifest(start)
     if saved.get("finished"):
       print(f"{phase}: {ckpts.directory} holds a finished run (step {start}); skipping. Delete it "
@@ -213,7 +214,9 @@ def train(*, phase: str, phase_dir: pathlib.Path, config, mesh, abstract_state: 
   compiled_step = jax.jit(step_fn, out_shardings=(shardings, sharding.replicated(mesh)),
                           donate_argnums=0)
   compiled_eval = jax.jit(evaluator.step) if evaluator else None
-  writer = progress.MetricsWriter(phase_dir, resume_step=start)
+  # Lines after the restored step are logged again; a fresh start (nothing to resume, e.g. after
+  # a run that failed before its first checkpoint) replaces all of them, step 0 included.
+  writer = progress.MetricsWriter(phase_dir, resume_step=start if resumed else -1)
   bar = progress.Progress(phase, total, start, unit)
   stop_requested = []
   # Preemption sends SIGTERM: finish the step, save, exit. (Handlers only work in the main thread.)
@@ -256,10 +259,11 @@ def train(*, phase: str, phase_dir: pathlib.Path, config, mesh, abstract_state: 
         pending = []
         for logged_step, values in logged:
           if not np.isfinite(values.get("loss", 0.0)):
+            kept = (f"The last good checkpoint (step {last_good}) is kept in {ckpts.directory}"
+                    if last_good else "No checkpoint was saved before it")
             raise UserError(
-                f"{phase}: the loss became {values['loss']} at step {logged_step}; stopped. The last "
-                f"good checkpoint (step {last_good}) is kept in {ckpts.directory}; lower "
-                "--config.optim.lr or check the data")
+                f"{phase}: the loss became {values['loss']} at step {logged_step}; stopped. {kept}; "
+                "lower --config.optim.lr or check the data")
         elapsed = time.time() - window_start
         rate = items / elapsed if items and elapsed > 0 else None
         mean = {k: float(np.mean([v[k] for _, v in logged])) for k in logged[-1][1]}
