@@ -173,7 +173,8 @@ def train(*, phase: str, phase_dir: pathlib.Path, config, mesh, abstract_state: 
     mesh: the device mesh.
     abstract_state: TrainState of ShapeDtypeStructs carrying the target shardings.
     init_state: builds the fresh state (only called when there is nothing to resume); it is then
-      placed on the shardings of `abstract_state`.
+      placed on the shardings of `abstract_state`. It must return arrays the caller does not keep
+      (load or copy them): the first step donates them, which deletes them.
     step_fn: `(state, batch) -> (state, metrics)`; compiled here with the state donated.
     batches: `start_step -> iterator` of host-local batches.
     manifest: saved with every checkpoint (`finished` is set here).
