@@ -6,6 +6,8 @@ Config section `optim` (see configs/common.py):
   weight_decay (not applied to biases, LayerNorm parameters or embeddings), clip_norm (0 disables).
 """
 
+import math
+
 import flax
 import jax
 import optax
@@ -13,8 +15,21 @@ import optax
 from rlhf_jax.errors import UserError
 
 
+def _check(optim_config) -> None:
+  """Rejects settings that would train in the wrong direction or not at all."""
+  lr, end_fraction = float(optim_config.lr), float(optim_config.end_lr_fraction)
+  if not math.isfinite(lr) or lr <= 0:
+    raise UserError(f"--config.optim.lr={optim_config.lr}: the learning rate must be positive")
+  if not 0 <= end_fraction <= 1:
+    raise UserError(f"--config.optim.end_lr_fraction={optim_config.end_lr_fraction}: must be in "
+                    "[0, 1] (the final learning rate is lr times this)")
+  if int(optim_config.warmup_steps) < 0:
+    raise UserError(f"--config.optim.warmup_steps={optim_config.warmup_steps}: must be >= 0")
+
+
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
   """Linear warmup to `lr`, then cosine / linear decay to `lr * end_lr_fraction`, or constant."""
+  _check(optim_config)
   lr, warmup = float(optim_config.lr), int(optim_config.warmup_steps)
   end = lr * float(optim_config.end_lr_fraction)
   decay_steps = max(total_steps - warmup, 1)
@@ -39,8 +54,6 @@ def _decay_mask(params):
 
 def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
   """AdamW with clipping and the schedule above (gradient accumulation lives in the train step)."""
-  if float(optim_config.lr) <= 0:
-    raise UserError(f"--config.optim.lr={optim_config.lr}: the learning rate must be positive")
   schedule = learning_rate_schedule(optim_config, total_steps)
   adamw = optax.adamw(schedule, b1=float(optim_config.b1), b2=float(optim_config.b2),
                       eps=float(optim_config.eps), weight_decay=float(optim_config.weight_decay),
