@@ -174,8 +174,8 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
       scores, samples.logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator)
   if settings.whiten_rewards:
     rewards = core.whiten(rewards, mask, shift_mean=False)
-  advantages, returns = core.gae(rewards, old_values, mask, settings.gamma, settings.lam)
-  advantages = core.whiten(advantages, mask)
+  raw_advantages, returns = core.gae(rewards, old_values, mask, settings.gamma, settings.lam)
+  advantages = core.whiten(raw_advantages, mask)
 
   rollout = dict(input_ids=sequences["input_ids"], segment_ids=sequences["segment_ids"],
                  positions=sequences["positions"], tokens=samples.tokens, mask=mask,
@@ -252,7 +252,7 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
       "response_length": jnp.mean(samples.lengths.astype(jnp.float32)),
       "eos_fraction": jnp.mean(samples.ended.astype(jnp.float32)),
       "value_mean": core.masked_mean(old_values, mask),
-      "advantage_std_before_whitening": jnp.std(jnp.sum(advantages * mask, axis=1)),
+      "advantage_std_before_whitening": jnp.std(jnp.sum(raw_advantages * mask, axis=1)),
       "minibatches_applied": jnp.sum(applied),
   }
   extra = {"value": learner["value"], "kl_coef": new_kl_coef}
