@@ -11,8 +11,12 @@ Defaults and their sources (Ziegler et al. 2019 = OpenAI lm-human-preferences, `
 `train_policy.py`; "N details" = Huang et al., "The N Implementation Details of RLHF with PPO";
 TRL = `PPOConfig`):
   rollout.temperature 0.7 ............ lm-human-preferences and TRL sample at 0.7; logprobs are
-                                       taken at the same temperature (N details #...temperature)
-  ppo.num_epochs 4, num_minibatches 1  lm-human-preferences noptepochs=4, nminibatches=1; TRL 4/1
+                                       taken at the same temperature (N details: "scale the
+                                       logits by sampling temperature")
+  ppo.num_epochs 4 ................... lm-human-preferences noptepochs=4; TRL num_ppo_epochs=4
+  ppo.num_minibatches 2 (builtin), 4 (gpt_neo_125m) ... both references use 1 minibatch per
+                                       epoch; here 2 and 4 (minibatches of 16 episodes), i.e.
+                                       more optimizer steps per rollout
   ppo.gamma 1.0, lam 0.95 ............ lm-human-preferences and TRL
   ppo.clip_range 0.2, clip_range_value 0.2, vf_coef 0.1 ... lm-human-preferences and TRL
   ppo.init_kl_coef, adaptive_kl, kl_target, kl_horizon .... Ziegler et al.'s adaptive controller
