@@ -33,14 +33,16 @@ def token_losses(model: gpt_neo.GPTNeo, params, batch: dict, *, rng=None) -> tup
     batch: an LM batch (`input_ids`, `segment_ids`, `positions`, `targets`, all int32 [B, T]).
     rng: dropout key; None runs deterministically.
   Returns:
-    (nll float32 [B, T], correct float32 [B, T]: argmax == target).
+    (nll float32 [B, T], correct float32 [B, T]: the target has the highest logit; a tie counts).
   """
   rngs = {} if rng is None else {"dropout": rng}
   logits = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
                        batch["positions"], deterministic=rng is None, rngs=rngs)["logits"]
-  logprobs = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logprobs, batch["targets"][..., None], axis=-1)[..., 0]
-  correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+  # logsumexp - target logit rather than indexing a full log_softmax: the [B, T, V] log-probs are
+  # never materialised, which halves the step time on CPU for GPT-2's 50k vocabulary.
+  target_logits = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+  nll = jax.nn.logsumexp(logits, axis=-1) - target_logits
+  correct = (target_logits >= jnp.max(logits, axis=-1)).astype(jnp.float32)
   return nll, correct
 
 
