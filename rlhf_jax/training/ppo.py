@@ -200,7 +200,11 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
     vf_loss, vf_metrics = core.ppo_value_loss(values, minibatch["old_values"],
                                               minibatch["returns"], m, settings.clip_range_value)
     entropy = core.masked_mean(policy_out["entropy"], m)
-    loss = pg_loss + settings.vf_coef * vf_loss - settings.entropy_coef * entropy
+    loss = pg_loss + settings.vf_coef * vf_loss
+    # With the default coefficient 0 the entropy is only a metric: leaving it out of the loss
+    # spares its backward pass over the [B, N, V] logits (zero times a gradient still costs it).
+    if settings.entropy_coef:
+      loss = loss - settings.entropy_coef * entropy
     return loss, {"weight": jnp.sum(m), "policy_loss": pg_loss, "value_loss": vf_loss,
                   "entropy": entropy, **pg_metrics, **vf_metrics}
 
