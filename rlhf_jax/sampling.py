@@ -89,9 +89,9 @@ def _choose(logits: Array, rng: Array, settings: SamplingSettings) -> tuple[Arra
   return token.astype(jnp.int32), jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "settings"))
+@functools.partial(jax.jit, static_argnames=("model", "settings", "layer_loop"))
 def generate(model: gpt_neo.GPTNeo, params, prompt_ids: Array, prompt_mask: Array, rng: Array,
-             settings: SamplingSettings) -> Samples:
+             settings: SamplingSettings, layer_loop: bool | None = None) -> Samples:
   """Samples responses for a batch of left-padded prompts.
 
   Args:
@@ -101,13 +101,22 @@ def generate(model: gpt_neo.GPTNeo, params, prompt_ids: Array, prompt_mask: Arra
     prompt_mask: int32/bool [B, P], 1 on real prompt tokens.
     rng: a PRNG key; the same key gives the same samples.
     settings: static sampling settings (a change recompiles).
+    layer_loop: decode with a loop over unstacked layers (`GPTNeo(scan_layers=False)`; the block
+      weights are copied once per call) instead of the scanned blocks. Same results. None: on CPU,
+      where it is ~1.7x faster at 125M because XLA:CPU would copy every layer's weights out of the
+      stack on every step; elsewhere keep the scan (no extra copy of the weights in memory).
   Returns:
     `Samples` with [B, max_new_tokens] arrays.
   """
   batch, prompt_length = prompt_ids.shape
   steps = settings.max_new_tokens
+  if layer_loop is None:
+    layer_loop = jax.default_backend() == "cpu"
+  if layer_loop and model.scan_layers:
+    model, params = model.clone(scan_layers=False), gpt_neo.unstack_layers(params)
   segments = prompt_mask.astype(jnp.int32)
-  cache = gpt_neo.init_cache(model.config, batch, prompt_length + steps, model.dtype)
+  cache = gpt_neo.init_cache(model.config, batch, prompt_length + steps, model.dtype,
+                             per_layer=not model.scan_layers)
   out = model.apply({"params": params}, prompt_ids, segments, gpt_neo.default_positions(segments),
                     cache=cache, last_only=True)
   next_position = jnp.sum(segments, axis=1).astype(jnp.int32)  # [B]

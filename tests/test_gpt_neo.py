@@ -135,6 +135,32 @@ def test_kv_cache_token_by_token_equals_full_forward(make_hf_gpt_neo):
   assert np.abs(chunked[real] - full[real]).max() <= 1e-4
 
 
+def test_layer_loop_equals_scanned_layers(make_hf_gpt_neo):
+  scanned, params = _load(make_hf_gpt_neo(**ARCHITECTURES["odd_layers"]))
+  looped = gpt_neo.GPTNeo(scanned.config, scan_layers=False)
+  unstacked = gpt_neo.unstack_layers(params)
+  # The unstacked tree is exactly what the looped model itself would initialise.
+  assert jax.tree.structure(gpt_neo.param_shapes(looped)) == jax.tree.structure(unstacked)
+  np.testing.assert_array_equal(unstacked["h_2"]["mlp"]["c_fc"]["kernel"],
+                                params["h"]["mlp"]["c_fc"]["kernel"][2])
+  ids, mask = left_padded(_rows(8, scanned.config.vocab_size, (11, 6, 2)), pad_id=0)
+  full = np.asarray(_apply(scanned)(params, ids, mask)["logits"])
+  np.testing.assert_allclose(np.asarray(_apply(looped)(unstacked, ids, mask)["logits"]), full,
+                             atol=1e-5, rtol=0)
+  # Decoding with either cache layout: per-layer arrays, or the stacked one (kept stacked).
+  split = 8
+  for per_layer in (True, False):
+    cache = gpt_neo.init_cache(looped.config, ids.shape[0], ids.shape[1], per_layer=per_layer)
+    prefill = _apply(looped)(unstacked, ids[:, :split], mask[:, :split], cache=cache)
+    rest = _apply(looped)(unstacked, ids[:, split:], mask[:, split:],
+                          gpt_neo.default_positions(jnp.asarray(mask))[:, split:],
+                          cache=prefill["cache"])
+    assert isinstance(rest["cache"]["k"], tuple) == per_layer
+    chunked = np.concatenate([np.asarray(prefill["logits"]), np.asarray(rest["logits"])], axis=1)
+    real = mask.astype(bool)
+    assert np.abs(chunked[real] - full[real]).max() <= 1e-4
+
+
 def test_last_only_returns_the_last_column(make_hf_gpt_neo):
   model, params = _load(make_hf_gpt_neo())
   ids, mask = left_padded(_rows(5, model.config.vocab_size), pad_id=0)

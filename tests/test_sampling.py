@@ -172,6 +172,16 @@ def test_generation_is_one_compiled_loop(policy):
   assert sampling.generate._cache_size() == cache_size + 1  # Compiled once, reused once.
 
 
+def test_layer_loop_and_scanned_decoding_agree(policy):
+  _, model, params, ids, mask = policy
+  settings = _settings(temperature=1.0, top_k=20)
+  run = lambda layer_loop: jax.device_get(sampling.generate(
+      model, params, ids, mask, jax.random.key(4), settings, layer_loop=layer_loop))
+  looped, scanned = run(True), run(False)
+  np.testing.assert_array_equal(looped.tokens, scanned.tokens)
+  np.testing.assert_allclose(looped.logprobs, scanned.logprobs, atol=1e-5, rtol=0)
+
+
 def test_process_logits_top_k_keeps_exactly_the_k_largest():
   logits = jnp.array([[0.1, 2.0, -1.0, 1.5, 0.7], [3.0, -2.0, 0.0, 1.0, 2.5]])
   out = sampling.process_logits(logits, _settings(temperature=1.0, top_k=2))

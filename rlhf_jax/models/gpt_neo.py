@@ -14,7 +14,8 @@ Choices of this port:
   with the same non-zero id. `positions` are the position-embedding ids; by default they count real
   tokens, so a left-padded row gives the same logits per real token as the unpadded row.
 - The blocks are one `nn.scan` over layers (parameters stacked on a leading `layers` axis): compile time
-  does not grow with depth, and the per-layer global/local choice is a scanned boolean.
+  does not grow with depth, and the per-layer global/local choice is a scanned boolean. The sampler
+  on CPU uses a plain loop over unstacked layers instead (`scan_layers=False`, see its docstring).
 - Parameters carry logical axis names (`vocab`, `embed`, `heads`, `mlp`, `layers`) that
   `rlhf_jax.sharding` maps onto the device mesh.
 - A preallocated KV cache (`init_cache`) gives the incremental decoding path used by the sampler.
@@ -105,18 +106,31 @@ class GPTNeoConfig:
     return hf
 
 
-def init_cache(config: GPTNeoConfig, batch_size: int, max_length: int, dtype=jnp.float32) -> dict:
+def init_cache(config: GPTNeoConfig, batch_size: int, max_length: int, dtype=jnp.float32,
+               per_layer: bool = False) -> dict:
   """A preallocated KV cache for incremental decoding.
 
   Returns a dict with
-    `k`, `v`: [num_layers, batch, max_length, num_heads, head_dim] in `dtype`,
+    `k`, `v`: [num_layers, batch, max_length, num_heads, head_dim] in `dtype` (with `per_layer`, a
+      tuple of num_layers arrays [batch, max_length, num_heads, head_dim], for `scan_layers=False`),
     `segment_ids`: int32 [batch, max_length], 0 where nothing real was written,
     `index`: int32 scalar, the next free column (shared by all rows: prompts are left-padded).
   """
   shape = (config.num_layers, batch_size, max_length, config.num_heads, config.head_dim)
-  return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-              segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
+  if per_layer:
+    k = v = tuple(jnp.zeros(shape[1:], dtype) for _ in range(config.num_layers))
+  else:
+    k = v = jnp.zeros(shape, dtype)
+  return dict(k=k, v=v, segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
               index=jnp.zeros((), jnp.int32))
+
+
+def unstack_layers(params: dict) -> dict:
+  """Scanned parameters (blocks stacked under `h`) -> those of `GPTNeo(scan_layers=False)` (`h_0`,
+  `h_1`, ...). Inside a jitted function this copies the block weights once."""
+  num_layers = jax.tree.leaves(params["h"])[0].shape[0]
+  layers = {f"h_{i}": jax.tree.map(lambda x, i=i: x[i], params["h"]) for i in range(num_layers)}
+  return {**{name: value for name, value in params.items() if name != "h"}, **layers}
 
 
 def default_positions(segment_ids: Array) -> Array:
@@ -244,6 +258,11 @@ class GPTNeo(nn.Module):
     remat: rematerialise each block in the backward pass (less memory, ~1/3 more compute).
     score_head: add `score`, a bias-free Dense(1): reward model / value head.
     score_init_std: std of the score head's initial weights (None: 1/sqrt(hidden_size + 1)).
+    scan_layers: True (the checkpoint layout): one `nn.scan` over blocks stacked under `h`. False: a
+      Python loop over blocks `h_0`, `h_1`, ... (params from `unstack_layers`, cache from
+      `init_cache(per_layer=True)`), for decoding on CPU, where XLA copies a scanned layer's weights
+      out of the stack before each matmul: at one token per step that copy costs more than the
+      matmuls themselves.
   """
   config: GPTNeoConfig
   dtype: Any = jnp.float32
@@ -251,6 +270,7 @@ class GPTNeo(nn.Module):
   remat: bool = False
   score_head: bool = False
   score_init_std: float | None = None
+  scan_layers: bool = True
 
   @nn.compact
   def __call__(self, input_ids: Array, segment_ids: Array, positions: Array | None = None, *,
@@ -305,13 +325,24 @@ class GPTNeo(nn.Module):
     block = Block
     if self.remat:
       block = nn.remat(Block, prevent_cse=False)  # prevent_cse is unneeded inside scan.
-    blocks = nn.scan(
-        block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-        in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"})
-    is_local = jnp.array([kind == "local" for kind in cfg.attention_layers])
-    x, layer_caches = blocks(cfg, self.dtype, self.param_dtype, deterministic, name="h")(
-        x, (is_local, layer_caches), masks, cache_index)
+    is_local = [kind == "local" for kind in cfg.attention_layers]
+    if self.scan_layers:
+      blocks = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      x, layer_caches = blocks(cfg, self.dtype, self.param_dtype, deterministic, name="h")(
+          x, (jnp.array(is_local), layer_caches), masks, cache_index)
+    else:
+      new_caches = []
+      for i, local in enumerate(is_local):
+        layer_cache = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
+        x, layer_cache = block(cfg, self.dtype, self.param_dtype, deterministic, name=f"h_{i}")(
+            x, (jnp.array(local), layer_cache), masks, cache_index)
+        new_caches.append(layer_cache)
+      if layer_caches is not None:
+        stacked = not isinstance(layer_caches[0], (tuple, list))  # Keep the caller's layout.
+        layer_caches = tuple(jnp.stack(c) if stacked else tuple(c) for c in zip(*new_caches))
     x = _layer_norm(cfg, self.dtype, self.param_dtype, "ln_f")(x)
 
     if last_only:
