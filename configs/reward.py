@@ -1,0 +1,100 @@
+"""The reward model: GPT-Neo + scalar head, Bradley-Terry loss on preference pairs.
+
+Built-in default (offline, after the sft phase in the same workdir):
+  python -m rlhf_jax.main --phase=reward --config=configs/reward.py --workdir=runs/default
+  Pairs built from the built-in set: each training record gets one negative, each validation
+  record three (the held-out pairs), by these strategies and shares:
+    corrupted       0.45  the reference with a wrong answer ("... is Berlin." for Paris). The
+                          negatives that teach factual correctness, which PPO needs: the
+                          largest share.
+    policy_sample   0.20  a sample of the SFT policy; correct samples are resampled (3 draws)
+                          and then replaced by a corrupted negative (counted, printed).
+    other_response  0.15  another question's answer.
+    truncated       0.10  the answer cut at a word boundary.
+    shuffled        0.10  the answer's words in a random order.
+  Machine: 2 CPU cores, about 2-3 minutes; results in bench/RESULTS.md ("Reward model").
+
+Anthropic HH-RLHF helpful pairs (a file; a small GPT-Neo from a random-init HF checkpoint with
+the GPT-2 tokenizer, as in bench/RESULTS.md):
+  python -m rlhf_jax.main --phase=reward --config=configs/reward.py:hh_rlhf \
+      --config.init_checkpoint=PATH_TO_HF_GPT_NEO --workdir=runs/hh
+  (default pairs: the shared test data's helpful-base test file; 10% of prompts held out).
+
+GPT-Neo 125M on Dolly (after import and sft with their gpt_neo_125m variants):
+  python -m rlhf_jax.main --phase=reward --config=configs/reward.py:gpt_neo_125m --workdir=runs/neo
+
+Fields:
+  init_checkpoint   "" = WORKDIR/sft; else an Orbax or HF checkpoint (a reward model keeps its
+                    score head, a policy gets a fresh one).
+  pairs.source      "build" (from the `data` section) or a .jsonl/.jsonl.gz pairs file.
+  pairs.eval_file / eval_fraction   file source: held-out file, else that fraction of prompts.
+  pairs.strategies  build source: {strategy: share} (rlhf_jax/training/reward.py documents each).
+  pairs.negatives_per_record / eval_negatives_per_record   negatives per training / validation
+                    record (each drawn independently by share).
+  pairs.policy_*    policy_sample negatives: temperature, max new tokens, draws, batch size.
+  pairs.too_long    a pair longer than max_length: "error" (a bad pair), "truncate" (cut the
+                    responses' ends) or "truncate_prompt" (drop the prompt's start).
+  pairs.skip_bad_records   skip and count bad pairs instead of stopping at the first.
+  loss.margin, loss.center_coef   -log sigmoid(r_c - r_r - margin) + coef * (r_c + r_r)^2.
+  stats_samples     reference responses scored for reward/mean and reward/std (PPO).
+"""
+
+import pathlib
+
+import ml_collections
+
+from rlhf_jax.configs import common
+
+# The project's shared real data (configs/ -> repository -> its parent holds shared/data).
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.init_checkpoint = ""  # "" = WORKDIR/sft.
+  config.data = common.data("builtin")
+  config.pairs = ml_collections.ConfigDict(dict(
+      source="build", eval_file="", eval_fraction=0.1, seed=0,
+      strategies=ml_collections.ConfigDict(dict(
+          corrupted=0.45, policy_sample=0.2, other_response=0.15, truncated=0.1, shuffled=0.1)),
+      negatives_per_record=1, eval_negatives_per_record=3,
+      policy_temperature=1.0, policy_max_new_tokens=24, policy_tries=3, policy_batch_size=250,
+      too_long="error", skip_bad_records=False))
+  config.max_length = 80  # Longest built-in prompt (53 tokens) + a 24-token policy sample.
+  config.loss = ml_collections.ConfigDict(dict(margin=0.0, center_coef=0.0))
+  config.model = common.model()
+  config.mesh = common.mesh()
+  config.optim = common.optim(1e-3, warmup_steps=30, weight_decay=0.01)
+  config.train = common.train(steps=400, batch_size=32, log_every=25, eval_every=200,
+                              save_every=200)
+  config.eval_batch_size = 100
+  config.stats_samples = 2000
+
+  if variant == "builtin":
+    pass
+  elif variant == "hh_rlhf":
+    config.pairs.source = f"{SHARED_DATA}/preferences/hh_rlhf_helpful_base_test.jsonl.gz"
+    config.pairs.eval_fraction = 0.1
+    config.pairs.too_long = "truncate_prompt"
+    config.pairs.skip_bad_records = True  # HH has identical, empty and mismatched pairs.
+    config.max_length = 256
+    config.optim = common.optim(5e-4, warmup_steps=20, weight_decay=0.01)
+    config.train = common.train(steps=300, batch_size=16, log_every=25, eval_every=100,
+                                save_every=100)
+    config.eval_batch_size = 32
+    config.stats_samples = 1000
+  elif variant == "gpt_neo_125m":
+    config.data = common.data("databricks/databricks-dolly-15k")
+    config.pairs.strategies = ml_collections.ConfigDict(dict(
+        corrupted=0.0, policy_sample=0.4, other_response=0.3, truncated=0.15, shuffled=0.15))
+    config.pairs.policy_max_new_tokens = 128
+    config.pairs.policy_batch_size = 32
+    config.pairs.too_long = "truncate"
+    config.max_length = 512
+    config.optim = common.optim(1e-5, warmup_steps=50)
+    config.train = common.train(steps=1000, batch_size=32, log_every=20, eval_every=250,
+                                save_every=250)
+    config.eval_batch_size = 32
+  else:
+    raise ValueError(f"unknown variant {variant!r}: builtin, hh_rlhf, gpt_neo_125m")
+  return config
