@@ -105,7 +105,7 @@ def _random_prompts(lengths, vocab, avoid, seed) -> tuple[np.ndarray, np.ndarray
 
 # The data-path pieces of ppo.py, compiled once per shape (eager Flax is slow on CPU).
 _response_outputs = jax.jit(ppo._response_outputs, static_argnames=(
-    "model", "prompt_length", "response_length", "lm_head"))
+    "model", "prompt_length", "response_length", "lm_head", "entropy"))
 _score_responses = jax.jit(ppo.score_responses, static_argnames=("reward_model", "eos_token_id"))
 
 
@@ -304,16 +304,18 @@ def _train(toy: Toy, state: loop.TrainState, iterations: int):
   return state, {k: np.array([float(m[k]) for m in history]) for k in history[0]}
 
 
-def _collapse_kl(toy: Toy) -> float:
-  """KL(pi || reference) of the policy that answers only TARGET, the reward's maximiser: the sum of
-  -log p_ref(TARGET) over the response, batch mean (at the rollout temperature)."""
+def _reference_on_target_answers(toy: Toy) -> tuple[float, float]:
+  """The reference on responses made only of TARGET (the reward's maximiser), at the rollout
+  temperature: (KL of that policy to the reference = batch mean of the summed -log p_ref(TARGET),
+  the reference's mean per-token entropy along those responses)."""
   ids, mask = toy.batch["prompt_ids"], toy.batch["prompt_mask"]
   tokens = np.full((len(ids), NEW_TOKENS), TARGET, np.int32)
   sequences = ppo._sequences(ids, mask, tokens, np.ones(tokens.shape, np.float32))
-  logprobs = _response_outputs(toy.models.reference, toy.frozen["reference"], sequences,
-                                   ids.shape[1], NEW_TOKENS, lm_head=True,
-                                   temperature=toy.settings.temperature, tokens=tokens)["logprobs"]
-  return float(np.mean(-np.sum(np.asarray(logprobs), axis=1)))
+  out = _response_outputs(toy.models.reference, toy.frozen["reference"], sequences, ids.shape[1],
+                          NEW_TOKENS, lm_head=True, temperature=toy.settings.temperature,
+                          tokens=tokens, entropy=True)
+  return (float(np.mean(-np.sum(np.asarray(out["logprobs"]), axis=1))),
+          float(np.mean(out["entropy"])))
 
 
 def test_toy_reward_rises_and_kl_grows_but_stays_bounded(toy):
@@ -331,10 +333,15 @@ def test_toy_reward_rises_and_kl_grows_but_stays_bounded(toy):
   # Bounded: the KL penalty holds the policy well away from the reward's maximiser (all TARGET,
   # which PPO reaches with kl_coef 0 in these 60 iterations), and the KL-penalised return, the
   # objective PPO maximises, is better than at the start.
+  collapse_kl, reference_entropy = _reference_on_target_answers(toy)
   assert end < NEW_TOKENS - 1.5
-  assert end_kl < 0.75 * _collapse_kl(toy)
+  assert end_kl < 0.75 * collapse_kl
   assert history["return"][-10:].mean() > history["return"][:3].mean() + 1.0
   assert np.isfinite(history["loss"]).all()
+  # The entropy metric (mean -log pi of the sampled tokens) starts at the reference's entropy
+  # (a near-uniform model: about the same in every context) and falls as TARGET takes over.
+  assert abs(history["entropy"][0] - reference_entropy) < 0.05
+  assert history["entropy"][-10:].mean() < history["entropy"][0] - 0.5
 
 
 def test_an_iteration_is_deterministic(toy):
@@ -377,12 +384,16 @@ def test_value_head_on_the_policy_trunk_trains():
 
 def test_approx_kl_stop_skips_the_rest_of_the_epochs(toy):
   """Minibatch 1 meets the bound (its logprobs are the rollout's); after one Adam step the next
-  minibatch's approx-KL exceeds it, so exactly one of EPOCHS x MINIBATCHES updates is applied."""
-  stopping = toy.with_settings(approx_kl_stop=1e-6)
+  minibatch's approx-KL exceeds it, so exactly one of EPOCHS x MINIBATCHES updates is applied.
+  (With an entropy bonus, so that its path runs too: it changes the loss, not the stop.)"""
+  stopping = toy.with_settings(approx_kl_stop=1e-6, entropy_coef=0.01)
   state = stopping.fresh_state()
   before = _host_copy({"policy": state.params, "value": state.extra["value"]})
   state, metrics = stopping.step(state, stopping.batch, stopping.frozen)
   assert float(metrics["minibatches_applied"]) == 1.0 < EPOCHS * MINIBATCHES
+  # The only applied update ran on the rollout's own params: the exact entropy of its minibatch
+  # agrees with the rollout estimate (mean -log pi of the sampled tokens).
+  assert abs(float(metrics["entropy_exact"]) - float(metrics["entropy"])) < 0.05
   adam = next(s for s in jax.tree.leaves(state.opt_state,
                                          is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
               if isinstance(s, optax.ScaleByAdamState))

@@ -86,8 +86,8 @@ class Models:
 
 def _response_outputs(model: gpt_neo.GPTNeo, params, sequences: dict, prompt_length: int,
                       response_length: int, *, lm_head: bool, temperature: float = 1.0,
-                      tokens=None) -> dict:
-  """Logprobs/entropy of the response tokens and/or values before each of them.
+                      tokens=None, entropy: bool = False) -> dict:
+  """Logprobs (and, if asked, entropy) of the response tokens and/or values before each of them.
 
   The output at column P+j-1 predicts response token j (at column P+j), so both the LM head and
   the value head are read on the columns [P-1, P+N-1).
@@ -99,7 +99,8 @@ def _response_outputs(model: gpt_neo.GPTNeo, params, sequences: dict, prompt_len
   if lm_head:
     logits = out["logits"] / temperature
     result["logprobs"] = core.logprobs_from_logits(logits, tokens)
-    result["entropy"] = core.entropy_from_logits(logits)
+    if entropy:  # More passes over [B, N, V]: only where a loss needs it.
+      result["entropy"] = core.entropy_from_logits(logits)
   if "scores" in out:
     result["values"] = out["scores"]
   return result
@@ -188,7 +189,7 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
     seqs = {k: minibatch[k] for k in ("input_ids", "segment_ids", "positions")}
     policy_out = _response_outputs(models.policy, learner["policy"], seqs, prompt_length,
                                    response_length, lm_head=True, temperature=settings.temperature,
-                                   tokens=minibatch["tokens"])
+                                   tokens=minibatch["tokens"], entropy=bool(settings.entropy_coef))
     if settings.shared_value_head:
       values = policy_out["values"]
     else:
@@ -199,14 +200,16 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
                                                minibatch["advantages"], m, settings.clip_range)
     vf_loss, vf_metrics = core.ppo_value_loss(values, minibatch["old_values"],
                                               minibatch["returns"], m, settings.clip_range_value)
-    entropy = core.masked_mean(policy_out["entropy"], m)
     loss = pg_loss + settings.vf_coef * vf_loss
-    # With the default coefficient 0 the entropy is only a metric: leaving it out of the loss
-    # spares its backward pass over the [B, N, V] logits (zero times a gradient still costs it).
+    metrics = {"weight": jnp.sum(m), "policy_loss": pg_loss, "value_loss": vf_loss, **pg_metrics,
+               **vf_metrics}
+    # The exact entropy of the learner costs passes over the [B, N, V] logits (and, in the loss,
+    # their backward): computed only for an entropy bonus. The `entropy` metric is the rollout's.
     if settings.entropy_coef:
+      entropy = core.masked_mean(policy_out["entropy"], m)
       loss = loss - settings.entropy_coef * entropy
-    return loss, {"weight": jnp.sum(m), "policy_loss": pg_loss, "value_loss": vf_loss,
-                  "entropy": entropy, **pg_metrics, **vf_metrics}
+      metrics["entropy_exact"] = entropy
+    return loss, metrics
 
   learner = {"policy": state.params, "value": state.extra["value"]}
   permutations = core.minibatch_permutations(permutation_rng, batch_size, settings.num_minibatches,
@@ -253,6 +256,10 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
       "kl_coef": kl_coef,
       "non_score_reward": jnp.mean(jnp.sum(non_score_reward, axis=1)),
       "return": jnp.mean(jnp.sum(rewards, axis=1)),
+      # Per-token entropy of the rollout policy (at the sampling temperature), estimated by the
+      # mean -log pi of its sampled tokens (lm-human-preferences' and TRL's objective/entropy are
+      # the same estimate summed per response).
+      "entropy": core.masked_mean(-samples.logprobs, mask),
       "response_length": jnp.mean(samples.lengths.astype(jnp.float32)),
       "eos_fraction": jnp.mean(samples.ended.astype(jnp.float32)),
       "value_mean": core.masked_mean(old_values, mask),
