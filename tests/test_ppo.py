@@ -253,7 +253,10 @@ class Toy:
 
 def _compile(models: ppo.Models, settings: ppo.PPOSettings, tx) -> Callable:
   iteration = functools.partial(ppo.ppo_iteration, models=models, settings=settings, tx=tx)
-  return jax.jit(iteration, donate_argnums=0)
+  # XLA's backend optimisation off halves the compile time of a whole iteration on CPU; these toy
+  # iterations are short, so the slower code costs less than the compile saves.
+  return jax.jit(iteration, donate_argnums=0,
+                 compiler_options={"xla_backend_optimization_level": 0})
 
 
 def _init_params(config: gpt_neo.GPTNeoConfig, seed: int) -> dict:
