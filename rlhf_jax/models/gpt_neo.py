@@ -111,12 +111,12 @@ def init_cache(config: GPTNeoConfig, batch_size: int, max_length: int, dtype=jnp
   """A preallocated KV cache for incremental decoding.
 
   Returns a dict with
-    `k`, `v`: [num_layers, batch, max_length, num_heads, head_dim] in `dtype` (with `per_layer`, a
-      tuple of num_layers arrays [batch, max_length, num_heads, head_dim], for `scan_layers=False`),
+    `k`, `v`: [num_layers, batch, num_heads, max_length, head_dim] in `dtype` (with `per_layer`, a
+      tuple of num_layers arrays [batch, num_heads, max_length, head_dim], for `scan_layers=False`),
     `segment_ids`: int32 [batch, max_length], 0 where nothing real was written,
     `index`: int32 scalar, the next free column (shared by all rows: prompts are left-padded).
   """
-  shape = (config.num_layers, batch_size, max_length, config.num_heads, config.head_dim)
+  shape = (config.num_layers, batch_size, config.num_heads, max_length, config.head_dim)
   if per_layer:
     k = v = tuple(jnp.zeros(shape[1:], dtype) for _ in range(config.num_layers))
   else:
@@ -185,24 +185,26 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array, layer_cache: tuple[Array, Array] | None,
                cache_index: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
-    """x: [B, T, D]; mask: bool [B, 1, T, S]; layer_cache: (k, v) [B, S, H, Dh] or None."""
+    """x: [B, T, D]; mask: bool [B, 1, T, S]; layer_cache: (k, v) [B, H, S, Dh] or None."""
     cfg = self.config
     batch, length, _ = x.shape
     proj = lambda name: _dense(cfg.hidden_size, ("embed", "heads"), False, self.dtype,
                                self.param_dtype, cfg.initializer_range, name)
-    heads = lambda t: t.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+    # [B, H, T, Dh]: batch and head axes leading, the layout the attention matmuls want, so XLA does
+    # not transpose the whole KV cache on every decoding step.
+    heads = lambda t: t.reshape(batch, length, cfg.num_heads, cfg.head_dim).transpose(0, 2, 1, 3)
     query, key, value = (heads(proj(n)(x)) for n in ("q_proj", "k_proj", "v_proj"))
     if layer_cache is not None:
       cached_k, cached_v = layer_cache
-      key = jax.lax.dynamic_update_slice(cached_k, key.astype(cached_k.dtype), (0, cache_index, 0, 0))
-      value = jax.lax.dynamic_update_slice(cached_v, value.astype(cached_v.dtype), (0, cache_index, 0, 0))
+      key = jax.lax.dynamic_update_slice(cached_k, key.astype(cached_k.dtype), (0, 0, cache_index, 0))
+      value = jax.lax.dynamic_update_slice(cached_v, value.astype(cached_v.dtype), (0, 0, cache_index, 0))
       layer_cache = (key, value)
     # float32 logits and softmax, no 1/sqrt(head_dim): GPT-Neo's computation, safe in bfloat16.
-    logits = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bhtd,bhsd->bhts", query, key, preferred_element_type=jnp.float32)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(cfg.attention_dropout)(weights, deterministic=self.deterministic)
-    out = jnp.einsum("bhts,bshd->bthd", weights, value.astype(self.dtype))
+    out = jnp.einsum("bhts,bhsd->bthd", weights, value.astype(self.dtype))
     out = out.reshape(batch, length, cfg.hidden_size)
     out = _dense(cfg.hidden_size, ("heads", "embed"), True, self.dtype, self.param_dtype,
                  cfg.initializer_range, "out_proj")(out)
