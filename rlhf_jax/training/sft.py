@@ -26,24 +26,71 @@ from rlhf_jax.training import loop
 from rlhf_jax.training import optim
 
 
+# Tokens whose vocabulary logits exist at once: ~64 MB of float32 logits (320 tokens for GPT-2's
+# vocabulary), at most 1024 (measured best for the built-in 1024-token vocabulary).
+_LOGITS_BUDGET = 1 << 24
+
+
+def loss_chunk_size(vocab_size: int) -> int:
+  """Tokens per chunk of the LM head in `token_losses`: a multiple of 64 in [64, 1024]."""
+  return max(64, min(1024, _LOGITS_BUDGET // vocab_size // 64 * 64))
+
+
 def token_losses(model: gpt_neo.GPTNeo, params, batch: dict, *, rng=None) -> tuple[jax.Array, jax.Array]:
-  """Per-token negative log-likelihood and correctness of `batch["targets"]`.
+  """Per-token negative log-likelihood and correctness of `batch["targets"]` at `loss_mask` tokens.
+
+  The LM head runs only where `loss_mask` is set (like TRL's chunked NLL): those positions are
+  sorted to the front and projected onto the vocabulary in chunks of `loss_chunk_size` tokens,
+  each chunk's logits recomputed in the backward pass instead of stored, and chunks without any
+  such position skipped. The full [B, T, V] logits never exist: with prompts, padding and GPT-2's
+  50k vocabulary this is most of the step's time and memory. Values and gradients are those of
+  the plain full-logits computation (same float32 logits per token).
 
   Args:
-    batch: an LM batch (`input_ids`, `segment_ids`, `positions`, `targets`, all int32 [B, T]).
+    batch: an LM batch (`input_ids`, `segment_ids`, `positions`, `targets` int32 [B, T] and
+      `loss_mask` float32 [B, T]).
     rng: dropout key; None runs deterministically.
   Returns:
-    (nll float32 [B, T], correct float32 [B, T]: the target has the highest logit; a tie counts).
+    (nll float32 [B, T], correct float32 [B, T]: the target has the highest logit, a tie counts),
+    both 0 where `loss_mask` is 0.
   """
   rngs = {} if rng is None else {"dropout": rng}
-  logits = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
-                       batch["positions"], deterministic=rng is None, rngs=rngs)["logits"]
-  # logsumexp - target logit rather than indexing a full log_softmax: the [B, T, V] log-probs are
-  # never materialised, which halves the step time on CPU for GPT-2's 50k vocabulary.
-  target_logits = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-  nll = jax.nn.logsumexp(logits, axis=-1) - target_logits
-  correct = (target_logits >= jnp.max(logits, axis=-1)).astype(jnp.float32)
-  return nll, correct
+  hidden = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
+                       batch["positions"], deterministic=rng is None, rngs=rngs,
+                       lm_head=False)["hidden"]
+  # GPT-Neo's LM head is tied to the token embedding (as in `GPTNeo.__call__`).
+  weight = params["wte"]["embedding"].astype(hidden.dtype)
+  rows, length, width = hidden.shape
+  count = rows * length
+  chunk = loss_chunk_size(weight.shape[0])
+  chunks = -(-count // chunk)
+  valid = jnp.asarray(batch["loss_mask"]).reshape(count) > 0
+  order = jnp.argsort(jnp.logical_not(valid), stable=True)  # Loss positions first.
+
+  def sorted_chunks(x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x).reshape(count, *x.shape[2:])[order]
+    x = jnp.pad(x, [(0, chunks * chunk - count)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(chunks, chunk, *x.shape[1:])
+
+  def losses(h, targets, real):
+    logits = jnp.einsum("cd,vd->cv", h, weight, preferred_element_type=jnp.float32)
+    # logsumexp - target logit: no [chunk, V] log-probabilities are materialised.
+    target_logits = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logits
+    correct = (target_logits >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+    return jnp.where(real, nll, 0.0), jnp.where(real, correct, 0.0)
+
+  @jax.checkpoint  # Recompute a chunk's logits in the backward pass rather than keep them.
+  def chunk_losses(h, targets, real):
+    zeros = jnp.zeros(real.shape, jnp.float32)
+    return jax.lax.cond(jnp.any(real), losses, lambda *_: (zeros, zeros), h, targets, real)
+
+  _, (nll, correct) = jax.lax.scan(
+      lambda carry, xs: (carry, chunk_losses(*xs)), None,
+      (sorted_chunks(hidden), sorted_chunks(batch["targets"]), sorted_chunks(valid)))
+  unsort = lambda x: jnp.zeros(count, jnp.float32).at[order].set(
+      x.reshape(-1)[:count]).reshape(rows, length)
+  return unsort(nll), unsort(correct)
 
 
 def sft_loss(model: gpt_neo.GPTNeo, params, batch: dict, rng) -> tuple[jax.Array, dict]:
