@@ -1,6 +1,7 @@
 """Tests of the SFT phase (rlhf_jax/training/sft.py): the loss is on response tokens only,
-packing gives the unpacked loss, a small set is overfitted, and the phase end to end through
-the binary (files, export, SIGTERM and resume, Dolly records, bad data)."""
+packing gives the unpacked loss, a small set is overfitted, and the phase end to end: through
+the phase table in process (files, export, skip when finished, Dolly records) and the binary in
+a subprocess (SIGTERM then resume, a malformed records file)."""
 
 import json
 import os
@@ -53,47 +54,64 @@ def compiled_init(model: gpt_neo.GPTNeo, seed: int = 0):
 # The loss.
 
 
-class LogitsAsParams:
-  """Stands in for the model: its only parameter is the logits array it returns, so gradients
-  with respect to the parameters are gradients with respect to the logits."""
+class HiddenAsParams:
+  """Stands in for the model: its final hidden states are the parameter `hidden`, and its LM head
+  is `wte.embedding` as in GPT-Neo, so the test sets the logits and reads exact gradients."""
 
-  def apply(self, variables, input_ids, segment_ids, positions, *, deterministic, rngs):
+  def apply(self, variables, input_ids, segment_ids, positions, *, deterministic, rngs, lm_head):
     del input_ids, segment_ids, positions, deterministic, rngs
-    return {"logits": variables["params"]["logits"]}
+    assert not lm_head  # sft computes the head itself, only where the loss needs it.
+    return {"hidden": variables["params"]["hidden"]}
 
 
-def test_loss_gradient_is_zero_on_prompt_positions(tokenizer):
-  examples = builtin_examples(tokenizer, 4)
-  batch = next(batching.sft_batches(examples, batch_size=4, max_length=LENGTH,
-                                    pad_id=tokenizer.eos_token_id, seed=0))
-  vocab = len(tokenizer)
-  logits = np.random.default_rng(0).normal(size=(4, LENGTH, vocab)).astype(np.float32) * 3
-  grad = np.asarray(jax.grad(
-      lambda l: sft.sft_loss(LogitsAsParams(), {"logits": l}, batch, None)[0])(logits))
-
-  # Independent reference: d mean-NLL / d logits = (softmax - one_hot(target)) / N on the
-  # predicting positions of response tokens, zero everywhere else.
-  mask = np.zeros((4, LENGTH), bool)
-  for row, example in enumerate(batching_order(batch, examples)):
-    prompt, response = len(example["prompt_ids"]), len(example["response_ids"])
-    mask[row, prompt - 1:prompt + response - 1] = True  # Position t predicts token t + 1.
-    np.testing.assert_array_equal(batch["targets"][row, mask[row]], example["response_ids"])
-  np.testing.assert_array_equal(batch["loss_mask"], mask.astype(np.float32))
-  shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-  softmax = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
-  one_hot = np.eye(vocab)[batch["targets"]]
-  expected = np.where(mask[..., None], (softmax - one_hot) / mask.sum(), 0.0)
-  np.testing.assert_allclose(grad, expected, atol=1e-7)
-  assert np.all(grad[~mask] == 0.0)  # Exactly zero: prompt and padding contribute nothing.
-
-
-def batching_order(batch: dict, examples: list[dict]) -> list[dict]:
+def examples_by_row(batch: dict, examples: list[dict]) -> list[dict]:
   """The example in each (unpacked) row, found by its tokens."""
   by_tokens = {np.concatenate([e["prompt_ids"], e["response_ids"]]).tobytes(): e for e in examples}
   rows = []
   for ids, segments in zip(batch["input_ids"], batch["segment_ids"]):
     rows.append(by_tokens[ids[segments > 0].tobytes()])
   return rows
+
+
+@pytest.mark.parametrize("logits_budget", [None, 64 * 320], ids=["one_chunk", "chunks_of_64"])
+def test_loss_and_gradients_only_on_response_tokens(tokenizer, logits_budget, monkeypatch):
+  """Loss, d loss / d hidden and d loss / d head against NumPy: prompt and padding positions get
+  exactly zero gradient. With a small logits budget the head runs in chunks of 64 tokens, some of
+  them without any response token (skipped)."""
+  if logits_budget is not None:
+    monkeypatch.setattr(sft, "_LOGITS_BUDGET", logits_budget)
+  examples = builtin_examples(tokenizer, 4)
+  batch = next(batching.sft_batches(examples, batch_size=4, max_length=LENGTH,
+                                    pad_id=tokenizer.eos_token_id, seed=0))
+  vocab, width = len(tokenizer), 16
+  rng = np.random.default_rng(0)
+  params = {"hidden": rng.normal(size=(4, LENGTH, width)).astype(np.float32),
+            "wte": {"embedding": rng.normal(size=(vocab, width)).astype(np.float32) / 2}}
+  loss, grads = jax.value_and_grad(
+      lambda p: sft.sft_loss(HiddenAsParams(), p, batch, None)[0])(params)
+
+  # The response positions, rebuilt from the examples: position t predicts token t + 1.
+  mask = np.zeros((4, LENGTH), bool)
+  for row, example in enumerate(examples_by_row(batch, examples)):
+    prompt, response = len(example["prompt_ids"]), len(example["response_ids"])
+    mask[row, prompt - 1:prompt + response - 1] = True
+    np.testing.assert_array_equal(batch["targets"][row, mask[row]], example["response_ids"])
+  np.testing.assert_array_equal(batch["loss_mask"], mask.astype(np.float32))
+  if logits_budget is not None:
+    assert sft.loss_chunk_size(vocab) == 64 and mask.sum() < 4 * LENGTH - 64
+
+  hidden, head = params["hidden"].astype(np.float64), params["wte"]["embedding"].astype(np.float64)
+  logits = hidden @ head.T
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  one_hot = np.eye(vocab)[batch["targets"]]
+  nll = -(log_probs * one_hot).sum(-1)
+  np.testing.assert_allclose(loss, nll[mask].mean(), rtol=1e-6)
+  d_logits = np.where(mask[..., None], np.exp(log_probs) - one_hot, 0.0) / mask.sum()
+  np.testing.assert_allclose(grads["hidden"], d_logits @ head, atol=1e-7)
+  np.testing.assert_allclose(grads["wte"]["embedding"],
+                             np.einsum("btv,btd->vd", d_logits, hidden), atol=1e-6)
+  assert np.all(np.asarray(grads["hidden"])[~mask] == 0.0)  # Exactly: prompts teach nothing.
 
 
 def test_prompt_targets_do_not_change_the_loss(tokenizer):

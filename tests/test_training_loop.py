@@ -113,8 +113,9 @@ def test_accumulation_equals_one_large_batch():
   np.testing.assert_allclose(metrics_k["token_accuracy"], metrics_1["token_accuracy"], rtol=1e-6)
   # float32 summation order differs between the two; the error is rounding only (~1e-6).
   assert relative_error(grads_k, grads_1) < 1e-5
+  # Parameters of size ~0.3 agree to ~1e-6 relative (SGD step 0.1 x gradient rounding).
   for p1, pk in zip(jax.tree.leaves(after_1.params), jax.tree.leaves(after_k.params)):
-    np.testing.assert_allclose(pk, p1, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(pk, p1, rtol=1e-6, atol=1e-6)
 
   # The plain mean of the micro-batches' mean losses is far off: the weighting by target tokens
   # is what makes the combination exact.
