@@ -140,6 +140,57 @@ def _host_metrics(pending: list[tuple[int, dict]]) -> list[tuple[int, dict[str, 
           zip(pending, fetched)]
 
 
+MiB = 2 ** 20
+
+
+def memory_report(state: Any, frozen: Any = None, compiled: Any = None) -> dict[str, int]:
+  """Bytes one device holds, from the real shardings of the (abstract or concrete) state.
+
+  Args:
+    state: a TrainState of arrays or ShapeDtypeStructs with shardings.
+    frozen: the frozen models the step reads (PPO's reference and reward), or None.
+    compiled: the compiled step (`jit(...).lower(...).compile()`), for XLA's own figure of the
+      step's temporaries (activations, gradients, collectives' buffers), or None.
+  Returns:
+    dict of bytes per device: `params`, `optimizer` (moments and counters), `extra` (phase
+    state, e.g. PPO's value model), `frozen`, `activations` (XLA temporaries; -1 when unknown),
+    and `params_total`, the unsharded size of the params, for comparison.
+  """
+  activations = -1
+  if compiled is not None:
+    try:
+      analysis = compiled.memory_analysis()
+      activations = int(analysis.temp_size_in_bytes) if analysis is not None else -1
+    except (NotImplementedError, AttributeError, jax.errors.JaxRuntimeError):
+      pass  # Some backends do not report memory; the estimate is then left out.
+  total = sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+              for x in jax.tree.leaves(state.params))
+  return {"params": sharding.per_device_bytes(state.params),
+          "optimizer": sharding.per_device_bytes(state.opt_state),
+          "extra": sharding.per_device_bytes(state.extra),
+          "frozen": sharding.per_device_bytes(frozen) if frozen is not None else 0,
+          "activations": activations, "params_total": total}
+
+
+def format_memory(report: dict[str, int], devices: int) -> str:
+  """One console line of `memory_report`, in MiB per device."""
+  mib = lambda key: f"{report[key] / MiB:.1f}"
+  parts = [f"params {mib('params')} (of {mib('params_total')} unsharded)",
+           f"optimizer {mib('optimizer')}"]
+  parts += [f"{key} {mib(key)}" for key in ("extra", "frozen") if report[key]]
+  if report["activations"] >= 0:
+    parts.append(f"activations (XLA temporaries of one step) {mib('activations')}")
+  held = sum(report[k] for k in ("params", "optimizer", "extra", "frozen"))
+  held += max(report["activations"], 0)
+  return (f"memory per device ({devices} devices), MiB: " + ", ".join(parts)
+          + f"; total {held / MiB:.1f}")
+
+
+def _abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of placed arrays: what the step was compiled for."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 @dataclasses.dataclass
 class Evaluator:
   """How to evaluate: a per-batch sums function, the batches, and how to turn sums into metrics."""
@@ -214,7 +265,9 @@ def train(*, phase: str, phase_dir: pathlib.Path, config, mesh, abstract_state: 
   total = int(config.steps)
   compiled_step = jax.jit(step_fn, out_shardings=(shardings, sharding.replicated(mesh)),
                           donate_argnums=0)
-  compiled_eval = jax.jit(evaluator.step) if evaluator else None
+  # Replicated sums: every process reads the same totals, whatever its share of the mesh.
+  compiled_eval = (jax.jit(evaluator.step, out_shardings=sharding.replicated(mesh))
+                   if evaluator else None)
   # Lines after the restored step are logged again; a fresh start (nothing to resume, e.g. after
   # a run that failed before its first checkpoint) replaces all of them, step 0 included.
   writer = progress.MetricsWriter(phase_dir, resume_step=start if resumed else -1)
@@ -251,7 +304,15 @@ def train(*, phase: str, phase_dir: pathlib.Path, config, mesh, abstract_state: 
       batch = next(data)
       items += count_items(batch) * jax.process_count() if count_items else 0.0
       inputs = (state, sharding.shard_batch(batch, mesh)) + (() if frozen is None else (frozen,))
+      first_inputs = _abstract(inputs) if step == start + 1 else None
       state, metrics = compiled_step(*inputs)
+      if first_inputs is not None:
+        # After the first call, so this lowering finds the step already compiled.
+        report = memory_report(abstract_state, frozen,
+                               compiled_step.lower(*first_inputs).compile())
+        logging.info("%s: %s", phase, report)
+        if jax.process_index() == 0:
+          print(f"{phase}: {format_memory(report, mesh.size)}", flush=True)
       pending.append((step, metrics))
       boundary = step == total or step % int(config.log_every) == 0
       saving = step == total or (config.save_every and step % int(config.save_every) == 0)
