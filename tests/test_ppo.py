@@ -55,7 +55,8 @@ TARGET = 5  # The token the toy reward counts.
 NEW_TOKENS = 12
 PROMPT_LENGTHS = (7, 3, 1, 5, 7, 2, 4, 6)
 EPOCHS, MINIBATCHES = 4, 2
-KL_COEF = 0.25
+KL_COEF = 0.25  # Fixed (adaptive_kl off). At 0.25 the KL-regularised optimum emits TARGET about
+# 2/3 of the time here: well short of the reward's maximiser, which answers only TARGET.
 LR = 1e-3
 
 
@@ -148,12 +149,12 @@ def test_data_path_reads_the_last_real_token_and_aligns_columns(parity):
   response_mask = (np.arange(n)[None, :] < lengths[:, None]).astype(np.float32)
 
   scores = _score_responses(parity.reward, parity.reward_params, ids, mask, tokens,
-                               response_mask, PARITY_EOS)
+                            response_mask, PARITY_EOS)
   sequences = ppo._sequences(ids, mask, tokens, response_mask)
   policy_out = _response_outputs(parity.policy, parity.policy_params, sequences, prompt_length,
-                                     n, lm_head=True, temperature=temperature, tokens=tokens)
+                                 n, lm_head=True, temperature=temperature, tokens=tokens)
   value_out = _response_outputs(parity.reward, parity.reward_params, sequences, prompt_length,
-                                    n, lm_head=False)
+                                n, lm_head=False)
 
   for b in range(len(tokens)):
     prompt = ids[b][mask[b] > 0].tolist()
@@ -205,8 +206,8 @@ def test_rollout_logprobs_match_the_learners_full_forward_pass(parity, temperatu
   assert samples.lengths[samples.ended].min() < PARITY_NEW_TOKENS
   sequences = ppo._sequences(ids, mask, samples.tokens, samples.mask)
   recomputed = _response_outputs(parity.policy, parity.policy_params, sequences, ids.shape[1],
-                                     PARITY_NEW_TOKENS, lm_head=True, temperature=temperature,
-                                     tokens=samples.tokens)["logprobs"]
+                                 PARITY_NEW_TOKENS, lm_head=True, temperature=temperature,
+                                 tokens=samples.tokens)["logprobs"]
   real = samples.mask > 0
   np.testing.assert_allclose(np.asarray(recomputed)[real], samples.logprobs[real], atol=1e-4)
   assert (samples.logprobs[~real] == 0).all()
