@@ -310,23 +310,6 @@ def split_records(records: Sequence[dict], *, seed: int, validation_fraction: fl
   }
 
 
-def load_splits(data_config) -> dict[str, list[dict]]:
-  """The instruction splits a config's `data` section describes (every phase calls this).
-
-  `source="builtin"` generates the built-in educational set (splits train, validation, test and
-  ood_1..ood_3, by `seed`, `num_train`, `num_eval`); anything else is loaded with `load_records`
-  and split with `split_records` (splits train, validation, test, ood).
-  """
-  if data_config.source == "builtin":
-    from rlhf_jax.data import builtin
-    return builtin.generate(data_config.seed, data_config.num_train, data_config.num_eval)
-  loaded, _ = load_records(data_config.source, skip_bad_records=data_config.skip_bad_records)
-  return split_records(loaded, seed=data_config.seed,
-                       validation_fraction=data_config.validation_fraction,
-                       test_fraction=data_config.test_fraction,
-                       ood_categories=tuple(data_config.ood_categories))
-
-
 def load_splits(data_config: Any) -> dict[str, list[dict]]:
   """Loads the splits a data config names (see `data()` in configs/common.py).
 
