@@ -16,6 +16,7 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from rlhf_jax import sharding
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import hf
 from rlhf_jax.models.gpt_neo import GPTNeoConfig
@@ -138,14 +139,26 @@ def describe_model(path: str | os.PathLike) -> dict:
               format="orbax", path=ckpt_dir, tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
 
 
+def model_shardings(config: GPTNeoConfig, score_head: bool, mesh: jax.sharding.Mesh) -> Any:
+  """The project's shardings (`sharding.param_shardings`) for a GPT-Neo's parameters on `mesh`."""
+  from rlhf_jax.models import gpt_neo
+  model = gpt_neo.GPTNeo(config, score_head=score_head)
+  return sharding.param_shardings(gpt_neo.logical_axes(model), gpt_neo.param_shapes(model), mesh)
+
+
 def load_params(info: dict, shardings: Any = None) -> Any:
-  """The parameters of a checkpoint described by `describe_model`, placed on `shardings` (a tree
-  matching the checkpoint's params; default: the first local device)."""
+  """The parameters of a checkpoint described by `describe_model`, placed on `shardings`: a tree
+  matching the checkpoint's params, or a Mesh (the project's rules for its architecture, see
+  `model_shardings`); default: the first local device (single-process use only).
+
+  An Orbax checkpoint restores onto any mesh, whatever mesh or device count saved it."""
+  if isinstance(shardings, jax.sharding.Mesh):
+    shardings = model_shardings(info["config"], info["score_head"], shardings)
   if info["format"] == "hf":
     params = hf.hf_to_flax(hf.read_weights(info["path"]), info["config"], str(info["path"]))
     if shardings is None:
       return jax.device_put(params, jax.local_devices()[0])
-    return jax.device_put(params, shardings)
+    return sharding.global_from_host(params, shardings)
   checkpoints = Checkpoints(info["path"], create=False)
   target = abstract_params(info["config"], info["score_head"], shardings)
   params = checkpoints.restore(params=target)["params"]
@@ -155,7 +168,7 @@ def load_params(info: dict, shardings: Any = None) -> Any:
 
 
 def load_model(path: str | os.PathLike, shardings: Any = None) -> dict:
-  """`describe_model(path)` plus its "params" (see `load_params`)."""
+  """`describe_model(path)` plus its "params" (see `load_params`; `shardings` may be a Mesh)."""
   info = describe_model(path)
   return {**info, "params": load_params(info, shardings)}
 

@@ -19,8 +19,16 @@ def _finished(phase_dir: pathlib.Path) -> bool:
 
 
 def save_model(phase_dir: pathlib.Path, params, config, *, kind: str, phase: str,
-               tokenizer_dir=None, **extras) -> pathlib.Path:
-  """Writes a finished single-step checkpoint (params, manifest, tokenizer) under `phase_dir`."""
+               mesh: jax.sharding.Mesh | None = None, tokenizer_dir=None,
+               **extras) -> pathlib.Path:
+  """Writes a finished single-step checkpoint (params, manifest, tokenizer) under `phase_dir`.
+
+  `params` are host values (or local arrays) that every process holds in full; they are placed
+  on `mesh` (default: FSDP over all devices) with the project's shardings first, so every
+  process saves only its shards."""
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  shardings = checkpoints.model_shardings(config, "score" in params, mesh)
+  params = sharding.global_from_host(jax.device_get(params), shardings)
   ckpts = checkpoints.Checkpoints(phase_dir / "checkpoint")
   if tokenizer_dir is not None and jax.process_index() == 0:
     hf.copy_tokenizer(tokenizer_dir, ckpts.tokenizer_dir)
@@ -44,7 +52,8 @@ def run_import(config, workdir: pathlib.Path) -> None:
   if tokenizer is None:
     logging.warning("import: %s has no tokenizer files; later phases will need one", directory)
   out = save_model(phase_dir, params, model_config, kind=kind, phase="import",
-                   tokenizer_dir=tokenizer, source=str(config.hf_model))
+                   mesh=sharding.mesh_from_config(config.mesh), tokenizer_dir=tokenizer,
+                   source=str(config.hf_model))
   n = sum(np.size(x) for x in jax.tree.leaves(params))
   print(f"import: {config.hf_model} ({kind}, {n / 1e6:.1f}M parameters) -> {out}")
 
@@ -53,7 +62,8 @@ def run_export(config, workdir: pathlib.Path) -> None:
   """Orbax checkpoint (`config.checkpoint`, default the newest policy) -> HF directory."""
   from rlhf_jax.data import batching
   source = config.checkpoint or checkpoints.find_phase_checkpoint(workdir, checkpoints.POLICY_PHASES)
-  loaded = checkpoints.load_model(source)
+  # Loaded sharded on this run's mesh (whatever mesh saved it), then gathered to the host.
+  loaded = checkpoints.load_model(source, sharding.mesh_from_config(config.mesh))
   kind = loaded["kind"] if config.kind == "auto" else config.kind
   if kind not in (hf.CAUSAL_LM, hf.REWARD):
     raise UserError(f"--config.kind={config.kind}: use auto, {hf.CAUSAL_LM} or {hf.REWARD}")
@@ -87,6 +97,6 @@ def run_init(config, workdir: pathlib.Path) -> None:
         eos_token_id=tokenizer.eos_token_id, **arch)
     params = gpt_neo.init_params(gpt_neo.GPTNeo(model_config), jax.random.key(config.seed))
     out = save_model(phase_dir, params, model_config, kind=hf.CAUSAL_LM, phase="init",
-                     tokenizer_dir=tokenizer_dir)
+                     mesh=sharding.mesh_from_config(config.mesh), tokenizer_dir=tokenizer_dir)
   print(f"init: built-in GPT-Neo ({model_config.num_params / 1e6:.2f}M parameters, vocab "
         f"{model_config.vocab_size}) and tokenizer -> {out}")

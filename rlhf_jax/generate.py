@@ -10,6 +10,7 @@ import numpy as np
 
 from rlhf_jax import checkpoints
 from rlhf_jax import sampling
+from rlhf_jax import sharding
 from rlhf_jax.data import batching
 from rlhf_jax.errors import UserError, where
 from rlhf_jax.models import gpt_neo
@@ -60,7 +61,11 @@ def generate_texts(model: gpt_neo.GPTNeo, params, tokenizer, prompts: list[str],
                    settings: sampling.SamplingSettings, batch_size: int, max_prompt_length: int,
                    rng: jax.Array) -> list[dict]:
   """Generates for every prompt in fixed-shape batches (one compilation), returning dicts with
-  `prompt`, `response`, `num_tokens`, `ended_with_eos`."""
+  `prompt`, `response`, `num_tokens`, `ended_with_eos`.
+
+  With params on a mesh, each batch is split over its data x fsdp devices and the samples are
+  gathered before decoding, so every process runs the same calls and returns the same texts."""
+  mesh = sharding.mesh_of(params)
   encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
   width = min(max_prompt_length, max(len(e) for e in encoded))
   results = []
@@ -70,7 +75,9 @@ def generate_texts(model: gpt_neo.GPTNeo, params, tokenizer, prompts: list[str],
     padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
     ids, mask = batching.prompt_batch(tokenizer, padded, width)
     rng, batch_rng = jax.random.split(rng)
-    samples = jax.device_get(sampling.generate(model, params, ids, mask, batch_rng, settings))
+    if mesh is not None:
+      ids, mask = sharding.global_batch((ids, mask), mesh)
+    samples = sharding.to_host(sampling.generate(model, params, ids, mask, batch_rng, settings))
     for i, prompt in enumerate(chunk):
       n = int(samples.lengths[i])
       tokens = samples.tokens[i, :n]
@@ -82,7 +89,7 @@ def generate_texts(model: gpt_neo.GPTNeo, params, tokenizer, prompts: list[str],
 
 def run(config, workdir: pathlib.Path) -> None:
   source = config.checkpoint or checkpoints.find_phase_checkpoint(workdir, checkpoints.POLICY_PHASES)
-  loaded = checkpoints.load_model(source)
+  loaded = checkpoints.load_model(source, sharding.mesh_from_config(config.mesh))
   tokenizer_dir = loaded["tokenizer_dir"]
   if tokenizer_dir is None:
     raise UserError(f"{source}: the checkpoint has no tokenizer files")

@@ -26,6 +26,7 @@ import numpy as np
 
 from rlhf_jax import checkpoints
 from rlhf_jax import sampling
+from rlhf_jax import sharding
 from rlhf_jax.data import batching
 from rlhf_jax.data import builtin
 from rlhf_jax.data import records
@@ -56,11 +57,12 @@ class Responses:
   kl: np.ndarray | None = None
 
 
-def load_policy(name: str, path: str, model_settings) -> Policy:
+def load_policy(name: str, path: str, model_settings, mesh=None) -> Policy:
+  """A policy's module, tokenizer and params (sharded on `mesh`, like training; None: one device)."""
   info = checkpoints.describe_model(path)
   if info["tokenizer_dir"] is None:
     raise UserError(f"{path}: the {name} checkpoint has no tokenizer files")
-  params = checkpoints.load_params(info)
+  params = checkpoints.load_params(info, mesh)
   params = {k: v for k, v in params.items() if k != "score"}
   return Policy(name, gpt_neo.build(info["config"], model_settings), params,
                 hf.load_tokenizer(info["tokenizer_dir"]))
@@ -78,7 +80,7 @@ def _phase_path(configured: str, workdir: pathlib.Path, phase: str, key: str) ->
 class Scorer:
   """Reward-model scores of (prompt, response) texts, batched with fixed shapes (one compile)."""
 
-  def __init__(self, path: str, model_settings, *, batch_size: int, max_length: int):
+  def __init__(self, path: str, model_settings, *, batch_size: int, max_length: int, mesh=None):
     info = checkpoints.describe_model(path)
     if not info["score_head"]:
       raise UserError(f"{path}: not a reward model (no score head)")
@@ -86,7 +88,8 @@ class Scorer:
       raise UserError(f"{path}: the reward checkpoint has no tokenizer files")
     self.tokenizer = hf.load_tokenizer(info["tokenizer_dir"])
     self.model = gpt_neo.build(info["config"], model_settings, score_head=True)
-    self.params = checkpoints.load_params(info)
+    self.params = checkpoints.load_params(info, mesh)  # Sharded like training (None: one device).
+    self.mesh = mesh
     self.batch_size, self.max_length = batch_size, max_length
     self._score = jax.jit(lambda params, ids, seg: gpt_neo.sequence_scores(
         self.model.apply({"params": params}, ids, seg, lm_head=False)["scores"], seg))
@@ -105,15 +108,20 @@ class Scorer:
         tokens = (p[-self.max_length:] + r)[:self.max_length]
         ids[row, :len(tokens)], seg[row, :len(tokens)] = tokens, 1
       seg[len(chunk_p):, 0] = 1  # Filler rows: one token, result dropped.
-      scores.append(np.asarray(self._score(self.params, ids, seg))[:len(chunk_p)])
+      if self.mesh is not None:
+        ids, seg = sharding.global_batch((ids, seg), self.mesh)
+      scores.append(sharding.to_host(self._score(self.params, ids, seg))[:len(chunk_p)])
     return np.concatenate(scores)
 
 
 def generate_responses(policy: Policy, prompts: list[str], *, settings: sampling.SamplingSettings,
                        batch_size: int, max_prompt_length: int, rng: jax.Array,
                        sft: Policy | None = None) -> Responses:
-  """Samples one response per prompt; with `sft` (same tokenizer), also the KL to SFT per sample."""
+  """Samples one response per prompt; with `sft` (same tokenizer), also the KL to SFT per sample.
+
+  With params on a mesh, batches are split over its data x fsdp devices and results gathered."""
   temperature = settings.temperature or 1.0
+  mesh = sharding.mesh_of(policy.params)
 
   @jax.jit
   def kl_to_sft(sft_params, ids, mask, samples):
@@ -128,11 +136,13 @@ def generate_responses(policy: Policy, prompts: list[str], *, settings: sampling
     chunk = prompts[start:start + batch_size]
     padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
     ids, mask = batching.prompt_batch(policy.tokenizer, padded, max_prompt_length)
+    if mesh is not None:
+      ids, mask = sharding.global_batch((ids, mask), mesh)
     rng, batch_rng = jax.random.split(rng)
     samples = sampling.generate(policy.model, policy.params, ids, mask, batch_rng, settings)
     if sft is not None:
-      kls.append(np.asarray(kl_to_sft(sft.params, ids, mask, samples))[:len(chunk)])
-    host = jax.device_get(samples)
+      kls.append(sharding.to_host(kl_to_sft(sft.params, ids, mask, samples))[:len(chunk)])
+    host = sharding.to_host(samples)
     for i in range(len(chunk)):
       n, eos = int(host.lengths[i]), bool(host.ended[i])
       texts.append(policy.tokenizer.decode(host.tokens[i, :n - int(eos)]))
@@ -176,18 +186,19 @@ def _splits_and_levels(config) -> tuple[dict[str, list[dict]], dict[int, str]]:
 
 def run(config, workdir: pathlib.Path) -> None:
   out_dir = workdir / "eval"
+  mesh = sharding.mesh_from_config(config.mesh)
   splits, levels = _splits_and_levels(config)
   settings_args = dict(batch_size=config.batch_size, max_prompt_length=config.max_prompt_length)
   scorer = Scorer(_phase_path(config.reward_checkpoint, workdir, "reward", "reward_checkpoint"),
                   config.model, batch_size=config.batch_size,
-                  max_length=config.max_prompt_length + config.sampling.max_new_tokens)
+                  max_length=config.max_prompt_length + config.sampling.max_new_tokens, mesh=mesh)
   sft = load_policy("SFT", _phase_path(config.sft_checkpoint, workdir, "sft", "sft_checkpoint"),
-                    config.model)
+                    config.model, mesh)
   policies = [sft, load_policy("RLHF", _phase_path(config.ppo_checkpoint, workdir, "ppo",
-                                                   "ppo_checkpoint"), config.model)]
+                                                   "ppo_checkpoint"), config.model, mesh)]
   for entry in filter(None, (e.strip() for e in config.extra_checkpoints.split(","))):
     name, _, path = entry.rpartition("=")
-    policies.append(load_policy(name or pathlib.Path(path).name, path, config.model))
+    policies.append(load_policy(name or pathlib.Path(path).name, path, config.model, mesh))
   check_fn = builtin.check_answer if config.data.source == "builtin" else None
   same_tokenizer = lambda p: p.tokenizer.get_vocab() == sft.tokenizer.get_vocab()
   systems: dict[str, dict] = {"RR": {"splits": {}}, "SFT": {"splits": {}}, "RO": {"splits": {}}}

@@ -187,8 +187,12 @@ def format_memory(report: dict[str, int], devices: int) -> str:
 
 
 def _abstract(tree: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) of placed arrays: what the step was compiled for."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+  """ShapeDtypeStructs of the step's inputs: what it was compiled for (an uncommitted array, e.g. a
+  scalar made by jnp, goes wherever jit puts it, so it carries no sharding)."""
+  def spec(x):
+    placed = isinstance(x, jax.Array) and x.committed
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if placed else None)
+  return jax.tree.map(spec, tree)
 
 
 @dataclasses.dataclass

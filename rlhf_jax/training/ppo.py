@@ -300,15 +300,20 @@ def held_out_eval(models: Models, tokenizer, prompts: list[str], eval_records: l
                   reference, reward_params, settings: PPOSettings, batch_size: int,
                   max_prompt_length: int, seed: int):
   """`params -> metrics` on held-out prompts: mean reward-model score and KL to the reference of
-  samples (rollout settings), and greedy exact match where answers are verifiable."""
+  samples (rollout settings), and greedy exact match where answers are verifiable.
+
+  The frozen models are arguments of the compiled calls (not constants baked into them); with
+  params on a mesh, prompt batches are split over its data x fsdp devices and results gathered,
+  so every process runs the same calls and computes the same metrics."""
   ids, mask = batching.prompt_batch(tokenizer, prompts, max_prompt_length)
+  mesh = sharding.mesh_of(reference)
   n = (len(prompts) // batch_size) * batch_size
   if n == 0:
     raise UserError(f"ppo: {len(prompts)} held-out prompts are fewer than batch_size {batch_size}")
   greedy = dataclasses.replace(settings.sampling, temperature=0.0)
 
   @jax.jit
-  def sample_stats(params, ids, mask, rng):
+  def sample_stats(params, reference, reward_params, ids, mask, rng):
     samples = sampling.generate(models.policy, params, ids, mask, rng, settings.sampling)
     seqs = _sequences(ids, mask, samples.tokens, samples.mask)
     ref = _response_outputs(models.reference, reference, seqs, ids.shape[1],
@@ -328,13 +333,15 @@ def held_out_eval(models: Models, tokenizer, prompts: list[str], eval_records: l
     rng = jax.random.key(seed)
     for start in range(0, n, batch_size):
       rng, batch_rng = jax.random.split(rng)
-      s, k, _ = sample_stats(params, ids[start:start + batch_size], mask[start:start + batch_size],
-                             batch_rng)
-      scores.append(np.asarray(s))
-      kls.append(np.asarray(k))
+      batch = (ids[start:start + batch_size], mask[start:start + batch_size])
+      if mesh is not None:
+        batch = sharding.global_batch(batch, mesh)
+      s, k, _ = sharding.to_host(sample_stats(params, reference, reward_params, *batch,
+                                              batch_rng))
+      scores.append(s)
+      kls.append(k)
       if eval_records:
-        out = jax.device_get(greedy_tokens(params, ids[start:start + batch_size],
-                                           mask[start:start + batch_size]))
+        out = sharding.to_host(greedy_tokens(params, *batch))
         for i in range(batch_size):
           record = eval_records[start + i]
           n_tokens = int(out.lengths[i])
@@ -417,14 +424,16 @@ def run(config, workdir: pathlib.Path) -> None:
     params = {k: v for k, v in params.items() if k != "score"}
     if shared:  # A fresh value head on the policy trunk.
       head = gpt_neo.init_params(policy, jax.random.key(config.train.seed))["score"]
-      params["score"] = jax.device_put(head, policy_shardings["score"])
+      params["score"] = sharding.global_from_host(np.asarray(head), policy_shardings["score"])
     return params
 
   reference = load_policy()
   reference = {k: v for k, v in reference.items() if k != "score"}
   reward_params = checkpoints.load_params(reward, reward_shardings)
   frozen = {"reference": reference, "reward": reward_params,
-            "reward_stats": {k: jnp.float32(reward_stats[k]) for k in ("mean", "std")}}
+            "reward_stats": {k: sharding.global_from_host(np.float32(reward_stats[k]),
+                                                          sharding.replicated(mesh))
+                             for k in ("mean", "std")}}
 
   rng = jax.random.key(config.train.seed)
 
