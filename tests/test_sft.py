@@ -113,6 +113,16 @@ def test_loss_and_gradients_only_on_response_tokens(tokenizer, logits_budget, mo
                              np.einsum("btv,btd->vd", d_logits, hidden), atol=1e-6)
   assert np.all(np.asarray(grads["hidden"])[~mask] == 0.0)  # Exactly: prompts teach nothing.
 
+  # The per-token path (evaluation; differentiable through recomputed chunks) agrees too.
+  sums = sft.sft_eval_sums(HiddenAsParams(), params, batch)
+  np.testing.assert_allclose(sums["nll"], nll[mask].sum(), rtol=1e-6)
+  assert sums["tokens"] == mask.sum()
+  per_token_grads = jax.grad(lambda p: jnp.sum(
+      sft.token_losses(HiddenAsParams(), p, batch)[0]) / mask.sum())(params)
+  np.testing.assert_allclose(per_token_grads["hidden"], d_logits @ head, atol=1e-7)
+  np.testing.assert_allclose(per_token_grads["wte"]["embedding"],
+                             np.einsum("btv,btd->vd", d_logits, hidden), atol=1e-6)
+
 
 def test_prompt_targets_do_not_change_the_loss(tokenizer):
   """With the real model: rewriting every target outside the responses leaves the loss bit-equal;
