@@ -103,10 +103,8 @@ def test_near_zero_temperature_and_top_k_1_are_greedy(policy):
   greedy = _generate(policy, _settings()).tokens
   cold = _generate(policy, _settings(temperature=1e-4), seed=1).tokens
   top1 = _generate(policy, _settings(temperature=1.5, top_k=1), seed=2).tokens
-  tiny_p = _generate(policy, _settings(temperature=1.5, top_p=1e-6), seed=3).tokens
   np.testing.assert_array_equal(cold, greedy)
   np.testing.assert_array_equal(top1, greedy)
-  np.testing.assert_array_equal(tiny_p, greedy)
 
 
 @pytest.mark.parametrize("which_rows", ["some", "all"])
@@ -142,7 +140,7 @@ def test_eos_stops_a_row_and_the_rest_is_padding(policy, which_rows):
 
 def test_generation_is_one_compiled_loop(policy):
   _, model, params, ids, mask = policy
-  settings = _settings(temperature=1.0, top_k=10)
+  settings = _settings(temperature=1.0)
 
   def primitives(jaxpr) -> list[str]:
     names = []
@@ -166,18 +164,20 @@ def test_generation_is_one_compiled_loop(policy):
   # The loop is not unrolled: the program does not grow with the number of new tokens.
   assert len(short) == len(long)
 
+  sampling.generate(model, params, ids, mask, jax.random.key(0), settings)  # Compiled (or cached).
   cache_size = sampling.generate._cache_size()
-  for seed in (0, 1):
-    sampling.generate(model, params, ids + seed, mask, jax.random.key(seed), settings)
-  assert sampling.generate._cache_size() == cache_size + 1  # Compiled once, reused once.
+  sampling.generate(model, params, ids + 1, mask, jax.random.key(1), settings)
+  assert sampling.generate._cache_size() == cache_size  # New values, same shapes: no retrace.
+  sampling.generate(model, params, ids[:, 1:], mask[:, 1:], jax.random.key(1), settings)
+  assert sampling.generate._cache_size() == cache_size + 1  # The counter does count traces.
 
 
 def test_layer_loop_and_scanned_decoding_agree(policy):
   _, model, params, ids, mask = policy
-  settings = _settings(temperature=1.0, top_k=20)
-  run = lambda layer_loop: jax.device_get(sampling.generate(
-      model, params, ids, mask, jax.random.key(4), settings, layer_loop=layer_loop))
-  looped, scanned = run(True), run(False)
+  settings = _settings(temperature=1.0)
+  looped = _generate(policy, settings, seed=4)  # The default on CPU: a loop over the layers.
+  scanned = jax.device_get(sampling.generate(model, params, ids, mask, jax.random.key(4), settings,
+                                             layer_loop=False))
   np.testing.assert_array_equal(looped.tokens, scanned.tokens)
   np.testing.assert_allclose(looped.logprobs, scanned.logprobs, atol=1e-5, rtol=0)
 
