@@ -8,6 +8,7 @@ exists). Writes WORKDIR/sft/{checkpoint/, metrics.jsonl, TensorBoard events}.
 """
 
 import dataclasses
+import math
 import pathlib
 
 import jax
@@ -52,22 +53,37 @@ def _hidden_and_head(model: gpt_neo.GPTNeo, params, batch: dict, rng):
   return hidden, params["wte"]["embedding"].astype(hidden.dtype)
 
 
-def _loss_chunks(hidden: jax.Array, batch: dict, chunk: int):
-  """Loss positions first, in chunks: (hidden [N, C, D], targets int32 [N, C], mask float32
-  [N, C], unsort: a function mapping per-position values [N, C] back to [B, T])."""
+def _loss_chunks(hidden: jax.Array, batch: dict, chunk: int, groups: int):
+  """Loss positions first, in chunks, per group of rows.
+
+  The rows are split into `groups` consecutive blocks (one per batch shard: a data-parallel
+  device sorts and projects only its own rows, so nothing is gathered across devices), and each
+  block is sorted on its own. Chunk k holds the k-th `chunk` positions of every block.
+
+  Returns:
+    (hidden [K, G * C, D], targets int32 [K, G * C], mask float32 [K, G * C], unsort: maps
+    per-position values [K, G * C] back to [B, T]).
+  """
   rows, length = hidden.shape[:2]
-  count = rows * length
-  chunks = -(-count // chunk)
-  mask = jnp.asarray(batch["loss_mask"], jnp.float32).reshape(count)
-  order = jnp.argsort(mask <= 0, stable=True)
+  groups = math.gcd(rows, groups)
+  size = rows // groups * length  # Positions per group.
+  chunk = min(chunk, size)  # A chunk beyond the group's positions would be padding only.
+  chunks = -(-size // chunk)
+  mask = jnp.asarray(batch["loss_mask"], jnp.float32).reshape(groups, size)
+  order = jnp.argsort(mask <= 0, axis=1, stable=True)
 
   def sorted_chunks(x) -> jax.Array:
-    x = jnp.asarray(x).reshape(count, *x.shape[2:])[order]
-    x = jnp.pad(x, [(0, chunks * chunk - count)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape(chunks, chunk, *x.shape[1:])
+    x = jnp.asarray(x)
+    x = x.reshape(groups, size, *x.shape[2:])
+    x = jnp.take_along_axis(x, order.reshape(groups, size, *[1] * (x.ndim - 2)), axis=1)
+    x = jnp.pad(x, [(0, 0), (0, chunks * chunk - size)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(groups, chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
+    return x.reshape(chunks, groups * chunk, *x.shape[3:])
 
   def unsort(x: jax.Array) -> jax.Array:
-    return jnp.zeros(count, x.dtype).at[order].set(x.reshape(-1)[:count]).reshape(rows, length)
+    x = x.reshape(chunks, groups, chunk).swapaxes(0, 1).reshape(groups, chunks * chunk)[:, :size]
+    out = jnp.zeros((groups, size), x.dtype).at[jnp.arange(groups)[:, None], order].set(x)
+    return out.reshape(rows, length)
 
   return sorted_chunks(hidden), sorted_chunks(batch["targets"]), sorted_chunks(mask), unsort
 
@@ -82,7 +98,8 @@ def _chunk_logits(h: jax.Array, head: jax.Array, targets: jax.Array):
   return logits, target, top, lse
 
 
-def token_losses(model: gpt_neo.GPTNeo, params, batch: dict, *, rng=None) -> tuple[jax.Array, jax.Array]:
+def token_losses(model: gpt_neo.GPTNeo, params, batch: dict, *, rng=None,
+                 groups: int = 1) -> tuple[jax.Array, jax.Array]:
   """Per-token negative log-likelihood and correctness of `batch["targets"]` at `loss_mask` tokens.
 
   Differentiable (each chunk's logits are recomputed in the backward pass, not stored); training
@@ -92,12 +109,13 @@ def token_losses(model: gpt_neo.GPTNeo, params, batch: dict, *, rng=None) -> tup
     batch: an LM batch (`input_ids`, `segment_ids`, `positions`, `targets` int32 [B, T] and
       `loss_mask` float32 [B, T]).
     rng: dropout key; None runs deterministically.
+    groups: the number of batch shards (data x fsdp devices); any value gives the same result.
   Returns:
     (nll float32 [B, T], correct float32 [B, T]: the target has the highest logit, a tie counts),
     both 0 where `loss_mask` is 0.
   """
   hidden, head = _hidden_and_head(model, params, batch, rng)
-  h, targets, mask, unsort = _loss_chunks(hidden, batch, loss_chunk_size(head.shape[0]))
+  h, targets, mask, unsort = _loss_chunks(hidden, batch, loss_chunk_size(head.shape[0]), groups)
 
   def losses(h, targets, mask):
     _, target, top, lse = _chunk_logits(h, head, targets)
@@ -179,23 +197,25 @@ def _weighted_nll_bwd(residuals, cotangents):
 _weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
 
 
-def sft_loss(model: gpt_neo.GPTNeo, params, batch: dict, rng) -> tuple[jax.Array, dict]:
+def sft_loss(model: gpt_neo.GPTNeo, params, batch: dict, rng, *,
+             groups: int = 1) -> tuple[jax.Array, dict]:
   """Mean NLL over response tokens (`loss_mask`); metrics weighted by the number of such tokens.
 
   Differentiable once (reverse mode), as training needs; the LM head's gradient is computed in
-  the forward pass (see `_weighted_nll`).
+  the forward pass (see `_weighted_nll`). `groups`: as in `token_losses`.
   """
   hidden, head = _hidden_and_head(model, params, batch, rng)
-  h, targets, mask, _ = _loss_chunks(hidden, batch, loss_chunk_size(head.shape[0]))
+  h, targets, mask, _ = _loss_chunks(hidden, batch, loss_chunk_size(head.shape[0]), groups)
   tokens = jnp.sum(batch["loss_mask"])
   denominator = jnp.maximum(tokens, 1.0)
   loss, correct = _weighted_nll(h, head, targets, mask / denominator)
   return loss, {"weight": tokens, "token_accuracy": correct / denominator}
 
 
-def sft_eval_sums(model: gpt_neo.GPTNeo, params, batch: dict) -> dict:
-  """Summed NLL, correct tokens and token count over one eval batch."""
-  nll, correct = token_losses(model, params, batch)
+def sft_eval_sums(model: gpt_neo.GPTNeo, params, batch: dict, *, groups: int = 1) -> dict:
+  """Summed NLL, correct tokens and token count over one eval batch (`groups`: see
+  `token_losses`)."""
+  nll, correct = token_losses(model, params, batch, groups=groups)
   mask = batch["loss_mask"]
   return {"nll": jnp.sum(nll * mask), "correct": jnp.sum(correct * mask), "tokens": jnp.sum(mask)}
 
@@ -284,10 +304,12 @@ def run(config, workdir: pathlib.Path) -> None:
     return loop.create_train_state(params, tx, rng)
 
   pad_id = tokenizer.pad_token_id
+  # The loss sorts each batch shard's own positions (see `_loss_chunks`).
+  groups = math.prod(mesh.shape[axis] for axis in sharding.BATCH_AXES)
   batch_args = dict(batch_size=config.train.batch_size, max_length=config.max_length, pad_id=pad_id,
                     process_index=jax.process_index(), process_count=jax.process_count())
   evaluator = loop.Evaluator(
-      step=lambda params, batch: sft_eval_sums(model, params, batch),
+      step=lambda params, batch: sft_eval_sums(model, params, batch, groups=groups),
       batches=lambda: batching.eval_batches(eval_examples, **batch_args),
       summarize=summarize_eval)
   verifiable = [r for r in splits.get("test", []) if r.get("answer")][:config.exact_match_samples]
@@ -299,7 +321,7 @@ def run(config, workdir: pathlib.Path) -> None:
   state = loop.train(
       phase="sft", phase_dir=phase_dir, config=config.train, mesh=mesh, abstract_state=abstract,
       init_state=init_state,
-      step_fn=loop.make_train_step(lambda p, b, r: sft_loss(model, p, b, r), tx,
+      step_fn=loop.make_train_step(lambda p, b, r: sft_loss(model, p, b, r, groups=groups), tx,
                                    config.train.accum_steps),
       batches=lambda start: batching.sft_batches(train_examples, seed=config.train.seed,
                                                  pack=config.pack, start_step=start, **batch_args),
