@@ -73,11 +73,14 @@ def examples_by_row(batch: dict, examples: list[dict]) -> list[dict]:
   return rows
 
 
-@pytest.mark.parametrize("logits_budget", [None, 64 * 320], ids=["one_chunk", "chunks_of_64"])
-def test_loss_and_gradients_only_on_response_tokens(tokenizer, logits_budget, monkeypatch):
+@pytest.mark.parametrize("logits_budget, groups", [(None, 1), (64 * 320, 1), (64 * 320, 4)],
+                         ids=["one_chunk", "chunks_of_64", "chunks_of_64_per_row"])
+def test_loss_and_gradients_only_on_response_tokens(tokenizer, logits_budget, groups,
+                                                    monkeypatch):
   """Loss, d loss / d hidden and d loss / d head against NumPy: prompt and padding positions get
   exactly zero gradient. With a small logits budget the head runs in chunks of 64 tokens, some of
-  them without any response token (skipped)."""
+  them without any response token (skipped); with 4 groups each row is sorted on its own (as
+  each data-parallel device does with its rows)."""
   if logits_budget is not None:
     monkeypatch.setattr(sft, "_LOGITS_BUDGET", logits_budget)
   examples = builtin_examples(tokenizer, 4)
@@ -88,7 +91,7 @@ def test_loss_and_gradients_only_on_response_tokens(tokenizer, logits_budget, mo
   params = {"hidden": rng.normal(size=(4, LENGTH, width)).astype(np.float32),
             "wte": {"embedding": rng.normal(size=(vocab, width)).astype(np.float32) / 2}}
   loss, grads = jax.value_and_grad(
-      lambda p: sft.sft_loss(HiddenAsParams(), p, batch, None)[0])(params)
+      lambda p: sft.sft_loss(HiddenAsParams(), p, batch, None, groups=groups)[0])(params)
 
   # The response positions, rebuilt from the examples: position t predicts token t + 1.
   mask = np.zeros((4, LENGTH), bool)
@@ -114,11 +117,13 @@ def test_loss_and_gradients_only_on_response_tokens(tokenizer, logits_budget, mo
   assert np.all(np.asarray(grads["hidden"])[~mask] == 0.0)  # Exactly: prompts teach nothing.
 
   # The per-token path (evaluation; differentiable through recomputed chunks) agrees too.
-  sums = sft.sft_eval_sums(HiddenAsParams(), params, batch)
+  sums = sft.sft_eval_sums(HiddenAsParams(), params, batch, groups=groups)
   np.testing.assert_allclose(sums["nll"], nll[mask].sum(), rtol=1e-6)
   assert sums["tokens"] == mask.sum()
+  nll_per_token = sft.token_losses(HiddenAsParams(), params, batch, groups=groups)[0]
+  np.testing.assert_allclose(nll_per_token, np.where(mask, nll, 0.0), rtol=1e-5, atol=1e-6)
   per_token_grads = jax.grad(lambda p: jnp.sum(
-      sft.token_losses(HiddenAsParams(), p, batch)[0]) / mask.sum())(params)
+      sft.token_losses(HiddenAsParams(), p, batch, groups=groups)[0]) / mask.sum())(params)
   np.testing.assert_allclose(per_token_grads["hidden"], d_logits @ head, atol=1e-7)
   np.testing.assert_allclose(per_token_grads["wte"]["embedding"],
                              np.einsum("btv,btd->vd", d_logits, hidden), atol=1e-6)
@@ -455,3 +460,54 @@ def test_malformed_records_file_fails_with_file_and_line(shared_data, gpt2_sized
   errors = error_lines(result.stderr)
   assert len(errors) == 1, result.stderr
   assert f"{bad}:3" in errors[0] and "response" in errors[0], errors[0]
+
+
+# Runs with 4 CPU devices (a flag read when JAX starts, hence a subprocess).
+_SHARDED_LOSS_SCRIPT = """
+import re
+import jax, numpy as np
+from rlhf_jax import sharding
+from rlhf_jax.models import gpt_neo
+from rlhf_jax.training import sft
+mesh = sharding.make_mesh(data=4, fsdp=1)
+model = gpt_neo.GPTNeo(gpt_neo.tiny_config(vocab_size=384, hidden_size=32,
+                                           max_position_embeddings=64))
+params = jax.jit(lambda: gpt_neo.init_params(model, jax.random.key(0)))()
+rows, length, width = 8, 64, 32
+rng = np.random.default_rng(0)
+ids = rng.integers(0, 384, (rows, length)).astype(np.int32)
+batch = dict(input_ids=ids, targets=np.roll(ids, -1, 1),
+             segment_ids=np.ones((rows, length), np.int32),
+             positions=np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
+             loss_mask=(rng.random((rows, length)) < 0.3).astype(np.float32))
+grad = lambda groups: jax.jit(jax.value_and_grad(
+    lambda p, b: sft.sft_loss(model, p, b, None, groups=groups)[0]))
+loss, grads = grad(1)(params, batch)
+sharded = (jax.device_put(params, sharding.replicated(mesh)), sharding.shard_batch(batch, mesh))
+sharded_loss, sharded_grads = grad(4)(*sharded)
+np.testing.assert_allclose(sharded_loss, loss, rtol=1e-6)
+for a, b in zip(jax.tree.leaves(sharded_grads), jax.tree.leaves(grads)):
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+hlo = grad(4).lower(*sharded).compile().as_text()
+largest = 0
+for line in hlo.splitlines():
+  collective = re.match(
+      r"\\s*%\\S+ = (.*?) (all-gather|all-reduce|all-to-all|collective-permute)[-a-z]*\\(", line)
+  if collective:  # The output shapes, e.g. "(f32[], f32[384,32]{1,0})".
+    for dims in re.findall(r"\\[([0-9,]+)\\]", collective.group(1)):
+      largest = max(largest, int(np.prod([int(d) for d in dims.split(",")])))
+print("largest collective", largest, "hidden", rows * length * width)
+assert largest < rows * length * width
+"""
+
+
+@pytest.mark.slow
+def test_sharded_loss_projects_each_devices_own_rows():
+  """With the batch split over 4 devices, the loss equals the one-device loss and no device
+  receives the hidden states of others' rows: every collective is smaller than them."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", _SHARDED_LOSS_SCRIPT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+  assert "largest collective" in result.stdout
