@@ -10,6 +10,7 @@ Reading safetensors needs no torch; `pytorch_model.bin` files are read with torc
 import json
 import os
 import pathlib
+import re
 import shutil
 from typing import Any
 
@@ -89,8 +90,28 @@ def hf_to_flax(tensors: dict[str, np.ndarray], config: GPTNeoConfig, source: str
     if score.shape[1] != 1:
       raise UserError(f"{source}: score.weight has {score.shape[1]} labels; a reward model has 1")
     _set(params, _SCORE[1], score)
+  _check_unused(tensors, config, source)
   _check_shapes(params, config, source)
   return params
+
+
+# Tensors that may be present but carry nothing: the causal-mask buffers older transformers saved.
+_IGNORABLE = re.compile(r"transformer\.h\.\d+\.attn\.attention\.(bias|masked_bias)")
+
+
+def _check_unused(tensors: dict[str, np.ndarray], config: GPTNeoConfig, source: str) -> None:
+  """Refuses tensors the conversion would otherwise drop silently (e.g. layers beyond num_layers)."""
+  used = {name for name, _, _ in _TOP_TABLE} | {_SCORE[0]} | {
+      f"transformer.h.{i}.{suffix}" for suffix, _, _ in _LAYER_TABLE for i in range(config.num_layers)}
+  if "lm_head.weight" in tensors:
+    if not np.array_equal(tensors["lm_head.weight"], tensors["transformer.wte.weight"]):
+      raise UserError(f"{source}: lm_head.weight differs from transformer.wte.weight; GPT-Neo's LM "
+                      "head is tied to the token embeddings and an untied head is not supported")
+    used.add("lm_head.weight")
+  unused = sorted(k for k in tensors if k not in used and not _IGNORABLE.fullmatch(k))
+  if unused:
+    raise UserError(f"{source}: {len(unused)} tensor(s) that config.json does not account for, e.g. "
+                    f"{', '.join(unused[:3])}")
 
 
 def _check_shapes(params: dict, config: GPTNeoConfig, source: str) -> None:
