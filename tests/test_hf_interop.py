@@ -133,6 +133,20 @@ def test_pytorch_bin_import(make_hf_gpt_neo, tmp_path):
   _assert_same_params(params, hf.load_checkpoint(str(source.path))[1])
 
 
+def test_old_pytorch_bin_with_mask_buffers_and_tied_head(make_hf_gpt_neo, tmp_path):
+  source = make_hf_gpt_neo(**ARCH)
+  source.config.save_pretrained(tmp_path)
+  state = dict(source.model.state_dict())
+  assert torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])
+  # Older transformers saved the causal-mask buffers; they carry nothing and are skipped.
+  for i in range(source.config.num_layers):
+    state[f"transformer.h.{i}.attn.attention.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    state[f"transformer.h.{i}.attn.attention.masked_bias"] = torch.tensor(-1e9)
+  torch.save(state, tmp_path / "pytorch_model.bin")
+  _, params, _, _ = hf.load_checkpoint(str(tmp_path))
+  _assert_same_params(params, hf.load_checkpoint(str(source.path))[1])
+
+
 def test_flax_to_hf_inverts_hf_to_flax(make_hf_gpt_neo):
   source = make_hf_gpt_neo(**ARCH, classifier=True)
   tensors = hf.read_weights(source.path)
@@ -190,6 +204,26 @@ def test_missing_tensor(make_hf_gpt_neo, tmp_path):
   del tensors["transformer.h.1.mlp.c_fc.bias"]
   safetensors.numpy.save_file(tensors, str(weights), metadata={"format": "pt"})
   with pytest.raises(UserError, match=rf"{broken}.*'transformer\.h\.1\.mlp\.c_fc\.bias' is missing"):
+    hf.load_checkpoint(str(broken))
+
+
+def test_tensors_the_config_does_not_account_for(make_hf_gpt_neo, tmp_path):
+  broken = _copy(make_hf_gpt_neo(**ARCH).path, tmp_path / "extra")
+  config = json.loads((broken / "config.json").read_text())
+  config.update(num_layers=2, attention_layers=["global", "local"])  # The weights have 3 layers.
+  (broken / "config.json").write_text(json.dumps(config))
+  with pytest.raises(UserError, match=rf"{broken}: 13 tensor\(s\) that config\.json does not "
+                     r"account for, e\.g\. transformer\.h\.2\."):
+    hf.load_checkpoint(str(broken))
+
+
+def test_untied_lm_head_is_refused(make_hf_gpt_neo, tmp_path):
+  broken = _copy(make_hf_gpt_neo(**ARCH).path, tmp_path / "untied")
+  weights = broken / "model.safetensors"
+  tensors = safetensors.numpy.load_file(str(weights))
+  tensors["lm_head.weight"] = tensors["transformer.wte.weight"] + 1
+  safetensors.numpy.save_file(tensors, str(weights), metadata={"format": "pt"})
+  with pytest.raises(UserError, match=rf"{broken}: lm_head\.weight differs from transformer\.wte"):
     hf.load_checkpoint(str(broken))
 
 
