@@ -55,7 +55,7 @@ def run_import(config, workdir: pathlib.Path) -> None:
                    mesh=sharding.mesh_from_config(config.mesh), tokenizer_dir=tokenizer,
                    source=str(config.hf_model))
   n = sum(np.size(x) for x in jax.tree.leaves(params))
-  print(f"import: {config.hf_model} ({kind}, {n / 1e6:.1f}M parameters) -> {out}")
+  print(f"import: {config.hf_model} ({kind}, {n:,} parameters) -> {out}")
 
 
 def run_export(config, workdir: pathlib.Path) -> None:

@@ -378,9 +378,12 @@ def sequence_scores(per_token_scores: Array, segment_ids: Array) -> Array:
 
 
 def init_params(model: GPTNeo, rng: Array, batch_size: int = 1, length: int = 8) -> dict:
-  """Random parameters (HF's initialisation: normal(initializer_range), zero biases, unit LN)."""
+  """Random parameters (HF's initialisation: normal(initializer_range), zero biases, unit LN).
+
+  Jitted: an eager `init` dispatches every op separately and takes seconds even for tiny models.
+  """
   ids = jnp.zeros((batch_size, length), jnp.int32)
-  variables = model.init(rng, ids, jnp.ones_like(ids))
+  variables = jax.jit(model.init)(rng, ids, jnp.ones_like(ids))
   return nn.meta.unbox(variables["params"])
 
 
