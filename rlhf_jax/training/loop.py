@@ -112,11 +112,19 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
   return step_fn
 
 
-def state_shardings(abstract_state: TrainState, param_shardings: Any, mesh) -> TrainState:
+def state_shardings(abstract_state: TrainState, param_shardings: Any, mesh,
+                    extra_shardings: dict | None = None) -> TrainState:
   """Shardings for a whole TrainState: params as given, optimizer moments like their params (ZeRO),
-  everything else (step, rng, counters, scalars) replicated."""
+  everything else (step, rng, counters, scalars) replicated.
+
+  `extra_shardings` ({key: tree}) lays out trained models kept in `extra` (PPO's value model under
+  "value"): those entries of `extra` take them, and so do optimizer moments whose path ends with
+  the same key and parameter path (the longest match wins, so a value model's moments follow the
+  value model even where its parameter names are the policy's)."""
+  extra_shardings = extra_shardings or {}
   by_path = {tuple(str(k) for k in path): s
-             for path, s in jax.tree_util.tree_leaves_with_path(param_shardings)}
+             for tree in (param_shardings, extra_shardings)
+             for path, s in jax.tree_util.tree_leaves_with_path(tree)}
   replicated = sharding.replicated(mesh)
 
   def like_param(path, leaf):
@@ -129,6 +137,7 @@ def state_shardings(abstract_state: TrainState, param_shardings: Any, mesh) -> T
 
   opt = jax.tree_util.tree_map_with_path(like_param, abstract_state.opt_state)
   extra = jax.tree_util.tree_map_with_path(like_param, abstract_state.extra)
+  extra = {**extra, **extra_shardings} if isinstance(extra, dict) else extra
   return TrainState(step=replicated, params=param_shardings, opt_state=opt,
                     rng=replicated, extra=extra)
 

@@ -447,9 +447,9 @@ def run(config, workdir: pathlib.Path) -> None:
   value_shapes = {} if shared else gpt_neo.param_shapes(reward_model)
   abstract = jax.eval_shape(make_state, gpt_neo.param_shapes(policy), value_shapes)
   param_shardings = policy_shardings
-  shardings = loop.state_shardings(abstract, param_shardings, mesh)
-  if not shared:
-    shardings = shardings.replace(extra={**shardings.extra, "value": reward_shardings})
+  # The value model and its Adam moments are laid out like the reward model it starts from.
+  shardings = loop.state_shardings(abstract, param_shardings, mesh,
+                                   extra_shardings=None if shared else {"value": reward_shardings})
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           abstract, shardings)
 
