@@ -120,19 +120,22 @@ def test_pair_scores_read_the_last_real_token_whatever_the_padding(tiny_reward_m
                              atol=1e-5)
 
 
-def test_accumulation_equals_one_big_batch(tiny_reward_model):
+def test_accumulation_and_remat_equal_one_big_batch(tiny_reward_model):
   model, params, _ = tiny_reward_model
+  remat_model = model.clone(remat=True)
   rng = np.random.default_rng(1)
   rows = [(list(rng.integers(1, 64, rng.integers(3, 12))),
            list(rng.integers(1, 64, rng.integers(3, 12)))) for _ in range(8)]
   # Padding pairs fall unevenly into the two micro-batches (rows 0,2,4,6 and 1,3,5,7: 3 and 2
   # real pairs), so only a pair-weighted combination equals the big batch.
   batch = pair_batch(rows, 12, mask=[1, 1, 1, 0, 1, 0, 0, 1])
-  loss_fn = lambda p, b, r: reward.reward_loss(model, p, b, None, margin=0.2, center_coef=0.05)
-  accumulate = lambda k: jax.jit(
-      lambda p, b: loop.accumulate_gradients(loss_fn, p, b, jax.random.key(0), k))
-  grads_1, loss_1, metrics_1 = accumulate(1)(params, batch)
-  grads_2, loss_2, metrics_2 = accumulate(2)(params, batch)
+  loss_fn = lambda m: lambda p, b, r: reward.reward_loss(m, p, b, None, margin=0.2,
+                                                         center_coef=0.05)
+  accumulate = lambda m, k: jax.jit(
+      lambda p, b: loop.accumulate_gradients(loss_fn(m), p, b, jax.random.key(0), k))
+  grads_1, loss_1, metrics_1 = accumulate(model, 1)(params, batch)
+  # Two micro-batches of a rematerialised model: the same gradients as one plain big batch.
+  grads_2, loss_2, metrics_2 = accumulate(remat_model, 2)(params, batch)
   assert float(loss_2) == pytest.approx(float(loss_1), rel=1e-5)
   assert float(metrics_2["accuracy"]) == pytest.approx(float(metrics_1["accuracy"]), rel=1e-5)
   assert float(metrics_2["weight"]) == float(metrics_1["weight"]) == 5
