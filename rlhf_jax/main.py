@@ -7,9 +7,8 @@ uses its own default config file, `configs/PHASE.py` (so `--config.KEY=...` over
 Mistakes a user can fix end with one line on stderr and exit status 2, not a traceback.
 """
 
-import importlib
-import logging as std_logging
 import importlib.resources
+import logging as std_logging
 import pathlib
 import sys
 
@@ -19,20 +18,8 @@ from absl import logging
 from ml_collections import config_flags
 
 from rlhf_jax.errors import UserError
+from rlhf_jax.phases import ALIASES, PHASES, run_phase  # noqa: F401 (run_phase: the API)
 
-# phase -> "module:function"; each function takes (config, workdir: pathlib.Path).
-PHASES = {
-    "pipeline": "rlhf_jax.pipeline:run",
-    "init": "rlhf_jax.convert:run_init",
-    "import": "rlhf_jax.convert:run_import",
-    "export": "rlhf_jax.convert:run_export",
-    "generate": "rlhf_jax.generate:run",
-    "sft": "rlhf_jax.training.sft:run",
-    "reward": "rlhf_jax.training.reward:run",
-    "ppo": "rlhf_jax.training.ppo:run",
-    "eval": "rlhf_jax.evaluation.evaluate:run",
-}
-ALIASES = {"test": "eval"}
 
 _PHASE = flags.DEFINE_string(
     "phase", None, f"One of {', '.join(p for p in PHASES if p != 'pipeline')} (alias: test = eval). "
@@ -107,12 +94,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 def _first_line(e: BaseException) -> str:
   text = str(e).strip()
   return text.splitlines()[0] if text else type(e).__name__
-
-
-def run_phase(phase: str, config, workdir: pathlib.Path) -> None:
-  """Runs one phase (or the pipeline) by name."""
-  module_name, function = PHASES[ALIASES.get(phase, phase)].split(":")
-  getattr(importlib.import_module(module_name), function)(config, workdir)
 
 
 def _quiet_libraries(record) -> bool:
