@@ -45,7 +45,8 @@ def run_import(config, workdir: pathlib.Path) -> None:
     raise UserError("--config.hf_model: give a Hugging Face directory or hub id to import")
   phase_dir = workdir / "import"
   if _finished(phase_dir):
-    logging.info("import: %s already holds a finished checkpoint; skipping", phase_dir)
+    print(f"import: {phase_dir} holds a finished checkpoint; skipping. Delete it or use another "
+          "--workdir to import again.")
     return
   model_config, params, kind, directory = hf.load_checkpoint(config.hf_model)
   tokenizer = directory if hf.has_tokenizer(directory) else None
@@ -84,7 +85,8 @@ def run_init(config, workdir: pathlib.Path) -> None:
   from rlhf_jax.models import gpt_neo
   phase_dir = workdir / "init"
   if _finished(phase_dir):
-    logging.info("init: %s already holds a finished checkpoint; skipping", phase_dir)
+    print(f"init: {phase_dir} holds a finished checkpoint; skipping. Delete it or use another "
+          "--workdir to start afresh.")
     return
   train = builtin.generate(config.data.seed, config.data.num_train, config.data.num_eval)["train"]
   corpus = [batching.format_prompt(r["instruction"], r["context"]) + r["response"] for r in train]

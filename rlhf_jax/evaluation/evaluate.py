@@ -186,6 +186,10 @@ def _splits_and_levels(config) -> tuple[dict[str, list[dict]], dict[int, str]]:
 
 def run(config, workdir: pathlib.Path) -> None:
   out_dir = workdir / "eval"
+  if (out_dir / "eval.json").is_file():
+    print(f"eval: {out_dir} holds a finished report; skipping. Delete it or use another --workdir "
+          "to evaluate again.")
+    return
   mesh = sharding.mesh_from_config(config.mesh)
   splits, levels = _splits_and_levels(config)
   settings_args = dict(batch_size=config.batch_size, max_prompt_length=config.max_prompt_length)
