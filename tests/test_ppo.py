@@ -358,6 +358,21 @@ def test_an_iteration_is_deterministic(toy):
                             toy.policy_params["wte"]["embedding"])
 
 
+def test_value_model_is_read_in_the_normalised_score_units(toy):
+  # The value model starts as the reward model: with normalisation stats (mean 3, std 4) its
+  # estimates must be normalised like the scores, value' = (value - 3) / 4, on the same rollout.
+  assert toy.settings.normalize_scores
+  stats = lambda mean, std: {**toy.frozen, "reward_stats": {"mean": jnp.float32(mean),
+                                                             "std": jnp.float32(std)}}
+  _, plain = toy.step(toy.fresh_state(), toy.batch, stats(0.0, 1.0))
+  _, shifted = toy.step(toy.fresh_state(), toy.batch, stats(3.0, 4.0))
+  assert float(shifted["score"]) == float(plain["score"])  # Same rollout, raw scores.
+  assert float(shifted["value_mean"]) == pytest.approx((float(plain["value_mean"]) - 3) / 4,
+                                                       rel=1e-5, abs=1e-6)
+  assert float(shifted["score_normalized"]) == pytest.approx((float(plain["score"]) - 3) / 4,
+                                                             rel=1e-5)
+
+
 def test_frozen_models_are_neither_modified_nor_donated(toy):
   before = _host_copy(toy.frozen)
   state = toy.fresh_state()

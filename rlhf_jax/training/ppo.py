@@ -154,18 +154,29 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
       model, params, sequences, prompt_length, response_length, temperature=settings.temperature,
       tokens=samples.tokens, **kw)
 
+  def normalize(scores):
+    """Reward-model units -> the units PPO optimises (mean 0, std 1 on reference responses)."""
+    if not settings.normalize_scores:
+      return scores
+    stats = frozen["reward_stats"]
+    return (scores - stats["mean"]) / jnp.maximum(stats["std"], 1e-6)
+
+  # The separate value model starts as a copy of the reward model, so its outputs are read in the
+  # normalised scores' units, like the returns it regresses on (Stiennon et al. 2020 initialise
+  # the value function from a reward model normalised this way). Raw, its first estimates would be
+  # off by the reward's scale and offset, and those errors would swamp the early advantages.
+  value_outputs = lambda params, seqs: normalize(_response_outputs(
+      models.value, params, seqs, prompt_length, response_length, lm_head=False)["values"])
+
   # 2. Frozen models and rollout-time values.
   ref_logprobs = response_outputs(models.reference, frozen["reference"], lm_head=True)["logprobs"]
   if settings.shared_value_head:
     old_values = response_outputs(models.policy, state.params, lm_head=False)["values"]
   else:
-    old_values = response_outputs(models.value, state.extra["value"], lm_head=False)["values"]
+    old_values = value_outputs(state.extra["value"], sequences)
   raw_scores = score_responses(models.reward, frozen["reward"], prompt_ids, prompt_mask,
                                samples.tokens, mask, settings.sampling.eos_token_id)
-  scores = raw_scores
-  if settings.normalize_scores:
-    stats = frozen["reward_stats"]
-    scores = (scores - stats["mean"]) / jnp.maximum(stats["std"], 1e-6)
+  scores = normalize(raw_scores)
   if settings.missing_eos_penalty:
     scores = core.missing_eos_penalty(scores, samples.ended, settings.missing_eos_penalty)
 
@@ -193,8 +204,7 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
     if settings.shared_value_head:
       values = policy_out["values"]
     else:
-      values = _response_outputs(models.value, learner["value"], seqs, prompt_length,
-                                 response_length, lm_head=False)["values"]
+      values = value_outputs(learner["value"], seqs)
     m = minibatch["mask"]
     pg_loss, pg_metrics = core.ppo_policy_loss(policy_out["logprobs"], minibatch["old_logprobs"],
                                                minibatch["advantages"], m, settings.clip_range)
