@@ -20,7 +20,10 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
   config.init_checkpoint = ""  # "" = this workdir's import/ or init/ phase (init is created if needed).
   config.data = common.data("builtin")
   config.max_length = 96  # Tokens per row (prompt + response + EOS).
-  config.pack = False  # Pack several examples per row (attention and positions reset per example).
+  # Pack several examples per row (attention and positions reset per example). Built-in records
+  # fill about a third of a 96-token row: packed, a step trains ~2.5x the examples for the same
+  # compute (measured: exact match 0.37 -> 0.47 and validation loss 0.49 -> 0.43 after 600 steps).
+  config.pack = True
   config.model = common.model()
   config.mesh = common.mesh()
   config.optim = common.optim(3e-3, warmup_steps=50, weight_decay=0.01)
@@ -35,6 +38,7 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
     pass
   elif variant.startswith("gpt_neo_"):
     config.data = common.data("databricks/databricks-dolly-15k")
+    config.pack = False  # Rows of one example; bench/bench_sft.py --part=dolly measures both.
     config.max_length = 512
     config.optim = common.optim(1e-5, warmup_steps=100, weight_decay=0.0)
     config.train = common.train(steps=3000, batch_size=32, log_every=20, eval_every=500,
