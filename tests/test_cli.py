@@ -161,3 +161,13 @@ def test_hub_id_offline_through_the_binary(tmp_path):
   line = _one_line_error(run_binary("--phase=import", "--config.hf_model=rlhf-jax-tests/no-such-model",
                                     f"--workdir={tmp_path}", check=False))
   assert "rlhf-jax-tests/no-such-model" in line and "hub" in line
+
+
+def test_eval_with_a_missing_checkpoint_names_the_path(tmp_path):
+  missing = tmp_path / "no_such_reward_model"
+  line = _one_line_error(run_binary("--phase=eval", f"--config.reward_checkpoint={missing}",
+                                    f"--workdir={tmp_path}", check=False))
+  assert str(missing) in line, line
+  # The alias, in a workdir where no phase has run: names the checkpoint it looked for.
+  line = _one_line_error(run_binary("--phase=test", f"--workdir={tmp_path}", check=False))
+  assert str(tmp_path / "reward") in line and "--phase=reward" in line, line
