@@ -2,7 +2,7 @@
 
 Built-in default (offline, after sft, reward and ppo in the same workdir):
   python -m rlhf_jax.main --phase=eval --config=configs/eval.py --workdir=runs/default
-  (`--phase=test` is an alias.) Machine: 2 CPU cores; about a minute. Writes WORKDIR/eval/
+  (`--phase=test` is an alias.) Machine: 2 CPU cores; about a minute (52 s). Writes WORKDIR/eval/
   eval.json, eval.md, reward_by_system.png, ood_robustness.png, samples.jsonl.
 
 Compare against other checkpoints too (an exported HF directory, a base model):
