@@ -221,3 +221,19 @@ def test_process_logits_matches_hf_warpers():
     theirs = warped.numpy()
     np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(theirs))
     np.testing.assert_allclose(ours[np.isfinite(ours)], theirs[np.isfinite(theirs)], rtol=1e-6)
+
+
+def test_sample_categorical_draws_the_softmax_distribution():
+  probs = np.array([0.5, 0.0, 0.2, 0.25, 0.05], np.float32)
+  logits = jnp.log(jnp.asarray(probs))  # log 0 = -inf: a filtered token.
+  rows = 40000
+  draws = np.asarray(jax.jit(sampling.sample_categorical)(
+      jax.random.key(3), jnp.broadcast_to(logits, (rows, len(probs)))))
+  counts = np.bincount(draws, minlength=len(probs))
+  assert counts[1] == 0  # Never a token of probability 0.
+  # Each frequency within 5 standard errors of its probability.
+  np.testing.assert_allclose(counts / rows, probs, atol=5 * np.sqrt(0.25 / rows))
+  # The same key gives the same draws.
+  again = np.asarray(sampling.sample_categorical(jax.random.key(3),
+                                                 jnp.broadcast_to(logits, (rows, len(probs)))))
+  np.testing.assert_array_equal(draws, again)
