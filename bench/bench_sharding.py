@@ -140,10 +140,8 @@ def worker(mesh_spec: tuple[int, int, int], steps: int) -> dict:
   param_shardings = sharding.param_shardings(gpt_neo.logical_axes(model), param_shapes, mesh)
   tx = optim.make_optimizer(config.optim, config.train.steps)
   rng = jax.random.key(config.train.seed)
-  abstract = jax.eval_shape(lambda p: loop.create_train_state(p, tx, rng), param_shapes)
-  shardings = loop.state_shardings(abstract, param_shardings, mesh)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          abstract, shardings)
+  abstract = loop.abstract_train_state(param_shapes, param_shardings, tx, rng, mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
   # The same initial weights on every mesh (seeded init, placed on the state's shardings).
   state = jax.jit(lambda: loop.create_train_state(gpt_neo.init_params(model, jax.random.key(1)),
                                                   tx, rng), out_shardings=shardings)()
@@ -254,10 +252,7 @@ def abstract_memory(model_config, fsdp: int) -> dict:
   shapes = gpt_neo.param_shapes(model)
   param_shardings = sharding.param_shardings(gpt_neo.logical_axes(model), shapes, mesh)
   tx = optim.make_optimizer(config.optim, config.train.steps)
-  abstract = jax.eval_shape(lambda p: loop.create_train_state(p, tx, jax.random.key(0)), shapes)
-  shardings = loop.state_shardings(abstract, param_shardings, mesh)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          abstract, shardings)
+  abstract = loop.abstract_train_state(shapes, param_shardings, tx, jax.random.key(0), mesh)
   report = loop.memory_report(abstract)
   report["num_params"] = int(sum(x.size for x in jax.tree.leaves(shapes)))
   report["optimizer_total"] = sum(

@@ -51,7 +51,7 @@ def test_import_writes_a_finished_checkpoint_with_tokenizer(imported):
   assert [p.name for p in checkpoint.iterdir() if p.name.isdigit()] == ["0"]
   # A second run finds the finished output and skips.
   again = run_binary("--phase=import", f"--config.hf_model={checkpoint}", f"--workdir={imported}")
-  assert "skipping" in again.stderr
+  assert "holds a finished checkpoint; skipping" in again.stdout  # On stdout, like every phase.
 
 
 def test_export_round_trip_is_bit_identical(policy_dir, imported, tmp_path):

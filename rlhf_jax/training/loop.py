@@ -112,6 +112,20 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
   return step_fn
 
 
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """`jax.ShapeDtypeStruct`s of `abstract`'s leaves placed on the matching `shardings`."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      abstract, shardings)
+
+
+def abstract_train_state(param_shapes: Any, param_shardings: Any, tx: optax.GradientTransformation,
+                         rng: jax.Array, mesh) -> TrainState:
+  """The TrainState of `param_shapes` as ShapeDtypeStructs on its shardings (`state_shardings`):
+  what `train` restores into or initialises onto, with nothing allocated."""
+  abstract = jax.eval_shape(lambda p: create_train_state(p, tx, rng), param_shapes)
+  return with_shardings(abstract, state_shardings(abstract, param_shardings, mesh))
+
+
 def state_shardings(abstract_state: TrainState, param_shardings: Any, mesh,
                     extra_shardings: dict | None = None) -> TrainState:
   """Shardings for a whole TrainState: params as given, optimizer moments like their params (ZeRO),

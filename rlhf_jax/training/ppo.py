@@ -460,8 +460,7 @@ def run(config, workdir: pathlib.Path) -> None:
   # The value model and its Adam moments are laid out like the reward model it starts from.
   shardings = loop.state_shardings(abstract, param_shardings, mesh,
                                    extra_shardings=None if shared else {"value": reward_shardings})
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          abstract, shardings)
+  abstract = loop.with_shardings(abstract, shardings)
 
   def init_state():
     value = {} if shared else jax.tree.map(jnp.copy, reward_params)

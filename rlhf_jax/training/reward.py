@@ -523,10 +523,7 @@ def run(config, workdir: pathlib.Path) -> None:
 
   tx = optim.make_optimizer(config.optim, config.train.steps)
   rng = jax.random.key(config.train.seed)
-  abstract = jax.eval_shape(lambda p: loop.create_train_state(p, tx, rng), param_shapes)
-  shardings = loop.state_shardings(abstract, param_shardings, mesh)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          abstract, shardings)
+  abstract = loop.abstract_train_state(param_shapes, param_shardings, tx, rng, mesh)
 
   def init_state():
     params = dict(initial_params())

@@ -293,10 +293,7 @@ def run(config, workdir: pathlib.Path) -> None:
   param_shardings = sharding.param_shardings(gpt_neo.logical_axes(model), param_shapes, mesh)
   tx = optim.make_optimizer(config.optim, config.train.steps)
   rng = jax.random.key(config.train.seed)
-  abstract = jax.eval_shape(lambda p: loop.create_train_state(p, tx, rng), param_shapes)
-  shardings = loop.state_shardings(abstract, param_shardings, mesh)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          abstract, shardings)
+  abstract = loop.abstract_train_state(param_shapes, param_shardings, tx, rng, mesh)
 
   def init_state():
     params = checkpoints.load_params(info, _matching(param_shardings, info["score_head"], mesh))
