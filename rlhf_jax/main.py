@@ -18,7 +18,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from rlhf_jax.errors import UserError
-from rlhf_jax.phases import ALIASES, PHASES, run_phase  # noqa: F401 (run_phase: the API)
+from rlhf_jax.phases import PHASES, canonical, run_phase  # noqa: F401 (run_phase: the API)
 
 
 _PHASE = flags.DEFINE_string(
@@ -45,7 +45,7 @@ def _phase_from_argv(argv: list[str]) -> str:
       phase = arg.split("=", 1)[1]
     elif arg == "--phase" and i + 1 < len(argv):
       phase = argv[i + 1]
-  return ALIASES.get(phase, phase)
+  return canonical(phase)
 
 
 def _fail(message: str) -> "NoReturn":
