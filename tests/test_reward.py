@@ -120,6 +120,29 @@ def test_pair_scores_read_the_last_real_token_whatever_the_padding(tiny_reward_m
                              atol=1e-5)
 
 
+def test_lm_regulariser_is_the_chosen_responses_next_token_loss(tiny_reward_model):
+  model, params, _ = tiny_reward_model
+  rng = np.random.default_rng(2)
+  # (prompt, chosen, rejected) token lists; the third pair is padding and must not count.
+  triples = [(list(rng.integers(1, 64, p)), list(rng.integers(1, 64, c)),
+              list(rng.integers(1, 64, r))) for p, c, r in ((4, 5, 3), (6, 2, 7), (3, 3, 3))]
+  batch = pair_batch([(p + c, p + r) for p, c, r in triples], 16, mask=[1, 1, 0])
+  batch["response_length"] = np.array([[len(c), len(r)] for _, c, r in triples], np.int32)
+  expected_sum, count = 0.0, 0
+  for prompt, chosen, _ in triples[:2]:  # Independently: full LM logits of the chosen row alone.
+    tokens = np.array([prompt + chosen], np.int32)
+    logits = model.apply({"params": params}, tokens, np.ones_like(tokens))["logits"][0]
+    log_probs = np.asarray(jax.nn.log_softmax(logits))
+    for t in range(len(prompt), len(tokens[0])):  # Response tokens, predicted from t - 1.
+      expected_sum -= log_probs[t - 1, tokens[0, t]]
+      count += 1
+  loss_fn = lambda coef: jax.jit(lambda p, b: reward.reward_loss(model, p, b, None, lm_coef=coef))
+  loss, metrics = loss_fn(0.5)(params, batch)
+  plain, _ = loss_fn(0.0)(params, batch)
+  assert float(metrics["lm_loss"]) == pytest.approx(expected_sum / count, rel=1e-5)
+  assert float(loss) == pytest.approx(float(plain) + 0.5 * expected_sum / count, rel=1e-5)
+
+
 def test_accumulation_and_remat_equal_one_big_batch(tiny_reward_model):
   model, params, _ = tiny_reward_model
   remat_model = model.clone(remat=True)

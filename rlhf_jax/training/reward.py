@@ -42,6 +42,13 @@ Loss: -log sigmoid(r_chosen - r_rejected - margin) + center_coef * (r_chosen + r
 averaged over pairs (`loss.margin`, `loss.center_coef`: the centering of "Helping or Herding",
 TRL's `center_rewards_coefficient`). Both sides are scored in one forward pass of the
 concatenated [2B, T] batch; `train.accum_steps` and `model.remat` work as in every phase.
+`loss.lm_coef` > 0 adds that times the next-token loss of the chosen responses under the
+model's own tied LM head (`chosen_lm_loss`, logged as `lm_loss`): the SFT regulariser of GRM
+(Yang et al. 2024, "Regularizing Hidden States Enables Learning Generalizable Reward Model for
+LLMs"), which keeps the trunk's hidden states able to generate the preferred answers while the
+score head trains, so the knowledge SFT put there is not trained away. It costs one vocabulary
+projection of the chosen rows; the exported model is unchanged (the LM head is the tied
+embedding).
 
 Metrics (metrics.jsonl, TensorBoard, console): training `loss`, `accuracy`, `margin`; on the
 held-out pairs every `train.eval_every` steps and at the end `eval/accuracy` (a tie counts one
@@ -83,6 +90,20 @@ BUILD = "build"  # `pairs.source` value: build pairs from the `data` section's r
 # ------------------------------------------------------------------------------------------
 # Scores, loss and metrics (pure, jit-able).
 # ------------------------------------------------------------------------------------------
+def _score_rows(model: gpt_neo.GPTNeo, params, batch: dict, rng) -> tuple[jax.Array, jax.Array]:
+  """One forward pass of the concatenated [2B, T] batch: (rewards float32 [B, 2], final hidden
+  states [2B, T, D]; pair b is rows 2b (chosen) and 2b + 1 (rejected))."""
+  pairs, sides, length = batch["input_ids"].shape
+  flat = lambda x: x.reshape(pairs * sides, length)  # [B, 2, T] -> [2B, T]
+  segment_ids = flat(batch["segment_ids"])
+  rngs = {} if rng is None else {"dropout": rng}
+  out = model.apply({"params": params}, flat(batch["input_ids"]), segment_ids,
+                    flat(batch["positions"]), deterministic=rng is None, rngs=rngs,
+                    lm_head=False)
+  scores = gpt_neo.sequence_scores(out["scores"], segment_ids).reshape(pairs, sides)
+  return scores, out["hidden"]
+
+
 def pair_scores(model: gpt_neo.GPTNeo, params, batch: dict, *, rng=None) -> jax.Array:
   """Rewards of both sides of every pair, from one forward pass of the concatenated batch.
 
@@ -97,14 +118,37 @@ def pair_scores(model: gpt_neo.GPTNeo, params, batch: dict, *, rng=None) -> jax.
     float32 [B, 2]: column 0 the chosen, column 1 the rejected reward, each read at the last
     real token of its sequence.
   """
-  pairs, sides, length = batch["input_ids"].shape
-  flat = lambda x: x.reshape(pairs * sides, length)  # [B, 2, T] -> [2B, T]: pair b is rows 2b, 2b+1
-  segment_ids = flat(batch["segment_ids"])
-  rngs = {} if rng is None else {"dropout": rng}
-  out = model.apply({"params": params}, flat(batch["input_ids"]), segment_ids,
-                    flat(batch["positions"]), deterministic=rng is None, rngs=rngs,
-                    lm_head=False)
-  return gpt_neo.sequence_scores(out["scores"], segment_ids).reshape(pairs, sides)
+  return _score_rows(model, params, batch, rng)[0]
+
+
+def chosen_lm_loss(params, hidden: jax.Array, batch: dict) -> jax.Array:
+  """Mean next-token loss of the chosen responses under the model's own (tied) LM head.
+
+  Args:
+    params: the reward model's parameters (`wte` is the LM head).
+    hidden: final hidden states [2B, T, D] from `_score_rows`.
+    batch: the pair batch (`input_ids`, `segment_ids` [B, 2, T], `response_length` [B, 2],
+      `pair_mask` [B]).
+
+  Returns:
+    float32 scalar: mean negative log-likelihood per chosen response token of the real pairs.
+  """
+  chosen_hidden = hidden[0::2, :-1]  # Rows of the chosen sides; position t predicts token t+1.
+  logits = jnp.einsum("btd,vd->btv", chosen_hidden,
+                      params["wte"]["embedding"].astype(chosen_hidden.dtype),
+                      preferred_element_type=jnp.float32)
+  tokens = batch["input_ids"][:, 0]
+  targets = tokens[:, 1:]
+  log_probs = jax.nn.log_softmax(logits)
+  token_loss = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  # Response tokens are the last `response_length` real tokens of the row; they are predicted
+  # from the columns just before them.
+  real = jnp.sum(batch["segment_ids"][:, 0] > 0, axis=1)
+  start = real - batch["response_length"][:, 0]
+  columns = jnp.arange(targets.shape[1])[None]
+  predicts_response = ((columns >= start[:, None] - 1) & (columns < real[:, None] - 1)
+                       & (batch["pair_mask"][:, None] > 0)).astype(jnp.float32)
+  return jnp.sum(token_loss * predicts_response) / jnp.maximum(jnp.sum(predicts_response), 1.0)
 
 
 def _wins(difference: jax.Array) -> jax.Array:
@@ -139,10 +183,17 @@ def preference_loss(scores: jax.Array, pair_mask: jax.Array, *, margin: float = 
 
 
 def reward_loss(model: gpt_neo.GPTNeo, params, batch: dict, rng, *, margin: float = 0.0,
-                center_coef: float = 0.0) -> tuple[jax.Array, dict]:
-  """`loss_fn(params, batch, rng)` of the reward phase: `preference_loss` of `pair_scores`."""
-  scores = pair_scores(model, params, batch, rng=rng)
-  return preference_loss(scores, batch["pair_mask"], margin=margin, center_coef=center_coef)
+                center_coef: float = 0.0, lm_coef: float = 0.0) -> tuple[jax.Array, dict]:
+  """`loss_fn(params, batch, rng)` of the reward phase: `preference_loss` of the pair scores,
+  plus `lm_coef` times `chosen_lm_loss` (metric `lm_loss`) when `lm_coef` > 0."""
+  scores, hidden = _score_rows(model, params, batch, rng)
+  loss, metrics = preference_loss(scores, batch["pair_mask"], margin=margin,
+                                  center_coef=center_coef)
+  if lm_coef > 0:
+    lm_loss = chosen_lm_loss(params, hidden, batch)
+    loss = loss + lm_coef * lm_loss
+    metrics = {**metrics, "lm_loss": lm_loss}
+  return loss, metrics
 
 
 def eval_sums(model: gpt_neo.GPTNeo, params, batch: dict, *, margin: float = 0.0) -> dict:
@@ -561,11 +612,13 @@ def run(config, workdir: pathlib.Path) -> None:
     return {"reward_mean": reward_stats["mean"], "reward_std": reward_stats["std"]}
 
   margin, center_coef = float(config.loss.margin), float(config.loss.center_coef)
+  lm_coef = float(config.loss.get("lm_coef", 0.0))
   state = loop.train(
       phase="reward", phase_dir=phase_dir, config=config.train, mesh=mesh,
       abstract_state=abstract, init_state=init_state,
       step_fn=loop.make_train_step(
-          lambda p, b, r: reward_loss(model, p, b, r, margin=margin, center_coef=center_coef),
+          lambda p, b, r: reward_loss(model, p, b, r, margin=margin, center_coef=center_coef,
+                                      lm_coef=lm_coef),
           tx, config.train.accum_steps),
       batches=lambda start: batching.pair_batches(
           train_examples, batch_size=config.train.batch_size, max_length=config.max_length,
