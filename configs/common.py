@@ -21,13 +21,14 @@ def data(source: str = "builtin") -> ml_collections.ConfigDict:
   source: "builtin", a .jsonl/.json/.parquet file with instruction/context/response/category, or
     a hub id such as "databricks/databricks-dolly-15k".
   seed: split (and generation) seed.
-  num_train / num_eval: sizes of the built-in set's train split and of each evaluation split.
+  num_train / num_eval: sizes of the built-in set's train split and of each evaluation split
+    (rlhf_jax/data/builtin.py's defaults; its DEFAULT_NUM_TRAIN says why 40,000).
   validation_fraction / test_fraction / ood_categories: how files and hub data are split (records of
     the listed categories form the `ood` split).
   skip_bad_records: skip, count and log malformed records instead of stopping at the first.
   """
   return ml_collections.ConfigDict(dict(
-      source=source, seed=0, num_train=4000, num_eval=200, validation_fraction=0.05,
+      source=source, seed=0, num_train=40000, num_eval=200, validation_fraction=0.05,
       test_fraction=0.05, ood_categories=(), skip_bad_records=False))
 
 

@@ -50,9 +50,12 @@ EOS_TOKEN = "<|endoftext|>"
 # template word) a single token, keeping sequences short for fast CPU training, while the
 # 1024 x d_model embedding stays a small part (~10%) of a 1-3M parameter model.
 DEFAULT_VOCAB_SIZE = 1024
-# A few thousand training records: the 5 categories x ~15 question types get ~250 records each,
-# enough for a tiny model to learn the tables and number formats in a few CPU minutes.
-DEFAULT_NUM_TRAIN = 4000
+# 40,000 training records: every one of the ~6,200 distinct training questions about 6 times
+# (at 4,000 an arithmetic question type got ~270 records, fewer than its distinct questions). SFT's
+# 600 steps see each record about once, so more records cost no time there; measured on the
+# default pipeline (one run each): held-out exact match 47% -> 55% and reward-model pair accuracy
+# 71% -> 76% against 4,000 records, for ~35 s more policy sampling in the reward phase.
+DEFAULT_NUM_TRAIN = 40000
 # Per evaluation split; small enough that sampling 4 systems on 6 splits stays cheap on CPU.
 DEFAULT_NUM_EVAL = 200
 
