@@ -8,7 +8,9 @@ same random initial weights, HF `GPTNeoForSequenceClassification` layout) for on
 same pre-tokenised pairs (prompt + response, no EOS, at most `MAX_LENGTH` tokens; longer pairs
 are left out of both), batch 16 pairs, AdamW with the same warmup + linear decay and clipping:
   ours  `loop.make_train_step(reward.reward_loss)`, jitted, state donated (what the reward phase
-        runs); batches padded to the fixed `MAX_LENGTH`;
+        runs); batches padded to the fixed `MAX_LENGTH`, or with --group_by_length=G
+        length-grouped and padded to a multiple of 16 (later shapes compile mid-epoch, which
+        the "after step 1" figure then includes);
   TRL   `trl.RewardTrainer` on the same token ids (`chosen_ids` / `rejected_ids` columns, so TRL
         neither re-tokenises nor appends EOS), its collator padding to the longest in each batch.
 Reported: pairs trained per second (whole epoch, and after step 1, which holds our compilation)
@@ -46,6 +48,9 @@ from rlhf_jax.training import reward
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds (medians reported).")
 _TRAIN_PAIRS = flags.DEFINE_integer("train_pairs", 0, "Training pairs per epoch (0: all).")
+_GROUP = flags.DEFINE_integer(
+    "group_by_length", 0, "Ours: length-grouped batches (reward config's group_by_length; each "
+    "batch padded to a multiple of 16, one compile per multiple); 0 pads all to MAX_LENGTH.")
 _TORCH_THREADS = 2
 _DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 PAIRS_FILE = _DATA / "preferences" / "hh_rlhf_helpful_base_test.jsonl.gz"
@@ -120,7 +125,7 @@ def train_ours(config, params, examples, pad_id):
   step = jax.jit(loop.make_train_step(lambda p, b, r: reward.reward_loss(model, p, b, r), tx),
                  donate_argnums=0)
   batches = batching.pair_batches(examples, batch_size=BATCH, max_length=MAX_LENGTH,
-                                  pad_id=pad_id, seed=0)
+                                  pad_id=pad_id, seed=0, group_by_length=_GROUP.value)
   start = time.perf_counter()
   for index in range(steps):
     state, metrics = step(state, next(batches))

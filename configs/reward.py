@@ -36,6 +36,9 @@ Fields:
   pairs.too_long    a pair longer than max_length: "error" (a bad pair), "truncate" (cut the
                     responses' ends) or "truncate_prompt" (drop the prompt's start).
   pairs.skip_bad_records   skip and count bad pairs instead of stopping at the first.
+  group_by_length   G > 0: each training batch comes from a window of G batches' worth of shuffled
+                    pairs sorted by length, and is padded only to its longest pair rounded up to
+                    a multiple of 16 (one compiled shape per multiple); 0 pads all to max_length.
   loss.margin, loss.center_coef   -log sigmoid(r_c - r_r - margin) + coef * (r_c + r_r)^2.
   loss.lm_coef      + lm_coef * next-token loss of the chosen responses (GRM's SFT regulariser).
   stats_samples     reference responses scored for reward/mean and reward/std (PPO).
@@ -63,6 +66,8 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
       policy_temperature=1.0, policy_max_new_tokens=24, policy_tries=3, policy_batch_size=250,
       too_long="error", skip_bad_records=False))
   config.max_length = 80  # Longest built-in prompt (53 tokens) + a 24-token policy sample.
+  # Training batches of similar-length pairs, padded to a multiple of 16 (0: all to max_length).
+  config.group_by_length = 16
   # lm_coef 1.0: GRM's SFT regulariser; on the built-in set held-out accuracy 68.5% -> 74.4% with
   # corrupted 56% -> 59% (400 steps, policy negatives off, one seed each).
   config.loss = ml_collections.ConfigDict(dict(margin=0.0, center_coef=0.0, lm_coef=1.0))

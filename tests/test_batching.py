@@ -374,3 +374,42 @@ def test_prompt_batch_is_left_padded(tokenizer):
   short = len(tokenizer(prompts[0])["input_ids"])
   with pytest.raises(UserError, match=f"prompt 1 is .* longer than max_prompt_length={short}"):
     batching.prompt_batch(tokenizer, prompts, short, truncate=False)
+
+
+def test_length_grouped_pair_batches(tokenizer):
+  """group_by_length: each epoch still holds every pair once, each batch is padded only to its
+  longest pair rounded up to PAD_MULTIPLE (a batch padded to max_length holds the same real
+  tokens), resume and the host split give the same batches, and padding falls."""
+  rng = np.random.default_rng(0)
+  pairs = [dict(prompt="Q: " + " ".join(["word"] * int(rng.integers(1, 40))) + "\nA:",
+                chosen=f" yes {i}", rejected=f" no {i}") for i in range(64)]
+  examples, _ = batching.tokenize_pairs(tokenizer, pairs, max_length=64)
+  kwargs = dict(batch_size=8, max_length=64, pad_id=EOS, seed=1)
+  grouped = list(itertools.islice(batching.pair_batches(examples, group_by_length=4, **kwargs),
+                                  16))
+  plain = list(itertools.islice(batching.pair_batches(examples, **kwargs), 8))
+  for epoch in (grouped[:8], grouped[8:]):
+    seen = sorted(tokenizer.decode(b["input_ids"][k, 0, :int(b["segment_ids"][k, 0].sum())])
+                  for b in epoch for k in range(8))
+    assert seen == sorted(p["prompt"] + p["chosen"] for p in pairs)
+  for batch in grouped:
+    width = batch["input_ids"].shape[-1]
+    longest = int(batch["segment_ids"].sum(-1).max())
+    assert width % batching.PAD_MULTIPLE == 0 and longest <= width < longest + batching.PAD_MULTIPLE
+    widest = batching.pad_pair_batch(batch, 64, EOS)
+    assert widest["input_ids"].shape == (8, 2, 64)
+    np.testing.assert_array_equal(widest["input_ids"][..., :width], batch["input_ids"])
+    assert (widest["input_ids"][..., width:] == EOS).all() and not widest["segment_ids"][..., width:].any()
+  assert np.mean([b["input_ids"].shape[-1] for b in grouped]) < 0.8 * np.mean(
+      [b["input_ids"].shape[-1] for b in plain])
+  _assert_same_batch(next(batching.pair_batches(examples, start_step=11, group_by_length=4,
+                                                **kwargs)), grouped[11])
+  hosts = [list(itertools.islice(batching.pair_batches(
+      examples, process_index=i, process_count=2, group_by_length=4, **kwargs), 4))
+           for i in range(2)]
+  for step in range(4):
+    for key in grouped[step]:
+      np.testing.assert_array_equal(
+          np.concatenate([hosts[0][step][key], hosts[1][step][key]]), grouped[step][key])
+  with pytest.raises(UserError, match="group_by_length"):
+    next(batching.pair_batches(examples, group_by_length=-1, **kwargs))

@@ -38,7 +38,8 @@ Batch layouts (numpy; int32 unless stated):
   last column: `prompt_ids` [B, P] and `prompt_mask` float32 [B, P] (1.0 real, 0.0 pad).
 
 Shapes are fixed by (`batch_size`, `max_length`, `process_count`), so compiled steps never
-recompile.
+recompile; the one exception is opt-in: length-grouped pair batches (`pair_batches`'s
+`group_by_length`) take T from a few multiples of `PAD_MULTIPLE`, each compiled once.
 
 Multi-host: process `i` of `n` gets the slice `[i * N / n, (i + 1) * N / n)` along axis 0 of
 every global array (N its leading size), so `jax.make_array_from_process_local_data` puts the
@@ -92,6 +93,10 @@ the first form. In Python: `rlhf_jax.data.batching.format_prompt(instruction, co
 # How a preference pair was made; batches carry the index into this tuple so reward accuracy
 # can be reported per strategy. "human" marks pairs judged by people (files, HH-RLHF); the
 # others are the negatives built by `rlhf_jax.data.preferences.build_pairs`.
+# Length-grouped pair batches are padded to a multiple of this: few distinct shapes (each
+# compiled once), little padding.
+PAD_MULTIPLE = 16
+
 PAIR_STRATEGIES = ("human", "other_response", "corrupted", "truncated", "shuffled",
                    "policy_sample")
 
@@ -305,10 +310,26 @@ def _check_layout(batch_size: int, process_index: int, process_count: int) -> in
 
 
 def _epoch_rows(lengths: np.ndarray, *, seed: int, epoch: int, max_length: int,
-                pack: bool) -> list[list[int]]:
-  """Plans one epoch: the rows, each a list of example indices, in a seed+epoch order."""
-  order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+                pack: bool, batch_size: int = 1, group_batches: int = 0) -> list[list[int]]:
+  """Plans one epoch: the rows, each a list of example indices, in a seed+epoch order.
+
+  With `group_batches` > 0 (no packing), each window of `group_batches * batch_size` shuffled
+  examples is sorted by length, cut into `group_batches` batches of similar lengths, and those
+  batches are put back in a random order: batches stay random in content and order, but each
+  holds examples of similar length, so it can be padded to a short length.
+  """
+  rng = np.random.default_rng([seed, epoch])
+  order = rng.permutation(len(lengths))
   if not pack:
+    if group_batches > 0:
+      window = group_batches * batch_size
+      grouped = []
+      for begin in range(0, len(order), window):
+        chunk = order[begin:begin + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        grouped.extend(batches[j] for j in rng.permutation(len(batches)))
+      order = np.concatenate(grouped)
     return [[int(i)] for i in order]
   # Greedy next-fit in shuffled order: simple, deterministic, and with short instruction data
   # it fills rows well without sorting by length (which would correlate batches with length).
@@ -324,7 +345,8 @@ def _epoch_rows(lengths: np.ndarray, *, seed: int, epoch: int, max_length: int,
 
 
 def _global_row_batches(lengths: np.ndarray, *, batch_size: int, seed: int, max_length: int,
-                        pack: bool, start_step: int) -> Iterator[list[list[int]]]:
+                        pack: bool, start_step: int,
+                        group_batches: int = 0) -> Iterator[list[list[int]]]:
   """Yields global batches of `batch_size` row plans, epochs back to back, from `start_step`.
 
   Epochs are concatenated (a batch may span two), so no example is dropped at an epoch's end.
@@ -337,7 +359,8 @@ def _global_row_batches(lengths: np.ndarray, *, batch_size: int, seed: int, max_
     raise UserError(f"seed={seed}, start_step={start_step}: must be non-negative")
 
   def plan(epoch: int) -> list[list[int]]:
-    return _epoch_rows(lengths, seed=seed, epoch=epoch, max_length=max_length, pack=pack)
+    return _epoch_rows(lengths, seed=seed, epoch=epoch, max_length=max_length, pack=pack,
+                       batch_size=batch_size, group_batches=group_batches)
 
   skip = start_step * batch_size
   if pack:
@@ -393,26 +416,38 @@ def _sft_batch(examples: Sequence[dict], rows: Sequence[Sequence[int]], max_leng
   return batch
 
 
+def _pair_length(example: dict) -> int:
+  """Tokens of the longer side of a tokenised pair (prompt + response)."""
+  return len(example["prompt_ids"]) + max(len(example["chosen_ids"]),
+                                          len(example["rejected_ids"]))
+
+
 def _pair_batch(examples: Sequence[dict], pairs: Sequence[int | None], max_length: int,
-                pad_id: int, process_index: int,
-                process_count: int) -> dict[str, np.ndarray]:
+                pad_id: int, process_index: int, process_count: int,
+                pad_multiple: int = 0) -> dict[str, np.ndarray]:
   """Builds this process's part of the global pair batch for `pairs`.
 
   Args:
     examples: tokenised pairs.
     pairs: the global batch, B example indices (None is a padding pair).
-    max_length: T.
+    max_length: T, unless `pad_multiple` is set.
     pad_id: filler token id.
     process_index: this process.
     process_count: the number of processes (divides B).
+    pad_multiple: if > 0, T is the longest sequence of the global batch rounded up to this
+      multiple (at most `max_length`); every process computes the same T.
 
   Returns:
     The process's slice `[i * B/n, (i+1) * B/n)` along axis 0 of every global array: the
     [B, 2, T] token arrays and the [B] pair arrays.
   """
+  length = max_length
+  if pad_multiple > 0:
+    longest = max((_pair_length(examples[i]) for i in pairs if i is not None), default=1)
+    length = min(max_length, -(-longest // pad_multiple) * pad_multiple)
   per_host = len(pairs) // process_count
   mine = pairs[process_index * per_host:(process_index + 1) * per_host]
-  shape = (len(mine), 2, max_length)
+  shape = (len(mine), 2, length)
   batch = {
       "input_ids": np.full(shape, pad_id, np.int32),
       "segment_ids": np.zeros(shape, np.int32),
@@ -488,25 +523,46 @@ def eval_batches(examples: Sequence[dict], *, batch_size: int, max_length: int, 
 
 
 def pair_batches(examples: Sequence[dict], *, batch_size: int, max_length: int, pad_id: int,
-                 seed: int, start_step: int = 0, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                 seed: int, start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                 group_by_length: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Endless, deterministic pair batches, reshuffled every epoch; this process's slice.
 
   Args:
     examples: from `tokenize_pairs` (with the same `max_length`).
     batch_size: B, pairs in the global batch (2B sequences); `process_count` must divide it.
+    group_by_length: 0 pads every batch to `max_length` (one shape). G > 0 sorts each window
+      of G batches' worth of shuffled pairs by length, so each batch holds pairs of similar
+      length, and pads each batch only to its longest sequence rounded up to a multiple of
+      `PAD_MULTIPLE`: one compiled shape per multiple, far fewer padding tokens.
     Others: as `sft_batches`.
 
   Yields:
     Pair batches (see the module docstring).
   """
   _check_layout(batch_size, process_index, process_count)
+  if group_by_length < 0:
+    raise UserError(f"group_by_length={group_by_length}: must be 0 (off) or a positive number "
+                    "of batches")
   # Pairs are never packed: the reward is read at each row's last token.
-  lengths = np.ones(len(examples), np.int64)
+  lengths = np.array([_pair_length(e) for e in examples], np.int64)
+  pad_multiple = PAD_MULTIPLE if group_by_length else 0
   for rows in _global_row_batches(lengths, batch_size=batch_size, seed=seed,
-                                  max_length=max_length, pack=False, start_step=start_step):
+                                  max_length=max_length, pack=False, start_step=start_step,
+                                  group_batches=group_by_length):
     yield _pair_batch(examples, [row[0] for row in rows], max_length, pad_id, process_index,
-                      process_count)
+                      process_count, pad_multiple)
+
+
+def pad_pair_batch(batch: dict[str, np.ndarray], max_length: int,
+                   pad_id: int) -> dict[str, np.ndarray]:
+  """A pair batch right-padded along T to `max_length` (token arrays [B, 2, T]; padding as in
+  `_pair_batch`): the widest shape length-grouped batches can take."""
+  def pad(key, x):
+    if x.ndim != 3:
+      return x
+    fill = pad_id if key == "input_ids" else 0
+    return np.pad(x, ((0, 0), (0, 0), (0, max_length - x.shape[-1])), constant_values=fill)
+  return {key: pad(key, x) for key, x in batch.items()}
 
 
 def eval_pair_batches(examples: Sequence[dict], *, batch_size: int, max_length: int,

@@ -241,7 +241,8 @@ def train(*, phase: str, phase_dir: pathlib.Path, config, mesh, abstract_state: 
           unit: str = "tok", progress_keys: tuple[str, ...] = ("loss",),
           tokenizer_dir: str | pathlib.Path | None = None,
           milestone_eval: Callable[[Any], dict] | None = None,
-          frozen: Any = None) -> TrainState | None:
+          frozen: Any = None,
+          widest_batch: Callable[[Batch], Batch] | None = None) -> TrainState | None:
   """Runs (or resumes) a phase's training and returns the final state (None if already finished).
 
   Args:
@@ -265,6 +266,9 @@ def train(*, phase: str, phase_dir: pathlib.Path, config, mesh, abstract_state: 
     frozen: arrays the step reads but never updates (PPO's reference and reward models), passed
       as `step_fn(state, batch, frozen)`: arguments, not closure constants, so they are neither
       baked into the compiled program nor copied per step.
+    widest_batch: for phases whose batches vary in length (length-grouped reward pairs): maps
+      the first batch to one of the longest shape, for which the memory report is compiled, so
+      it states the peak rather than the first step's need.
   """
   ckpts = checkpoints.Checkpoints(phase_dir / "checkpoint", keep=int(config.keep_checkpoints))
   if tokenizer_dir is not None and jax.process_index() == 0 and not ckpts.tokenizer_dir.exists():
@@ -331,10 +335,14 @@ def train(*, phase: str, phase_dir: pathlib.Path, config, mesh, abstract_state: 
       batch = next(data)
       items += count_items(batch) * jax.process_count() if count_items else 0.0
       inputs = (state, sharding.shard_batch(batch, mesh)) + (() if frozen is None else (frozen,))
-      first_inputs = _abstract(inputs) if step == start + 1 else None
+      first_inputs = None
+      if step == start + 1:
+        widest = batch if widest_batch is None else widest_batch(batch)
+        first_inputs = _abstract((inputs[0], sharding.shard_batch(widest, mesh)) + inputs[2:])
       state, metrics = compiled_step(*inputs)
       if first_inputs is not None:
-        # After the first call, so this lowering finds the step already compiled.
+        # After the first call, so this lowering finds the step already compiled (unless
+        # `widest_batch` asked for another shape).
         report = memory_report(abstract_state, frozen,
                                compiled_step.lower(*first_inputs).compile())
         logging.info("%s: %s", phase, report)

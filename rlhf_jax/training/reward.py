@@ -622,12 +622,14 @@ def run(config, workdir: pathlib.Path) -> None:
           tx, config.train.accum_steps),
       batches=lambda start: batching.pair_batches(
           train_examples, batch_size=config.train.batch_size, max_length=config.max_length,
-          pad_id=pad_id, seed=config.train.seed, start_step=start, **hosts),
+          pad_id=pad_id, seed=config.train.seed, start_step=start,
+          group_by_length=int(config.group_by_length), **hosts),
       manifest=checkpoints.make_manifest(model_config, kind=hf.REWARD, score_head=True,
                                          phase="reward", reward_stats=reward_stats),
       evaluator=evaluator, count_items=lambda b: float(b["pair_mask"].sum()), unit="pair",
       progress_keys=("loss", "accuracy"), tokenizer_dir=info["tokenizer_dir"],
-      milestone_eval=reference_statistics)
+      milestone_eval=reference_statistics,
+      widest_batch=lambda b: batching.pad_pair_batch(b, config.max_length, pad_id))
   if state is None:
     return
   writer = progress.MetricsWriter(phase_dir, resume_step=int(config.train.steps))
