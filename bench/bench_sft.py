@@ -24,9 +24,12 @@ Timings on a shared 2-core machine are noisy: the two sides alternate within eac
 repeat, medians are printed, with `uptime` before and after. Needs bench/requirements.txt.
 
 Environment: XLA:CPU allocates each execution's temporaries as one large block, which glibc maps
-afresh every call (page faults and zeroing: ~80k faults per tiny step). With transparent huge pages
-for malloc (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, read at process start, applies to both sides)
-those faults mostly disappear; run the benchmark with and without it (see bench/RESULTS.md).
+afresh every call (page faults and zeroing: ~75k faults per tiny step, ~640k per 125M step). The
+binary preloads tcmalloc when it is installed (rlhf_jax/host_malloc.py), which reuses the block;
+this benchmark runs as started, so run it with and without
+`LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4` (applies to both sides, which
+share the process), or with glibc's transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`);
+bench/RESULTS.md has runs with each setting.
 """
 
 import os
@@ -442,7 +445,8 @@ def main(argv):
   import torch
   torch.set_num_threads(_TORCH_THREADS)
   print(machine_description())
-  print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} "
+  print(f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r} "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} "
         f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} torch threads {_TORCH_THREADS}")
   print("load before:", uptime(), flush=True)
   peak = matmul_peak()

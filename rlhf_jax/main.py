@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from rlhf_jax import host_malloc
 from rlhf_jax.errors import UserError
 from rlhf_jax.phases import PHASES, canonical, run_phase  # noqa: F401 (run_phase: the API)
 
@@ -120,6 +121,8 @@ def main(argv: list[str]) -> None:
 
 
 def entry_point() -> None:
+  # With tcmalloc installed, once more with it preloaded: XLA:CPU steps run 20-30% faster.
+  host_malloc.reexec_with_tcmalloc(sys.argv)
   app.run(main, flags_parser=parse_flags)
 
 
