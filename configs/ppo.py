@@ -33,6 +33,12 @@ TRL = `PPOConfig`):
   ppo.whiten_rewards False, advantages whitened ... TRL defaults (N details: advantage whitening)
   optim.eps 1e-5 ..................... TF Adam epsilon used by lm-human-preferences (N details)
   optim.lr 1e-5 for 125M ............. lm-human-preferences (1.41e-5 in TRL's examples)
+  optim.lr 3e-5 (builtin) ............ measured on the same SFT and reward checkpoints: at 1e-4
+                                       the policy drifts (whitened advantages are mostly value
+                                       noise while the reward model barely separates its samples)
+                                       to held-out KL 2.4 nats, exact match 56% -> 47%, score
+                                       6.46 -> 6.19; at 3e-5 KL 0.9 (within the 1.0 target), exact
+                                       match 54%, score 6.41
   ppo.missing_eos_penalty ............ TRL's `missing_eos_penalty` (subtracted from the score)
 """
 
@@ -58,7 +64,7 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
       clip_range_value=0.2, vf_coef=0.1, entropy_coef=0.0, kl_estimator="k1",
       init_kl_coef=0.2, adaptive_kl=True, kl_target=1.0, kl_horizon=200.0,
       whiten_rewards=False, normalize_scores=True, missing_eos_penalty=1.0, approx_kl_stop=0.0))
-  config.optim = common.optim(1e-4, warmup_steps=0, schedule="constant", eps=1e-5, clip_norm=1.0)
+  config.optim = common.optim(3e-5, warmup_steps=0, schedule="constant", eps=1e-5, clip_norm=1.0)
   # train.batch_size = prompts (episodes) per PPO iteration; one loop step = one iteration.
   config.train = common.train(steps=60, batch_size=32, log_every=5, save_every=20)
 
