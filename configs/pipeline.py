@@ -6,7 +6,7 @@ Each phase's settings are its own config file's (`configs/PHASE.py`), nested her
 name: `--config.sft.train.steps=300`, `--config.ppo.optim.lr=5e-5`. The `data`, `model` and `mesh`
 sections are shared by every phase (`--config.data.seed=1` changes them all). A phase whose
 finished checkpoint is already in the workdir is skipped; a partial one resumes.
-Machine: 2 CPU cores, 10 min 28 s (README, "Results of the main job", has every figure of that run).
+Machine: 2 CPU cores, 7 min 24 s (README, "Results of the main job", has every figure of that run).
 """
 
 import ml_collections

@@ -12,8 +12,8 @@ Built-in default (offline, after the sft phase in the same workdir):
     other_response  0.15  another question's answer.
     truncated       0.10  the answer cut at a word boundary.
     shuffled        0.10  the answer's words in a random order.
-  Machine: 2 CPU cores, about 5 minutes (policy negatives included); held-out pairwise
-  accuracy 76.3% (README, "Results of the main job"; hardest: policy_sample, corrupted).
+  Machine: 2 CPU cores, about 2.5 minutes (policy negatives included); held-out pairwise
+  accuracy 74.5% (README, "Results of the main job"; hardest: policy_sample, corrupted).
 
 Anthropic HH-RLHF helpful pairs (a file; a small GPT-Neo from a random-init HF checkpoint with
 the GPT-2 tokenizer, as in bench/RESULTS.md):
