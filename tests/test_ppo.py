@@ -526,6 +526,7 @@ def test_the_iteration_uses_the_configured_values(toy, monkeypatch):
                          kl_estimator="k3", kl_target=2.5, kl_horizon=500.0, num_epochs=3,
                          num_minibatches=4, missing_eos_penalty=0.5))
   config.rollout.temperature = 0.9
+  config.rollout.samples_per_prompt = 2
   settings = ppo.settings_from_config(config, types.SimpleNamespace(eos_token_id=EOS,
                                                                     pad_token_id=EOS))
   seen = {}
@@ -549,9 +550,11 @@ def test_the_iteration_uses_the_configured_values(toy, monkeypatch):
   spy("missing_eos_penalty", ("scores", "has_eos", "penalty"))
   sample, outputs = sampling.generate, ppo._response_outputs
   temperatures = {"sampler": [], "logprobs": []}
+  sampled_prompts = []
 
   def spy_generate(model, params, prompt_ids, prompt_mask, rng, settings):
     temperatures["sampler"].append(settings.temperature)
+    sampled_prompts.append(prompt_ids)
     return sample(model, params, prompt_ids, prompt_mask, rng, settings)
 
   def spy_outputs(*args, **kwargs):
@@ -569,10 +572,12 @@ def test_the_iteration_uses_the_configured_values(toy, monkeypatch):
   assert seen["ppo_policy_loss"] == {"clip_range": p.clip_range}
   assert seen["ppo_value_loss"] == {"clip_range_value": p.clip_range_value}
   assert seen["kl_penalty_rewards"] == {"kl_estimator": p.kl_estimator}
-  assert seen["adaptive_kl_update"] == {"n_steps": 4, "target": p.kl_target,
+  # 4 prompts x samples_per_prompt 2 = 8 episodes, each prompt's two side by side.
+  assert seen["adaptive_kl_update"] == {"n_steps": 8, "target": p.kl_target,
                                         "horizon": p.kl_horizon}
-  assert seen["minibatch_permutations"] == {"batch_size": 4, "num_minibatches": p.num_minibatches,
+  assert seen["minibatch_permutations"] == {"batch_size": 8, "num_minibatches": p.num_minibatches,
                                             "num_epochs": p.num_epochs}
+  assert sampled_prompts[0].shape == (8, 3)
   assert seen["missing_eos_penalty"] == {"penalty": p.missing_eos_penalty}
   # Rollout, reference and learner logprobs all at the sampling temperature.
   assert temperatures == {"sampler": [0.9], "logprobs": [0.9, 0.9]}

@@ -49,6 +49,7 @@ from rlhf_jax.training import ppo_core as core
 class PPOSettings:
   """The static (compile-time) settings of one PPO iteration; see configs/ppo.py."""
   sampling: sampling.SamplingSettings
+  samples_per_prompt: int = 1
   num_epochs: int = 4
   num_minibatches: int = 1
   accum_steps: int = 1
@@ -134,14 +135,20 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
   Args:
     state: `params` = the policy; `extra` = {"value": value params or {}, "kl_coef": scalar}.
       `opt_state` covers (policy, value) jointly, as TRL's policy-and-value wrapper.
-    batch: {"prompt_ids": int32 [B, P] left-padded, "prompt_mask": [B, P]}.
+    batch: {"prompt_ids": int32 [B, P] left-padded, "prompt_mask": [B, P]}; each prompt is
+      answered `settings.samples_per_prompt` (k) times, so an iteration has B * k episodes.
     frozen: {"reference": params, "reward": params, "reward_stats": {"mean", "std"}}.
   Returns:
     (new state, metrics dict of scalars).
   """
   rng = jax.random.wrap_key_data(state.rng)
   rng, sample_rng, permutation_rng, update_rng = jax.random.split(rng, 4)
-  prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+  # k samples of each prompt side by side: rows b*k .. b*k+k-1 answer prompt b. Every episode is
+  # scored, valued and updated on its own, as with k distinct prompts, but the k draws of one
+  # prompt let the update contrast answers to the same question (OpenRLHF's
+  # n_samples_per_prompt), which a single draw per prompt leaves to the value model's estimate.
+  repeat = lambda x: jnp.repeat(x, settings.samples_per_prompt, axis=0)
+  prompt_ids, prompt_mask = repeat(batch["prompt_ids"]), repeat(batch["prompt_mask"])
   batch_size, prompt_length = prompt_ids.shape
   response_length = settings.sampling.max_new_tokens
 
@@ -378,12 +385,16 @@ def settings_from_config(config, tokenizer) -> PPOSettings:
   p = config.ppo
   if p.kl_estimator not in ("k1", "k3"):
     raise UserError(f"--config.ppo.kl_estimator={p.kl_estimator}: use k1 or k3")
+  if int(config.rollout.samples_per_prompt) < 1:
+    raise UserError(f"--config.rollout.samples_per_prompt={config.rollout.samples_per_prompt}: "
+                    "must be at least 1")
   if config.value_model not in ("reward", "policy_head"):
     raise UserError(f"--config.value_model={config.value_model}: use reward or policy_head")
   return PPOSettings(
       sampling=sampling.SamplingSettings.from_config(config.rollout, tokenizer.eos_token_id,
                                                      tokenizer.pad_token_id),
-      num_epochs=p.num_epochs, num_minibatches=p.num_minibatches, accum_steps=p.accum_steps,
+      samples_per_prompt=int(config.rollout.samples_per_prompt), num_epochs=p.num_epochs,
+      num_minibatches=p.num_minibatches, accum_steps=p.accum_steps,
       gamma=p.gamma, lam=p.lam, clip_range=p.clip_range, clip_range_value=p.clip_range_value,
       vf_coef=p.vf_coef, entropy_coef=p.entropy_coef, kl_estimator=p.kl_estimator,
       adaptive_kl=p.adaptive_kl, kl_target=p.kl_target, kl_horizon=p.kl_horizon,
@@ -484,7 +495,8 @@ def run(config, workdir: pathlib.Path) -> None:
           max_prompt_length=config.rollout.max_prompt_length, seed=config.train.seed,
           start_step=start, process_index=jax.process_index(),
           process_count=jax.process_count()),
-      manifest=manifest, count_items=lambda b: float(len(b["prompt_ids"])), unit="episode",
+      manifest=manifest, unit="episode",
+      count_items=lambda b: float(len(b["prompt_ids"]) * settings.samples_per_prompt),
       progress_keys=("score", "kl", "kl_coef", "response_length", "eos_fraction"),
       tokenizer_dir=sft["tokenizer_dir"], milestone_eval=evaluate)
   if state is not None:
