@@ -90,13 +90,13 @@ With context (reference text the answer may use):
 the first form. In Python: `rlhf_jax.data.batching.format_prompt(instruction, context)`.
 """
 
-# How a preference pair was made; batches carry the index into this tuple so reward accuracy
-# can be reported per strategy. "human" marks pairs judged by people (files, HH-RLHF); the
-# others are the negatives built by `rlhf_jax.data.preferences.build_pairs`.
 # Length-grouped pair batches are padded to a multiple of this: few distinct shapes (each
 # compiled once), little padding.
 PAD_MULTIPLE = 16
 
+# How a preference pair was made; batches carry the index into this tuple so reward accuracy
+# can be reported per strategy. "human" marks pairs judged by people (files, HH-RLHF); the
+# others are the negatives built by `rlhf_jax.data.preferences.build_pairs`.
 PAIR_STRATEGIES = ("human", "other_response", "corrupted", "truncated", "shuffled",
                    "policy_sample")
 
