@@ -35,6 +35,7 @@ from conftest import left_padded
 from rlhf_jax import convert
 from rlhf_jax import sampling
 from rlhf_jax.configs import ppo as ppo_config
+from rlhf_jax.errors import UserError
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
 from rlhf_jax.training import loop
@@ -401,6 +402,33 @@ def test_value_head_on_the_policy_trunk_trains():
   assert history["value_mean"][-5:].mean() > history["value_mean"][:3].mean() + 0.5
 
 
+def test_rloo_learns_the_toy_reward_without_a_value_model(toy):
+  """advantage_estimator=rloo: 4 answers per prompt are each other's baseline; no value model is
+  read or trained, and the policy still learns the toy reward."""
+  rloo = dataclasses.replace(toy, value_params={}, models=dataclasses.replace(toy.models,
+                                                                              value=None))
+  rloo = rloo.with_settings(advantage_estimator="rloo", samples_per_prompt=4)
+  state, history = _train(rloo, rloo.fresh_state(), 30)
+  assert state.extra["value"] == {}
+  assert "value_loss" not in history and "value_mean" not in history
+  assert np.isfinite(history["loss"]).all()
+  assert history["score"][-5:].mean() > history["score"][:3].mean() + 2.0
+
+
+def test_rloo_config_needs_several_answers_per_prompt():
+  config = ppo_config.get_config()
+  tokenizer = types.SimpleNamespace(eos_token_id=EOS, pad_token_id=EOS)
+  config.ppo.advantage_estimator = "rloo"
+  with pytest.raises(UserError, match="samples_per_prompt"):
+    ppo.settings_from_config(config, tokenizer)
+  config.rollout.samples_per_prompt = 4
+  settings = ppo.settings_from_config(config, tokenizer)
+  assert not settings.uses_critic and not settings.shared_value_head
+  config.ppo.advantage_estimator = "vtrace"
+  with pytest.raises(UserError, match="advantage_estimator=vtrace"):
+    ppo.settings_from_config(config, tokenizer)
+
+
 def test_approx_kl_stop_skips_the_rest_of_the_epochs(toy):
   """Minibatch 1 meets the bound (its logprobs are the rollout's); after one Adam step the next
   minibatch's approx-KL exceeds it, so exactly one of EPOCHS x MINIBATCHES updates is applied.
@@ -492,7 +520,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_
 # Config defaults
 
 
-CANONICAL = dict(gamma=1.0, lam=0.95, clip_range=0.2, clip_range_value=0.2, vf_coef=0.1,
+CANONICAL = dict(advantage_estimator="gae", gamma=1.0, lam=0.95, clip_range=0.2, clip_range_value=0.2, vf_coef=0.1,
                  num_epochs=4, kl_estimator="k1", entropy_coef=0.0, whiten_rewards=False,
                  normalize_scores=True, adaptive_kl=True, approx_kl_stop=0.0)
 DOCUMENTED_MINIBATCHES = {"builtin": 2, "gpt_neo_125m": 4}

@@ -70,6 +70,40 @@ def test_gae_matches_numpy_loop(gamma, lam):
   assert np.all(np.asarray(returns)[mask == 0] == 0)
 
 
+@pytest.mark.parametrize("group_size", [2, 3, 4])
+def test_rloo_advantages_match_numpy_loop(group_size):
+  """Each episode's return minus the mean return of the other answers to its prompt, written out
+  one episode at a time; the same on every real token, 0 on padding."""
+  rng = np.random.default_rng(group_size)
+  prompts, n = 3, 7
+  batch = prompts * group_size
+  lengths = _random_lengths(rng, batch, n)
+  mask = _mask_from_lengths(lengths, n)
+  rewards = rng.normal(size=(batch, n)).astype(np.float32)
+  returns = [rewards[b, :lengths[b]].astype(np.float64).sum() for b in range(batch)]
+  expected = np.zeros((batch, n))
+  for b in range(batch):
+    group = range(b - b % group_size, b - b % group_size + group_size)
+    others = [returns[j] for j in group if j != b]
+    expected[b, :lengths[b]] = returns[b] - sum(others) / len(others)
+
+  advantages = jax.jit(ppo_core.rloo_advantages, static_argnums=2)(
+      _with_garbage_on_padding(rewards, mask), mask, group_size)
+
+  np.testing.assert_allclose(advantages, expected, rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(advantages)[mask == 0] == 0)
+  # A constant added to every return of one prompt (its difficulty) changes nothing.
+  shifted = rewards.copy()
+  shifted[:group_size, 0] += 5.0
+  np.testing.assert_allclose(ppo_core.rloo_advantages(shifted, mask, group_size), advantages,
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_rloo_needs_two_answers_per_prompt():
+  with pytest.raises(ValueError, match="at least 2"):
+    ppo_core.rloo_advantages(np.zeros((4, 3), np.float32), np.ones((4, 3), np.float32), 1)
+
+
 def test_gae_with_gamma_lam_one_is_monte_carlo_return_minus_value():
   """With gamma = lam = 1 the advantage telescopes to (sum of future rewards) - V_t."""
   rng = np.random.default_rng(1)

@@ -48,8 +48,11 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
 
 def _decay_mask(params):
   """Weight decay on matrices only (kernels), as is usual for transformers."""
-  flat = flax.traverse_util.flatten_dict(params)
-  return flax.traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
+  # Empty subtrees (PPO's `value` when no value model is trained) must stay in the mask's tree.
+  empty = flax.traverse_util.empty_node
+  flat = flax.traverse_util.flatten_dict(params, keep_empty_nodes=True)
+  return flax.traverse_util.unflatten_dict(
+      {k: v if v is empty else k[-1] == "kernel" for k, v in flat.items()})
 
 
 def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:

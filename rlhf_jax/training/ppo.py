@@ -50,6 +50,7 @@ class PPOSettings:
   """The static (compile-time) settings of one PPO iteration; see configs/ppo.py."""
   sampling: sampling.SamplingSettings
   samples_per_prompt: int = 1
+  advantage_estimator: str = "gae"  # "gae" (value model) | "rloo" (leave-one-out, no value model)
   num_epochs: int = 4
   num_minibatches: int = 1
   accum_steps: int = 1
@@ -68,6 +69,11 @@ class PPOSettings:
   missing_eos_penalty: float = 0.0
   approx_kl_stop: float = 0.0  # 0 disables the early stop of the epoch loop.
   shared_value_head: bool = False
+
+  @property
+  def uses_critic(self) -> bool:
+    """Whether a value model is trained and read (GAE); RLOO needs none."""
+    return self.advantage_estimator == "gae"
 
   @property
   def temperature(self) -> float:
@@ -177,7 +183,9 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
 
   # 2. Frozen models and rollout-time values.
   ref_logprobs = response_outputs(models.reference, frozen["reference"], lm_head=True)["logprobs"]
-  if settings.shared_value_head:
+  if not settings.uses_critic:
+    old_values = None
+  elif settings.shared_value_head:
     old_values = response_outputs(models.policy, state.params, lm_head=False)["values"]
   else:
     old_values = value_outputs(state.extra["value"], sequences)
@@ -193,13 +201,18 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
       scores, samples.logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator)
   if settings.whiten_rewards:
     rewards = core.whiten(rewards, mask, shift_mean=False)
-  raw_advantages, returns = core.gae(rewards, old_values, mask, settings.gamma, settings.lam)
-  advantages = core.whiten(raw_advantages, mask)
-
   rollout = dict(input_ids=sequences["input_ids"], segment_ids=sequences["segment_ids"],
                  positions=sequences["positions"], tokens=samples.tokens, mask=mask,
-                 old_logprobs=samples.logprobs, old_values=old_values, advantages=advantages,
-                 returns=returns)
+                 old_logprobs=samples.logprobs)
+  if settings.uses_critic:
+    raw_advantages, returns = core.gae(rewards, old_values, mask, settings.gamma, settings.lam)
+    rollout.update(old_values=old_values, returns=returns)
+  else:
+    # The k answers to each prompt are each other's baseline: the prompt's difficulty (most of
+    # the score's variance between episodes) cancels exactly instead of through a value model.
+    raw_advantages = core.rloo_advantages(rewards, mask, settings.samples_per_prompt)
+  advantages = core.whiten(raw_advantages, mask)
+  rollout["advantages"] = advantages
 
   # 4. Epochs x minibatches, each a (possibly accumulated) gradient step on policy and value.
   def loss_fn(learner, minibatch, rng):
@@ -208,18 +221,20 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
     policy_out = _response_outputs(models.policy, learner["policy"], seqs, prompt_length,
                                    response_length, lm_head=True, temperature=settings.temperature,
                                    tokens=minibatch["tokens"], entropy=bool(settings.entropy_coef))
-    if settings.shared_value_head:
-      values = policy_out["values"]
-    else:
-      values = value_outputs(learner["value"], seqs)
     m = minibatch["mask"]
     pg_loss, pg_metrics = core.ppo_policy_loss(policy_out["logprobs"], minibatch["old_logprobs"],
                                                minibatch["advantages"], m, settings.clip_range)
-    vf_loss, vf_metrics = core.ppo_value_loss(values, minibatch["old_values"],
-                                              minibatch["returns"], m, settings.clip_range_value)
-    loss = pg_loss + settings.vf_coef * vf_loss
-    metrics = {"weight": jnp.sum(m), "policy_loss": pg_loss, "value_loss": vf_loss, **pg_metrics,
-               **vf_metrics}
+    loss = pg_loss
+    metrics = {"weight": jnp.sum(m), "policy_loss": pg_loss, **pg_metrics}
+    if settings.uses_critic:
+      if settings.shared_value_head:
+        values = policy_out["values"]
+      else:
+        values = value_outputs(learner["value"], seqs)
+      vf_loss, vf_metrics = core.ppo_value_loss(values, minibatch["old_values"],
+                                                minibatch["returns"], m, settings.clip_range_value)
+      loss = loss + settings.vf_coef * vf_loss
+      metrics.update(value_loss=vf_loss, **vf_metrics)
     # The exact entropy of the learner costs passes over the [B, N, V] logits (and, in the loss,
     # their backward): computed only for an entropy bonus. The `entropy` metric is the rollout's.
     if settings.entropy_coef:
@@ -279,10 +294,11 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
       "entropy": core.masked_mean(-samples.logprobs, mask),
       "response_length": jnp.mean(samples.lengths.astype(jnp.float32)),
       "eos_fraction": jnp.mean(samples.ended.astype(jnp.float32)),
-      "value_mean": core.masked_mean(old_values, mask),
       "advantage_std_before_whitening": jnp.std(jnp.sum(raw_advantages * mask, axis=1)),
       "minibatches_applied": jnp.sum(applied),
   }
+  if settings.uses_critic:
+    metrics["value_mean"] = core.masked_mean(old_values, mask)
   extra = {"value": learner["value"], "kl_coef": new_kl_coef}
   new_state = state.replace(step=state.step + 1, params=learner["policy"], opt_state=opt_state,
                             rng=jax.random.key_data(rng), extra=extra)
@@ -390,17 +406,24 @@ def settings_from_config(config, tokenizer) -> PPOSettings:
                     "must be at least 1")
   if config.value_model not in ("reward", "policy_head"):
     raise UserError(f"--config.value_model={config.value_model}: use reward or policy_head")
+  if p.advantage_estimator not in ("gae", "rloo"):
+    raise UserError(f"--config.ppo.advantage_estimator={p.advantage_estimator}: use gae or rloo")
+  if p.advantage_estimator == "rloo" and int(config.rollout.samples_per_prompt) < 2:
+    raise UserError("--config.ppo.advantage_estimator=rloo compares the answers to one prompt: "
+                    f"set --config.rollout.samples_per_prompt to 2 or more (it is "
+                    f"{config.rollout.samples_per_prompt})")
   return PPOSettings(
       sampling=sampling.SamplingSettings.from_config(config.rollout, tokenizer.eos_token_id,
                                                      tokenizer.pad_token_id),
-      samples_per_prompt=int(config.rollout.samples_per_prompt), num_epochs=p.num_epochs,
+      samples_per_prompt=int(config.rollout.samples_per_prompt),
+      advantage_estimator=p.advantage_estimator, num_epochs=p.num_epochs,
       num_minibatches=p.num_minibatches, accum_steps=p.accum_steps,
       gamma=p.gamma, lam=p.lam, clip_range=p.clip_range, clip_range_value=p.clip_range_value,
       vf_coef=p.vf_coef, entropy_coef=p.entropy_coef, kl_estimator=p.kl_estimator,
       adaptive_kl=p.adaptive_kl, kl_target=p.kl_target, kl_horizon=p.kl_horizon,
       whiten_rewards=p.whiten_rewards, normalize_scores=p.normalize_scores,
       missing_eos_penalty=p.missing_eos_penalty, approx_kl_stop=p.approx_kl_stop,
-      shared_value_head=config.value_model == "policy_head")
+      shared_value_head=config.value_model == "policy_head" and p.advantage_estimator == "gae")
 
 
 def run(config, workdir: pathlib.Path) -> None:
@@ -418,11 +441,13 @@ def run(config, workdir: pathlib.Path) -> None:
   tokenizer = hf.load_tokenizer(sft["tokenizer_dir"])
   settings = settings_from_config(config, tokenizer)
   shared = settings.shared_value_head
+  # A separate value model: GAE with value_model=reward (RLOO and a policy value head need none).
+  separate_value = settings.uses_critic and not shared
 
   policy = gpt_neo.build(sft["config"], config.model, score_head=shared)
   reward_model = gpt_neo.build(reward["config"], config.model, score_head=True)
   models = Models(policy=policy, reference=gpt_neo.build(sft["config"], config.model),
-                  value=None if shared else reward_model, reward=reward_model)
+                  value=reward_model if separate_value else None, reward=reward_model)
   shard = lambda model: sharding.param_shardings(gpt_neo.logical_axes(model),
                                                  gpt_neo.param_shapes(model), mesh)
   policy_shardings, reward_shardings = shard(policy), shard(reward_model)
@@ -465,16 +490,17 @@ def run(config, workdir: pathlib.Path) -> None:
     return state.replace(params=learner["policy"],
                          extra={**state.extra, "value": learner["value"]})
 
-  value_shapes = {} if shared else gpt_neo.param_shapes(reward_model)
+  value_shapes = gpt_neo.param_shapes(reward_model) if separate_value else {}
   abstract = jax.eval_shape(make_state, gpt_neo.param_shapes(policy), value_shapes)
   param_shardings = policy_shardings
   # The value model and its Adam moments are laid out like the reward model it starts from.
   shardings = loop.state_shardings(abstract, param_shardings, mesh,
-                                   extra_shardings=None if shared else {"value": reward_shardings})
+                                   extra_shardings={"value": reward_shardings}
+                                   if separate_value else None)
   abstract = loop.with_shardings(abstract, shardings)
 
   def init_state():
-    value = {} if shared else jax.tree.map(jnp.copy, reward_params)
+    value = jax.tree.map(jnp.copy, reward_params) if separate_value else {}
     return make_state(load_policy(), value)
 
   def step_fn(state, batch, frozen):

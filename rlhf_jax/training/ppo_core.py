@@ -295,6 +295,30 @@ def gae(rewards: Array, values: Array, mask: Array, gamma=1.0, lam=0.95) -> Tupl
   return advantages, returns
 
 
+def rloo_advantages(rewards: Array, mask: Array, group_size: int) -> Array:
+  """REINFORCE-leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024, "Back to Basics").
+
+  Rows b*k .. b*k+k-1 (k = `group_size`) answer the same prompt. Each episode's return is the sum
+  of its per-token rewards (score + KL penalty); its baseline is the mean return of the OTHER k-1
+  answers to the same prompt, so the prompt's own difficulty cancels exactly instead of being
+  left to a learned value model. The advantage is the same on every response token of the row.
+
+  Args:
+    rewards: float [B*k, N] per-token rewards (e.g. from `kl_penalty_rewards`).
+    mask: float32 [B*k, N] response mask.
+    group_size: k >= 2 answers per prompt, adjacent rows.
+
+  Returns:
+    float32 [B*k, N]: (return - leave-one-out baseline) on real tokens, 0.0 on padding.
+  """
+  if group_size < 2:
+    raise ValueError(f"rloo needs at least 2 answers per prompt, got group_size={group_size}")
+  returns = masked_sum(rewards, mask, axis=1).reshape(-1, group_size)  # [B, k]
+  baseline = (jnp.sum(returns, axis=1, keepdims=True) - returns) / (group_size - 1)
+  advantages = (returns - baseline).reshape(-1, 1)
+  return jnp.where(_f32(mask) > 0, advantages, 0.0)
+
+
 def ppo_policy_loss(new_logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array,
                     clip_range=0.2) -> Tuple[Array, Dict[str, Array]]:
   """PPO's clipped surrogate objective (Schulman et al. 2017), as a loss to minimise.
