@@ -91,6 +91,20 @@ def test_weight_decay_only_on_kernels():
           ("mlp", "c_fc"), ("mlp", "c_proj")])
 
 
+def test_weight_decay_accepts_an_empty_subtree():
+  """PPO without a value model keeps `value: {}` beside the policy in the optimised tree."""
+  lr, decay = 0.1, 0.5
+  tx = optim.make_optimizer(common.optim(lr, schedule="constant", weight_decay=decay), 10)
+  params = {"policy": random_params(), "value": {}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  after = optax.apply_updates(params, updates)
+  assert after["value"] == {}
+  kernel = params["policy"]["h"]["mlp"]["c_fc"]["kernel"]
+  np.testing.assert_allclose(after["policy"]["h"]["mlp"]["c_fc"]["kernel"],
+                             kernel * (1 - lr * decay), rtol=1e-6)
+
+
 def test_adamw_with_clipping_matches_pytorch():
   """Our optimizer against torch.optim.AdamW + clip_grad_norm_, kernels in the decayed group and
   the learning rate set by hand each step; gradients of changing norms make clipping matter."""
