@@ -247,6 +247,28 @@ def test_system_metrics_keys_and_values():
   json.dumps(result, allow_nan=False)  # Plain JSON types only.
 
 
+def test_reward_vs_sft_is_the_paired_difference_and_its_interval_is_narrow():
+  """Prompts differ a lot (std 3) and the system adds 0.2 on each with a little noise: the
+  unpaired intervals of system and SFT overlap, the paired one is tight around 0.2."""
+  rng = np.random.default_rng(0)
+  n = 200
+  sft = rng.normal(5.0, 3.0, n)
+  system = sft + 0.2 + rng.normal(0.0, 0.1, n)
+  texts = ["x"] * n
+  result = metrics.system_metrics(responses=texts, references=texts, rewards=system,
+                                  sft_rewards=sft, num_resamples=500)
+  sft_alone = metrics.system_metrics(responses=texts, references=texts, rewards=sft,
+                                     num_resamples=500)
+  assert result["reward_vs_sft"] == pytest.approx(np.mean(system - sft))
+  low, high = result["reward_vs_sft_ci95"]
+  assert 0.0 < low < result["reward_vs_sft"] < high < 0.4
+  assert result["reward_ci95"][0] < sft_alone["reward_ci95"][1]  # Unpaired: they overlap.
+  assert sft_alone["reward_vs_sft"] is None and sft_alone["reward_vs_sft_ci95"] is None
+  with pytest.raises(ValueError, match="200 responses but 3 sft_rewards"):
+    metrics.system_metrics(responses=texts, references=texts, rewards=system,
+                           sft_rewards=sft[:3])
+
+
 def test_system_metrics_missing_parts_are_none():
   records = _dolly_records(20)
   references = [record["response"] for record in records]

@@ -80,6 +80,16 @@ def test_the_report_has_every_system_split_and_metric(pipeline):
         assert metric in splits[split], (name, split, metric)
       assert np.isfinite(splits[split]["reward_mean"]), (name, split)
   assert results["systems"]["SFT"]["splits"]["test"]["kl_to_sft"] == pytest.approx(0, abs=1e-5)
+  # The paired difference to SFT (same prompts): its mean is the difference of the means.
+  for split in SPLITS:
+    sft = results["systems"]["SFT"]["splits"][split]
+    assert sft["reward_vs_sft"] is None
+    for name in set(SYSTEMS) - {"SFT"}:
+      other = results["systems"][name]["splits"][split]
+      assert other["reward_vs_sft"] == pytest.approx(
+          other["reward_mean"] - sft["reward_mean"], abs=1e-6), (name, split)
+      low, high = other["reward_vs_sft_ci95"]
+      assert low <= other["reward_vs_sft"] <= high, (name, split)
   table = (eval_dir / "eval.md").read_text()
   assert all(f"| {name} " in table or f"| {name}|" in table for name in SYSTEMS), table
   for png in ("reward_by_system.png", "ood_robustness.png"):

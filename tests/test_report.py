@@ -19,7 +19,7 @@ OOD_LEVELS = {0: "in-distribution", 1: "paraphrased prompts", 2: "larger numbers
 SYSTEMS = ("RR", "SFT", "RO", "RLHF")
 
 
-def _split(rng, reward_shift, *, with_answers=True, with_kl=True):
+def _split(rng, reward_shift, *, with_answers=True, with_kl=True, paired=True):
   """Metrics of one system on one split, built by the real `system_metrics`."""
   n = 40
   records = [{"answer": str(i % 3)} for i in range(n)]
@@ -29,7 +29,8 @@ def _split(rng, reward_shift, *, with_answers=True, with_kl=True):
       responses=responses, references=references, rewards=rng.normal(reward_shift, 1.0, n),
       kl=rng.normal(2.0, 0.5, n) if with_kl else None, lengths=rng.integers(3, 60, n),
       ended_with_eos=rng.random(n) < 0.8, records=records,
-      check_fn=(lambda r, x: r["answer"] in x) if with_answers else None, num_resamples=200)
+      check_fn=(lambda r, x: r["answer"] in x) if with_answers else None,
+      sft_rewards=rng.normal(0.0, 1.0, n) if paired else None, num_resamples=200)
 
 
 def _results(*, with_answers=True):
@@ -38,7 +39,8 @@ def _results(*, with_answers=True):
   for index, name in enumerate(SYSTEMS):
     splits = {report.ood_split_name(level): _split(rng, index - level * 0.5,
                                                    with_answers=with_answers,
-                                                   with_kl=name not in ("RR", "SFT"))
+                                                   with_kl=name not in ("RR", "SFT"),
+                                                   paired=name != "SFT")
               for level in OOD_LEVELS}
     curve = {metric: [splits[report.ood_split_name(level)][metric] for level in OOD_LEVELS]
              for metric in ("reward_mean", "exact_match", "bleu")}
@@ -97,6 +99,13 @@ def test_markdown_shows_every_system_ci_ood_levels_and_signature(tmp_path):
   low, high = rlhf["reward_ci95"]
   assert f"| RLHF | {rlhf['bleu']:.2f} | {rlhf['reward_mean']:.3f} [{low:.3f}, {high:.3f}] |" in text
   assert f"{100 * rlhf['exact_match']:.1f}%" in text
+  # The paired difference to SFT, signed, in the next column; SFT has none.
+  low, high = rlhf["reward_vs_sft_ci95"]
+  paired = f"| {rlhf['reward_vs_sft']:+.3f} [{low:+.3f}, {high:+.3f}] |"
+  rlhf_row = next(line for line in text.splitlines() if line.startswith("| RLHF |"))
+  assert paired in rlhf_row
+  sft_row = next(line for line in text.splitlines() if line.startswith("| SFT |"))
+  assert sft_row.split("|")[4].strip() == "n/a"
   for name in SYSTEMS:
     assert text.count(f"| {name} |") == len(OOD_LEVELS)  # One row per split table.
   for level, level_name in OOD_LEVELS.items():

@@ -232,6 +232,7 @@ def run(config, workdir: pathlib.Path) -> None:
         rng, ro_rng = jax.random.split(rng)
         answers["RO"] = best_of_n(sft, scorer, prompts, config.best_of_n, settings=settings,
                                   rng=ro_rng, **settings_args)
+    sft_scores = answers["SFT"][1]
     for name, (responses, scores) in answers.items():
       kl = responses.kl
       if name == "RO":
@@ -240,7 +241,8 @@ def run(config, workdir: pathlib.Path) -> None:
       systems[name]["splits"][split] = metrics.system_metrics(
           responses=responses.texts, references=references, rewards=scores, kl=kl,
           lengths=responses.lengths, ended_with_eos=responses.ended, records=split_records,
-          check_fn=check_fn, seed=config.seed)
+          check_fn=check_fn, sft_rewards=None if name == "SFT" else sft_scores,
+          seed=config.seed)
     if split == report.IN_DISTRIBUTION_SPLIT:
       for i, prompt in enumerate(prompts[:config.num_samples]):
         samples.append({"prompt": prompt, "reference": references[i], "systems": {

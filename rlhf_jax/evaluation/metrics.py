@@ -24,6 +24,8 @@ SYSTEM_METRIC_KEYS = (
     "bleu_signature",
     "reward_mean",
     "reward_ci95",
+    "reward_vs_sft",
+    "reward_vs_sft_ci95",
     "exact_match",
     "kl_to_sft",
     "length",
@@ -229,6 +231,7 @@ def system_metrics(
     ended_with_eos=None,
     records: Sequence[Any] | None = None,
     check_fn: Callable[[Any, str], bool | None] | None = None,
+    sft_rewards=None,
     num_resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -245,18 +248,23 @@ def system_metrics(
     ended_with_eos: bool [num_samples], or None.
     records: `num_samples` data records for `check_fn`, or None.
     check_fn: the answer checker (see `exact_match`), or None when there are no answers.
-    num_resamples: bootstrap resamples for the reward CI.
+    sft_rewards: float [num_samples] the SFT policy's scores on the same prompts, or None (SFT
+      itself): gives the paired difference `reward_vs_sft` = mean(rewards - sft_rewards) with a
+      bootstrap CI over prompts. Both systems answer the same prompts, so the prompts' own
+      spread of scores (most of a system's CI) cancels in the difference.
+    num_resamples: bootstrap resamples for the reward CIs.
     seed: bootstrap seed.
 
   Returns:
     A dict with exactly `SYSTEM_METRIC_KEYS`: `bleu` (float), `bleu_signature` (str),
-    `reward_mean` (float), `reward_ci95` ([low, high]), `exact_match` (fraction), `kl_to_sft`
+    `reward_mean` (float), `reward_ci95` ([low, high]), `reward_vs_sft` (float) and
+    `reward_vs_sft_ci95` ([low, high]), `exact_match` (fraction), `kl_to_sft`
     (mean nats per sequence), `length` (mean tokens), `eos_fraction`, `num_samples` (int). A
     metric that does not apply or has no data is `None`.
   """
   num_samples = len(responses)
   per_sample = {"references": references, "rewards": rewards, "kl": kl, "lengths": lengths,
-                "ended_with_eos": ended_with_eos, "records": records}
+                "ended_with_eos": ended_with_eos, "records": records, "sft_rewards": sft_rewards}
   for name, value in per_sample.items():
     if value is not None and len(value) != num_samples:
       raise ValueError(f"system_metrics: {num_samples} responses but {len(value)} {name}")
@@ -267,6 +275,8 @@ def system_metrics(
       "bleu_signature": bleu["signature"],
       "reward_mean": None,
       "reward_ci95": None,
+      "reward_vs_sft": None,
+      "reward_vs_sft_ci95": None,
       "exact_match": None,
       "kl_to_sft": None,
       "length": None,
@@ -277,6 +287,11 @@ def system_metrics(
     mean, low, high = bootstrap_ci(np.asarray(rewards), num_resamples=num_resamples, seed=seed)
     metrics["reward_mean"] = mean
     metrics["reward_ci95"] = [low, high]
+    if sft_rewards is not None:
+      difference = np.asarray(rewards, np.float64) - np.asarray(sft_rewards, np.float64)
+      mean, low, high = bootstrap_ci(difference, num_resamples=num_resamples, seed=seed)
+      metrics["reward_vs_sft"] = mean
+      metrics["reward_vs_sft_ci95"] = [low, high]
   if records is not None:
     metrics["exact_match"] = exact_match(records, responses, check_fn)
   if kl is not None and num_samples:

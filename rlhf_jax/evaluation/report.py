@@ -101,22 +101,23 @@ def _format_percent(value: Any) -> str:
   return _MISSING if number is None else f"{100.0 * number:.1f}%"
 
 
-def _format_reward(metrics: Mapping[str, Any]) -> str:
-  mean = _number(metrics.get("reward_mean"))
+def _format_reward(metrics: Mapping[str, Any], key: str = "reward_mean",
+                   ci_key: str = "reward_ci95", sign: str = "") -> str:
+  mean = _number(metrics.get(key))
   if mean is None:
     return _MISSING
-  ci = metrics.get("reward_ci95") or [None, None]
+  ci = metrics.get(ci_key) or [None, None]
   low, high = _number(ci[0]), _number(ci[1])
   if low is None or high is None:
-    return f"{mean:.3f}"
-  return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+    return f"{mean:{sign}.3f}"
+  return f"{mean:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]"
 
 
 def _markdown_table(systems: Mapping[str, Any], split: str) -> list[str]:
   lines = [
-      "| system | BLEU | reward (95% CI) | exact match | KL to SFT (nats) | length (tokens) "
-      "| ended with EOS | samples |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|",
+      "| system | BLEU | reward (95% CI) | reward - SFT (paired 95% CI) | exact match "
+      "| KL to SFT (nats) | length (tokens) | ended with EOS | samples |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for name, system in systems.items():
     metrics = _split_metrics(system, split)
@@ -125,6 +126,7 @@ def _markdown_table(systems: Mapping[str, Any], split: str) -> list[str]:
         str(name).replace("|", "\\|"),
         _format(metrics.get("bleu"), ".2f"),
         _format_reward(metrics),
+        _format_reward(metrics, "reward_vs_sft", "reward_vs_sft_ci95", sign="+"),
         _format_percent(metrics.get("exact_match")),
         _format(metrics.get("kl_to_sft"), ".3f"),
         _format(metrics.get("length"), ".1f"),
@@ -164,8 +166,10 @@ def _markdown(results: Mapping[str, Any], ood_levels: Mapping[int, str]) -> str:
     lines.append("")
   lines += [
       "Reward is the mean reward-model score with a 95% percentile-bootstrap confidence "
-      "interval; KL to SFT is the mean per-response sum of log p_policy - log p_SFT over the "
-      "sampled tokens.",
+      "interval; reward - SFT is the mean over prompts of the system's score minus the SFT "
+      "policy's on the same prompt, with a bootstrap interval over prompts (the prompts' own "
+      "spread of scores, most of a system's interval, cancels in it); KL to SFT is the mean "
+      "per-response sum of log p_policy - log p_SFT over the sampled tokens.",
       "",
       f"## In-distribution (`{IN_DISTRIBUTION_SPLIT}`)",
       "",
