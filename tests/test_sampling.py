@@ -237,3 +237,38 @@ def test_sample_categorical_draws_the_softmax_distribution():
   again = np.asarray(sampling.sample_categorical(jax.random.key(3),
                                                  jnp.broadcast_to(logits, (rows, len(probs)))))
   np.testing.assert_array_equal(draws, again)
+
+
+def test_first_max_index_is_argmax_with_ties_and_infinities():
+  rng = np.random.default_rng(0)
+  logits = rng.integers(-3, 3, size=(64, 37)).astype(np.float32)  # Many ties.
+  logits[0] = -np.inf
+  logits[1, [4, 9]] = np.inf
+  np.testing.assert_array_equal(jax.jit(sampling.first_max_index)(logits),
+                                np.argmax(logits, axis=-1))
+
+
+@pytest.mark.parametrize("vocab", [2, 37, 1024, 50257])
+def test_sample_categorical_over_blocks_draws_the_distribution(vocab):
+  """The two-level inverse CDF at vocabulary sizes that are and are not whole blocks: frequencies
+  of a few heavy tokens match their probabilities, the rest of the mass falls on the many light
+  ones, and tokens of probability 0 (including every one in a zero block) are never drawn."""
+  rng = np.random.default_rng(vocab)
+  logits = np.full(vocab, -np.inf, np.float32)
+  alive = rng.choice(vocab, size=min(vocab, 200), replace=False)
+  logits[alive] = rng.normal(size=len(alive)).astype(np.float32)
+  heavy = alive[:2]
+  logits[heavy] = [4.0, 3.0]
+  probs = np.exp(logits - logits.max())
+  probs /= probs.sum()
+  rows = 20000
+  draws = np.asarray(jax.jit(sampling.sample_categorical)(
+      jax.random.key(vocab), jnp.broadcast_to(jnp.asarray(logits), (rows, vocab))))
+  assert draws.min() >= 0 and draws.max() < vocab
+  assert np.isin(draws, alive).all()  # Never a token of probability 0.
+  frequencies = np.bincount(draws, minlength=vocab) / rows
+  np.testing.assert_allclose(frequencies[heavy], probs[heavy], atol=5 * np.sqrt(0.25 / rows))
+  # Where the light mass goes, by halves of the vocabulary.
+  light = np.setdiff1d(np.arange(vocab), heavy)
+  for part in np.array_split(light, 2):
+    assert abs(frequencies[part].sum() - probs[part].sum()) < 5 * np.sqrt(0.25 / rows)
