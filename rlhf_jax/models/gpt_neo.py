@@ -277,8 +277,8 @@ class GPTNeo(nn.Module):
   @nn.compact
   def __call__(self, input_ids: Array, segment_ids: Array, positions: Array | None = None, *,
                cache: dict | None = None, deterministic: bool = True, lm_head: bool = True,
-               last_only: bool = False,
-               head_slice: tuple[int, int] | None = None) -> dict[str, Array]:
+               last_only: bool = False, head_slice: tuple[int, int] | None = None,
+               position_embeddings: Array | None = None) -> dict[str, Array]:
     """Runs the model.
 
     Args:
@@ -292,6 +292,8 @@ class GPTNeo(nn.Module):
       last_only: compute heads only for the last column (generation).
       head_slice: (start, length): compute heads only for these columns (e.g. the response part
         of prompt+response in PPO), saving the vocabulary projection of the rest.
+      position_embeddings: [B, T, D] rows of `wpe` to use instead of looking up `positions`
+        (generation gathers its steps' rows once per call; see `sampling.generate`).
 
     Returns:
       dict with "hidden" [B, T', D] (after ln_f), "logits" float32 [B, T', V] if `lm_head`,
@@ -309,7 +311,9 @@ class GPTNeo(nn.Module):
                    param_dtype=self.param_dtype,
                    embedding_init=nn.with_logical_partitioning(embed_init, (None, "embed")),
                    name="wpe")
-    x = wte(input_ids) + wpe(positions)
+    if position_embeddings is None:
+      position_embeddings = wpe(positions)
+    x = wte(input_ids) + position_embeddings.astype(self.dtype)
     x = nn.Dropout(cfg.embed_dropout)(x, deterministic=deterministic)
 
     length = input_ids.shape[1]
