@@ -196,9 +196,14 @@ def generate(model: gpt_neo.GPTNeo, params, prompt_ids: Array, prompt_mask: Arra
   out = model.apply({"params": params}, prompt_ids, segments, gpt_neo.default_positions(segments),
                     cache=cache, last_only=True, lm_head=False)
   next_position = jnp.sum(segments, axis=1).astype(jnp.int32)  # [B]
+  # The position-embedding rows of every step [B, steps, D], gathered once per call: inside the
+  # loop, XLA:CPU splits a gather from the whole [max_positions, D] table across threads (its
+  # cost model counts the table), which costs ~10 us per step at the tiny shape, a tenth of it.
+  step_positions = next_position[:, None] + jnp.arange(steps, dtype=jnp.int32)
+  position_rows = jnp.take(params["wpe"]["embedding"].astype(model.dtype), step_positions, axis=0)
 
   def body(state):
-    step, cache, logits, position, tokens, logprobs, ended, rng = state
+    step, cache, logits, tokens, logprobs, ended, rng = state
     rng, step_rng = jax.random.split(rng)
     token, logprob = _choose(logits, step_rng, settings)
     token = jnp.where(ended, settings.pad_token_id, token)
@@ -207,17 +212,18 @@ def generate(model: gpt_neo.GPTNeo, params, prompt_ids: Array, prompt_mask: Arra
     live = ~ended
     ended = ended | (token == settings.eos_token_id)
     out = model.apply({"params": params}, token[:, None], live.astype(jnp.int32)[:, None],
-                      position[:, None], cache=cache, last_only=True, lm_head=False)
-    return (step + 1, out["cache"], next_logits(out), position + 1, tokens, logprobs, ended, rng)
+                      cache=cache, last_only=True, lm_head=False,
+                      position_embeddings=jax.lax.dynamic_slice_in_dim(position_rows, step, 1, 1))
+    return (step + 1, out["cache"], next_logits(out), tokens, logprobs, ended, rng)
 
   def cond(state):
-    step, ended = state[0], state[6]
+    step, ended = state[0], state[5]
     return (step < steps) & ~jnp.all(ended)
 
-  init = (jnp.zeros((), jnp.int32), out["cache"], next_logits(out), next_position,
+  init = (jnp.zeros((), jnp.int32), out["cache"], next_logits(out),
           jnp.full((batch, steps), settings.pad_token_id, jnp.int32),
           jnp.zeros((batch, steps), jnp.float32), jnp.zeros((batch,), bool), rng)
-  _, _, _, _, tokens, logprobs, ended, _ = jax.lax.while_loop(cond, body, init)
+  _, _, _, tokens, logprobs, ended, _ = jax.lax.while_loop(cond, body, init)
   # A row's real tokens run up to and including its first EOS.
   is_eos = tokens == settings.eos_token_id
   first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), steps)
