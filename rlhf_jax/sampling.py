@@ -119,7 +119,9 @@ def sample_categorical(rng: Array, logits: Array) -> Array:
   batch, vocab = logits.shape
   block = math.isqrt(vocab - 1) + 1 if vocab > 1 else 1  # ceil(sqrt(V))
   groups = -(-vocab // block)
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  # Unnormalised weights: u is scaled by their total below, so a softmax's divide is not needed.
+  logits = logits.astype(jnp.float32)
+  probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
   probs = jnp.pad(probs, ((0, 0), (0, groups * block - vocab))).reshape(batch, groups, block)
   group_mass = jnp.sum(probs, axis=-1)  # [B, G]
   group_cdf = jnp.cumsum(group_mass, axis=-1)
