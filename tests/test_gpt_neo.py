@@ -170,7 +170,6 @@ def test_last_only_returns_the_last_column(make_hf_gpt_neo):
   np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(full[:, -1]), atol=1e-6, rtol=0)
 
 
-
 def test_given_position_embeddings_replace_the_lookup(make_hf_gpt_neo):
   """`position_embeddings` (what generation passes) gives the `positions` lookup's output,
   and a different row changes it (so the argument is used, not ignored)."""
@@ -183,6 +182,7 @@ def test_given_position_embeddings_replace_the_lookup(make_hf_gpt_neo):
   np.testing.assert_allclose(np.asarray(given), np.asarray(looked_up), atol=1e-6, rtol=0)
   shifted = _apply(model)(params, ids, mask, position_embeddings=jnp.roll(rows, 1, axis=1))
   assert np.abs(np.asarray(shifted["logits"]) - np.asarray(looked_up)).max() > 1e-3
+
 
 # bfloat16 keeps 8 bits of mantissa: relative error ~ 2^-8 per rounding, accumulated over a few
 # matmuls. The stated tolerance: max |bf16 - f32| <= 0.05 * max |f32 logits|, and the bf16 argmax
