@@ -19,6 +19,9 @@ Choices of this port:
 - Parameters carry logical axis names (`vocab`, `embed`, `heads`, `mlp`, `layers`) that
   `rlhf_jax.sharding` maps onto the device mesh.
 - A preallocated KV cache (`init_cache`) gives the incremental decoding path used by the sampler.
+  On CPU, for models too big to stay in cache, the sampler's decoding steps use
+  `feature_major_step` instead: the same computation with weights as [out, in] and activations as
+  [D, B], the matmul layout XLA:CPU streams weights fastest in at a few rows.
 - An optional `score` head (Dense to 1, no bias: the layout of HF `GPTNeoForSequenceClassification`)
   gives a scalar per token: read at the last real token it is the reward model; per token it is the
   PPO value head.
@@ -133,6 +136,78 @@ def unstack_layers(params: dict) -> dict:
   return {**{name: value for name, value in params.items() if name != "h"}, **layers}
 
 
+def feature_major_weights(params: dict) -> list[dict]:
+  """Per-layer block weights for `feature_major_step`: every Dense kernel as [out, in].
+
+  Args:
+    params: the model's parameters, scanned (`h`) or unstacked (`h_0`, `h_1`, ...).
+
+  Returns:
+    One dict per layer, the block's parameter tree with each `kernel` transposed. The copies are
+    made once (inside a jitted sampler: once per call) and kept behind an optimization barrier,
+    without which XLA folds the transposes back into the step's matmuls.
+  """
+  layers = unstack_layers(params) if "h" in params else params
+  count = sum(1 for name in layers if name.startswith("h_"))
+  transpose = lambda path, x: x.T if path[-1].key == "kernel" else x
+  return jax.lax.optimization_barrier(
+      [jax.tree_util.tree_map_with_path(transpose, layers[f"h_{i}"]) for i in range(count)])
+
+
+def feature_major_step(config: GPTNeoConfig, weights: Sequence[dict], final_norm: dict, x: Array,
+                       layer_caches: Sequence[tuple[Array, Array]], masks: tuple[Array, Array],
+                       cache_index: Array, dtype=jnp.float32
+                       ) -> tuple[Array, list[tuple[Array, Array]]]:
+  """One decoding step of the blocks and `ln_f` with activations laid out [D, B].
+
+  The same computation as `GPTNeo.__call__` for one new token with a cache (no dropout), written
+  for XLA:CPU at batch sizes of a few rows: a [B, K] x [K, N] matmul there runs at ~7 GB/s of
+  weights, while [N, K] x [K, B] (weights as [out, in], activations feature-major) runs at
+  ~13-21 GB/s, and a decoding step mostly streams weights. The attention keeps the cache layout
+  of the Flax path ([B, H, S, Dh]); only the small per-step activations are transposed.
+
+  Args:
+    config: the architecture.
+    weights: from `feature_major_weights`.
+    final_norm: the `ln_f` parameters.
+    x: [B, D] token + position embeddings of the new token.
+    layer_caches: per layer (k, v) [B, H, S, Dh], as `init_cache(per_layer=True)`.
+    masks: (global, local) boolean [B, 1, 1, S] from `attention_masks` for this step.
+    cache_index: int32 scalar, the column the new token is written at.
+    dtype: compute dtype.
+
+  Returns:
+    (final hidden states [D, B] after `ln_f`, the updated per-layer caches).
+  """
+  heads, head_dim = config.num_heads, config.head_dim
+  norm = lambda params, h: nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=dtype,
+                                        reduction_axes=0, feature_axes=0).apply(
+                                            {"params": params}, h)
+  dense = lambda params, h: (jnp.dot(params["kernel"].astype(dtype), h)
+                             + (params["bias"].astype(dtype)[:, None] if "bias" in params else 0))
+  x = x.astype(dtype).T
+  new_caches = []
+  for layer, (cached_k, cached_v), kind in zip(weights, layer_caches, config.attention_layers):
+    attn = layer["attn"]
+    h = norm(layer["ln_1"], x)
+    # [D, B] -> [B, H, Dh]: the Flax path's layout, so the cache is written and read as there.
+    query, key, value = (dense(attn[name], h).reshape(heads, head_dim, -1).transpose(2, 0, 1)
+                         for name in ("q_proj", "k_proj", "v_proj"))
+    cached_k = jax.lax.dynamic_update_slice(cached_k, key[:, :, None].astype(cached_k.dtype),
+                                            (0, 0, cache_index, 0))
+    cached_v = jax.lax.dynamic_update_slice(cached_v, value[:, :, None].astype(cached_v.dtype),
+                                            (0, 0, cache_index, 0))
+    new_caches.append((cached_k, cached_v))
+    mask = masks[1 if kind == "local" else 0][:, :, 0]  # [B, 1, S]
+    logits = jnp.einsum("bhd,bhsd->bhs", query, cached_k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    out = jnp.einsum("bhs,bhsd->bhd", probs.astype(dtype), cached_v.astype(dtype))
+    x = x + dense(attn["out_proj"], out.reshape(-1, heads * head_dim).T)
+    h = jax.nn.gelu(dense(layer["mlp"]["c_fc"], norm(layer["ln_2"], x)), approximate=True)
+    x = x + dense(layer["mlp"]["c_proj"], h)
+  return norm(final_norm, x), new_caches
+
+
 def default_positions(segment_ids: Array) -> Array:
   """Position ids that count real tokens in each row: [B, T] int32, 0 on padding.
 
@@ -143,7 +218,7 @@ def default_positions(segment_ids: Array) -> Array:
   return jnp.maximum(jnp.cumsum(real, axis=-1) - 1, 0)
 
 
-def _attention_masks(query_index: Array, key_index: Array, query_segments: Array,
+def attention_masks(query_index: Array, key_index: Array, query_segments: Array,
                      key_segments: Array, window_size: int) -> tuple[Array, Array]:
   """Boolean [B, 1, T, S] masks for global and local layers.
 
@@ -326,7 +401,7 @@ class GPTNeo(nn.Module):
       key_index = jnp.arange(cache["segment_ids"].shape[1])
       key_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, cache_index))
       layer_caches = (cache["k"], cache["v"])
-    masks = _attention_masks(query_index, key_index, segment_ids, key_segments, cfg.window_size)
+    masks = attention_masks(query_index, key_index, segment_ids, key_segments, cfg.window_size)
 
     block = Block
     if self.remat:
