@@ -2,11 +2,12 @@
 
 Same weights (a random `transformers.GPTNeoForCausalLM` converted to Flax), same prompts, same batch,
 same machine, one process. Both produce exactly `--new_tokens` tokens per row (ours: an EOS id that
-never matches; HF: `min_new_tokens`), KV cache on for both. Ours is timed as it runs by default, with the
-Flax decoding step instead of the feature-major one (`feature_major=False`; the default on CPU for
-models over 64 MB) and with its scanned layers (`layer_loop=False`, the accelerator default). Each
-is warmed up (compiled) first, then the repetitions alternate HF / ours / Flax step / scanned so that
-load from other processes hits all alike; the median time per call gives new tokens per second. Results: bench/RESULTS.md.
+never matches; HF: `min_new_tokens`), KV cache on for both. Ours is timed as it runs by default,
+with the Flax decoding step instead of the feature-major one (`feature_major=False`; the default
+on CPU for models over 64 MB) and with its scanned layers (`layer_loop=False`, the accelerator
+default). Each is warmed up (compiled) first, then the repetitions alternate HF / ours / Flax step /
+scanned so that load from other processes hits all alike; the median time per call gives new
+tokens per second. Results: bench/RESULTS.md.
 
   python bench/bench_generate.py                  # both shapes, greedy and sampled, torch 2 threads
   taskset -c 1 python bench/bench_generate.py --torch_threads=1   # both on one core

@@ -155,8 +155,8 @@ def _choose(logits: Array, rng: Array, settings: SamplingSettings) -> tuple[Arra
 
 # A decoding step streams every weight once; above this many bytes of float32 weights (they no
 # longer stay in the CPU's caches) the feature-major step is faster on XLA:CPU. Measured at batch
-# 8 on a 2-core AMD EPYC: GPT-Neo 125M (500 MB) 47-51 -> 34-38 ms per step; the tiny shape
-# (1.5 MB) 0.10-0.11 -> 0.12 ms, so it stays on the Flax step.
+# 8 on a 2-core AMD EPYC: GPT-Neo 125M (500 MB) 35.2 -> 26.9 ms per step; a tiny shape (1.5 MB)
+# 0.10-0.11 -> 0.12 ms, so it stays on the Flax step (bench/RESULTS.md).
 FEATURE_MAJOR_MIN_BYTES = 64 * 2**20
 
 
@@ -184,9 +184,9 @@ def generate(model: gpt_neo.GPTNeo, params, prompt_ids: Array, prompt_mask: Arra
       weights are copied once per call) instead of the scanned blocks. Same results. None: on CPU,
       where it is ~1.7x faster at 125M because XLA:CPU would copy every layer's weights out of the
       stack on every step; elsewhere keep the scan (no extra copy of the weights in memory).
-      On CPU the tied LM head is also transposed once per call ([D, V]), with or without the
-      layer loop: XLA:CPU's per-step matmul against the [V, D] embedding costs ~1.5x more
-      (tiny shape: 19.7 of a step's ~110 us).
+      On CPU the Flax step's tied LM head is also transposed once per call ([D, V]), with or
+      without the layer loop: XLA:CPU's per-step matmul against the [V, D] embedding costs ~1.5x
+      more (tiny shape: 19.7 of a step's ~110 us).
     feature_major: decode with `gpt_neo.feature_major_step` (block weights transposed once per
       call, activations [D, B], the LM head as [V, D] x [D, B]); the prompt's prefill stays on
       the Flax path. Same computation, rounding aside. None: `default_feature_major(model)`.
@@ -226,10 +226,10 @@ def generate(model: gpt_neo.GPTNeo, params, prompt_ids: Array, prompt_mask: Arra
   step_positions = next_position[:, None] + jnp.arange(steps, dtype=jnp.int32)
   position_rows = jnp.take(params["wpe"]["embedding"].astype(model.dtype), step_positions, axis=0)
 
-  def feature_major_logits(token, live, position_rows_, cache):
+  def feature_major_logits(token, live, position_row, cache):
     """(updated cache, float32 [B, V] logits) of one feature-major decoding step."""
     index = cache["index"]
-    x = jnp.take(params["wte"]["embedding"], token, axis=0) + position_rows_  # [B, D]
+    x = jnp.take(params["wte"]["embedding"], token, axis=0) + position_row  # [B, D]
     key_segments = jax.lax.dynamic_update_slice(
         cache["segment_ids"], live.astype(jnp.int32)[:, None], (0, index))
     masks = gpt_neo.attention_masks(index[None], jnp.arange(key_segments.shape[1]),
@@ -254,13 +254,13 @@ def generate(model: gpt_neo.GPTNeo, params, prompt_ids: Array, prompt_mask: Arra
     logprobs = logprobs.at[:, step].set(jnp.where(ended, 0.0, logprob))
     live = ~ended
     ended = ended | (token == settings.eos_token_id)
-    step_positions = jax.lax.dynamic_slice_in_dim(position_rows, step, 1, 1)
+    step_rows = jax.lax.dynamic_slice_in_dim(position_rows, step, 1, 1)  # [B, 1, D]
     if feature_major:
-      cache, logits = feature_major_logits(token, live, step_positions[:, 0], cache)
+      cache, logits = feature_major_logits(token, live, step_rows[:, 0], cache)
     else:
       out = model.apply({"params": params}, token[:, None], live.astype(jnp.int32)[:, None],
                         cache=cache, last_only=True, lm_head=False,
-                        position_embeddings=step_positions)
+                        position_embeddings=step_rows)
       cache, logits = out["cache"], next_logits(out)
     return (step + 1, cache, logits, tokens, logprobs, ended, rng)
 

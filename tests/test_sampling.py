@@ -184,20 +184,23 @@ def test_layer_loop_and_scanned_decoding_agree(policy):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_feature_major_decoding_agrees_with_the_flax_step(policy, temperature):
-  # The default on CPU for models over 64 MB; forced here on the tiny model. Its greedy tokens
-  # also equal HF's, and rows that end early (EOS = a token this model samples) stay ended.
+  # The default on CPU for models over 64 MB; forced here on the tiny model.
   hf_model, model, params, ids, mask = policy
   assert not sampling.default_feature_major(model)
-  settings = _settings(temperature=temperature, eos_token_id=5)
-  run = lambda fm: jax.device_get(sampling.generate(model, params, ids, mask, jax.random.key(7),
-                                                    settings, feature_major=fm))
-  flax_step, feature_major = run(False), run(True)
+  run = lambda settings, fm: jax.device_get(sampling.generate(
+      model, params, ids, mask, jax.random.key(7), settings, feature_major=fm))
+  free = run(_settings(temperature=temperature), False)  # EOS 0 never comes up (see above).
+  if temperature == 0.0:
+    np.testing.assert_array_equal(run(_settings(), True).tokens,
+                                  _hf_greedy(hf_model.model, ids, mask, eos_token_id=0))
+  # EOS: the token row 1 produces at step 3, so rows end early and must stay ended.
+  settings = _settings(temperature=temperature, eos_token_id=int(free.tokens[1, 3]))
+  flax_step, feature_major = run(settings, False), run(settings, True)
+  assert flax_step.ended[1] and flax_step.lengths[1] <= 4
   np.testing.assert_array_equal(feature_major.tokens, flax_step.tokens)
   np.testing.assert_array_equal(feature_major.lengths, flax_step.lengths)
+  np.testing.assert_array_equal(feature_major.ended, flax_step.ended)
   np.testing.assert_allclose(feature_major.logprobs, flax_step.logprobs, atol=1e-5, rtol=0)
-  if temperature == 0.0:
-    np.testing.assert_array_equal(feature_major.tokens,
-                                  _hf_greedy(hf_model.model, ids, mask, eos_token_id=5))
 
 
 def test_process_logits_top_k_keeps_exactly_the_k_largest():

@@ -140,18 +140,17 @@ def feature_major_weights(params: dict) -> list[dict]:
   """Per-layer block weights for `feature_major_step`: every Dense kernel as [out, in].
 
   Args:
-    params: the model's parameters, scanned (`h`) or unstacked (`h_0`, `h_1`, ...).
+    params: unstacked parameters (`h_0`, `h_1`, ...; see `unstack_layers`).
 
   Returns:
     One dict per layer, the block's parameter tree with each `kernel` transposed. The copies are
     made once (inside a jitted sampler: once per call) and kept behind an optimization barrier,
     without which XLA folds the transposes back into the step's matmuls.
   """
-  layers = unstack_layers(params) if "h" in params else params
-  count = sum(1 for name in layers if name.startswith("h_"))
+  count = sum(1 for name in params if name.startswith("h_"))
   transpose = lambda path, x: x.T if path[-1].key == "kernel" else x
   return jax.lax.optimization_barrier(
-      [jax.tree_util.tree_map_with_path(transpose, layers[f"h_{i}"]) for i in range(count)])
+      [jax.tree_util.tree_map_with_path(transpose, params[f"h_{i}"]) for i in range(count)])
 
 
 def feature_major_step(config: GPTNeoConfig, weights: Sequence[dict], final_norm: dict, x: Array,
