@@ -281,3 +281,81 @@ def test_system_metrics_missing_parts_are_none():
   assert result["num_samples"] == 20
   with pytest.raises(ValueError, match="4 responses but 3 rewards"):
     metrics.system_metrics(responses=HYPOTHESES, references=REFERENCES, rewards=[1.0, 2.0, 3.0])
+
+
+# --- paired comparisons with SFT --------------------------------------------------------------
+
+
+def test_paired_win_rate_with_ties_hand_computed():
+  gold_system = [3.0, 1.0, 2.0, 2.0, 5.0, -1.0, 0.25, 4.0]
+  gold_sft = [1.0, 1.0, 3.0, 2.0, 0.0, -0.5, 0.25, 3.5]
+  # win, tie, loss, tie, win, loss, tie, win: (3 * 1 + 3 * 0.5 + 2 * 0) / 8.
+  rate, low, high = metrics.paired_win_rate(gold_system, gold_sft, seed=3)
+  assert rate == pytest.approx(4.5 / 8)
+  assert 0.0 <= low <= rate <= high <= 1.0
+  assert low < high
+  assert metrics.paired_win_rate(gold_system, gold_sft, seed=3) == (rate, low, high)
+  assert metrics.paired_win_rate([1.0, 2.0], [1.0, 2.0]) == pytest.approx((0.5, 0.5, 0.5))
+  with pytest.raises(ValueError, match="3 system scores but 2 baseline"):
+    metrics.paired_win_rate([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_paired_win_rate_ci_contains_the_estimate_and_covers_the_truth():
+  rng = np.random.default_rng(0)
+  # Discrete scores so that ties happen: for independent uniform {0, 1, 2} scores
+  # P(win) = P(tie) = P(loss) = 1/3, so the true rate is 1/3 + 1/6 = 0.5.
+  gold_sft = rng.integers(0, 3, size=600).astype(float)
+  gold_system = rng.integers(0, 3, size=600).astype(float)
+  rate, low, high = metrics.paired_win_rate(gold_system, gold_sft, seed=1, num_resamples=2000)
+  assert low < rate < high
+  assert low < 0.5 < high
+  outcomes = np.where(gold_system > gold_sft, 1.0, np.where(gold_system < gold_sft, 0.0, 0.5))
+  half_width = 1.96 * outcomes.std(ddof=1) / math.sqrt(outcomes.size)
+  assert (high - low) / 2 == pytest.approx(half_width, rel=0.15)
+
+
+def test_paired_difference_ci_hand_computed():
+  system = [1.0, 0.0, 1.0, 1.0, 0.0]
+  sft = [0.0, 0.0, 1.0, 0.0, 1.0]
+  mean, low, high = metrics.paired_difference_ci(system, sft, seed=0)
+  assert mean == pytest.approx((1 + 0 + 0 + 1 - 1) / 5)
+  assert -1.0 <= low <= mean <= high <= 1.0
+  with pytest.raises(ValueError, match="2 system values but 1 baseline"):
+    metrics.paired_difference_ci([1.0, 2.0], [1.0])
+
+
+def test_system_metrics_gold_and_paired_exact_match():
+  records = [{"answer": "4"}, {"answer": "9"}, {"answer": "12"}, {"answer": None},
+             {"answer": "7"}]
+  responses = ["it is 4", "it is 9", "it is 11", "anything", "it is 7"]
+  sft_responses = ["it is 4", "it is 8", "it is 12", "nothing", "it is 6"]
+  gold = np.array([2.0, 2.0, 0.0, 1.0, 3.0])
+  sft_gold = np.array([2.0, 0.5, 1.0, 1.0, 0.0])
+  texts = ["x"] * 5
+  result = metrics.system_metrics(
+      responses=responses, references=texts, records=records, check_fn=_check_answer,
+      sft_responses=sft_responses, gold=gold, sft_gold=sft_gold, num_resamples=300)
+  assert set(result) == set(metrics.SYSTEM_METRIC_KEYS)
+  # Verifiable records 0, 1, 2, 4: system 1, 1, 0, 1; SFT 1, 0, 1, 0 -> (0 + 1 - 1 + 1) / 4.
+  assert result["exact_match"] == pytest.approx(0.75)
+  assert result["exact_match_vs_sft"] == pytest.approx(0.25)
+  low, high = result["exact_match_vs_sft_ci95"]
+  assert -1.0 <= low <= 0.25 <= high <= 1.0
+  assert result["gold_mean"] == pytest.approx(1.6)
+  assert result["gold_ci95"][0] <= 1.6 <= result["gold_ci95"][1]
+  # tie, win, loss, tie, win.
+  assert result["gold_win_rate_vs_sft"] == pytest.approx(3.0 / 5)
+  low, high = result["gold_win_rate_vs_sft_ci95"]
+  assert low <= 0.6 <= high
+  json.dumps(result, allow_nan=False)
+
+  sft_itself = metrics.system_metrics(responses=sft_responses, references=texts, records=records,
+                                      check_fn=_check_answer, gold=sft_gold, num_resamples=300)
+  assert sft_itself["gold_mean"] == pytest.approx(0.9)
+  for key in ("gold_win_rate_vs_sft", "gold_win_rate_vs_sft_ci95", "exact_match_vs_sft",
+              "exact_match_vs_sft_ci95"):
+    assert sft_itself[key] is None, key
+  no_gold = metrics.system_metrics(responses=responses, references=texts)
+  assert no_gold["gold_mean"] is None and no_gold["gold_ci95"] is None
+  with pytest.raises(ValueError, match="5 responses but 2 sft_gold"):
+    metrics.system_metrics(responses=responses, references=texts, gold=gold, sft_gold=[1.0, 2.0])

@@ -1,4 +1,5 @@
-"""Model-free evaluation metrics: BLEU, bootstrap CIs, exact match, best-of-N, KL, length stats.
+"""Model-free evaluation metrics: BLEU, bootstrap CIs, paired differences and win-rates, exact
+match, best-of-N, KL, length stats.
 
 Everything here works on per-sample arrays and strings that the eval phase has already produced
 (responses, reward-model scores, log-probabilities); no model is called. The functions return
@@ -27,6 +28,12 @@ SYSTEM_METRIC_KEYS = (
     "reward_vs_sft",
     "reward_vs_sft_ci95",
     "exact_match",
+    "exact_match_vs_sft",
+    "exact_match_vs_sft_ci95",
+    "gold_mean",
+    "gold_ci95",
+    "gold_win_rate_vs_sft",
+    "gold_win_rate_vs_sft_ci95",
     "kl_to_sft",
     "length",
     "eos_fraction",
@@ -118,15 +125,102 @@ def exact_match(
   Returns:
     The fraction in [0, 1], or `None` when no record has a verifiable answer.
   """
+  verdicts = answer_verdicts(records, responses, check_fn)
+  if verdicts is None:
+    return None
+  checked = verdicts[~np.isnan(verdicts)]
+  if not checked.size:
+    return None
+  return float(checked.mean())
+
+
+def answer_verdicts(
+    records: Sequence[Any],
+    responses: Sequence[str],
+    check_fn: Callable[[Any, str], bool | None] | None,
+) -> np.ndarray | None:
+  """Per-response verdicts of `check_fn`, the per-sample form of `exact_match`.
+
+  Args:
+    records: `num_samples` data records.
+    responses: `num_samples` responses, aligned with `records`.
+    check_fn: the answer checker (see `exact_match`), or None.
+
+  Returns:
+    float64 [num_samples]: 1.0 accepted, 0.0 rejected, NaN where the record has no verifiable
+    answer; or `None` when `check_fn` is None.
+  """
   if len(records) != len(responses):
     raise ValueError(f"exact_match: {len(records)} records but {len(responses)} responses")
   if check_fn is None:
     return None
   verdicts = [check_fn(record, response) for record, response in zip(records, responses)]
-  checked = [bool(verdict) for verdict in verdicts if verdict is not None]
-  if not checked:
-    return None
-  return sum(checked) / len(checked)
+  return np.array([math.nan if verdict is None else float(bool(verdict)) for verdict in verdicts],
+                  dtype=np.float64)
+
+
+def paired_difference_ci(
+    values_system,
+    values_baseline,
+    *,
+    num_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+  """Mean paired difference system - baseline on the same prompts, with a bootstrap CI.
+
+  Both systems answer the same prompts, so the prompts' own spread of scores (most of either
+  system's unpaired CI) cancels in the difference; the bootstrap resamples prompts.
+
+  Args:
+    values_system: float [num_prompts], e.g. reward-model scores or 0/1 exact-match verdicts.
+    values_baseline: float [num_prompts], the baseline's (SFT's) values on the same prompts.
+    num_resamples, confidence, seed: as for `bootstrap_ci`.
+
+  Returns:
+    `(mean, low, high)` of values_system - values_baseline (all NaN for no prompts).
+  """
+  values_system = np.asarray(values_system, np.float64).reshape(-1)
+  values_baseline = np.asarray(values_baseline, np.float64).reshape(-1)
+  if values_system.size != values_baseline.size:
+    raise ValueError(f"paired_difference_ci: {values_system.size} system values but "
+                     f"{values_baseline.size} baseline values")
+  return bootstrap_ci(values_system - values_baseline, num_resamples=num_resamples,
+                      confidence=confidence, seed=seed)
+
+
+def paired_win_rate(
+    gold_system,
+    gold_baseline,
+    *,
+    seed: int = 0,
+    num_resamples: int = 1000,
+    confidence: float = 0.95,
+) -> tuple[float, float, float]:
+  """Win-rate of a system against a baseline judged by a score on the same prompts.
+
+  For each prompt the judge (the simulated teacher's gold score) compares the system's response
+  with the baseline's: a win counts 1, an exact tie 0.5, a loss 0. The rate is the mean outcome
+  over prompts; its CI is the percentile bootstrap over prompts (`bootstrap_ci`).
+
+  Args:
+    gold_system: float [num_prompts], the judge's score of the system's response per prompt.
+    gold_baseline: float [num_prompts], its score of the baseline's (SFT's) response to the same
+      prompt.
+    seed, num_resamples, confidence: as for `bootstrap_ci`.
+
+  Returns:
+    `(rate, low, high)` in [0, 1] (all NaN for no prompts).
+  """
+  gold_system = np.asarray(gold_system, np.float64).reshape(-1)
+  gold_baseline = np.asarray(gold_baseline, np.float64).reshape(-1)
+  if gold_system.size != gold_baseline.size:
+    raise ValueError(f"paired_win_rate: {gold_system.size} system scores but "
+                     f"{gold_baseline.size} baseline scores")
+  if not (np.all(np.isfinite(gold_system)) and np.all(np.isfinite(gold_baseline))):
+    raise ValueError("paired_win_rate: non-finite scores")
+  outcomes = 0.5 + 0.5 * np.sign(gold_system - gold_baseline)
+  return bootstrap_ci(outcomes, num_resamples=num_resamples, confidence=confidence, seed=seed)
 
 
 def best_of_n_indices(scores: jnp.ndarray) -> jnp.ndarray:
@@ -232,6 +326,9 @@ def system_metrics(
     records: Sequence[Any] | None = None,
     check_fn: Callable[[Any, str], bool | None] | None = None,
     sft_rewards=None,
+    sft_responses: Sequence[str] | None = None,
+    gold=None,
+    sft_gold=None,
     num_resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -252,48 +349,68 @@ def system_metrics(
       itself): gives the paired difference `reward_vs_sft` = mean(rewards - sft_rewards) with a
       bootstrap CI over prompts. Both systems answer the same prompts, so the prompts' own
       spread of scores (most of a system's CI) cancels in the difference.
-    num_resamples: bootstrap resamples for the reward CIs.
+    sft_responses: `num_samples` SFT responses to the same prompts, or None (SFT itself): with
+      `records` and `check_fn` gives the paired exact-match difference `exact_match_vs_sft`
+      (system minus SFT over the records with a verifiable answer) and its bootstrap CI.
+    gold: float [num_samples] the simulated teacher's gold scores of `responses`, or None (no
+      teacher, e.g. Dolly): gives `gold_mean` and `gold_ci95`.
+    sft_gold: float [num_samples] its gold scores of SFT's responses to the same prompts, or
+      None (SFT itself): with `gold` gives `gold_win_rate_vs_sft` (`paired_win_rate`: a win 1,
+      a tie 0.5) and its bootstrap CI.
+    num_resamples: bootstrap resamples for the CIs.
     seed: bootstrap seed.
 
   Returns:
     A dict with exactly `SYSTEM_METRIC_KEYS`: `bleu` (float), `bleu_signature` (str),
     `reward_mean` (float), `reward_ci95` ([low, high]), `reward_vs_sft` (float) and
-    `reward_vs_sft_ci95` ([low, high]), `exact_match` (fraction), `kl_to_sft`
+    `reward_vs_sft_ci95` ([low, high]), `exact_match` (fraction), `exact_match_vs_sft`
+    (difference of fractions) and `exact_match_vs_sft_ci95`, `gold_mean` and `gold_ci95`,
+    `gold_win_rate_vs_sft` (fraction) and `gold_win_rate_vs_sft_ci95`, `kl_to_sft`
     (mean nats per sequence), `length` (mean tokens), `eos_fraction`, `num_samples` (int). A
     metric that does not apply or has no data is `None`.
   """
   num_samples = len(responses)
   per_sample = {"references": references, "rewards": rewards, "kl": kl, "lengths": lengths,
-                "ended_with_eos": ended_with_eos, "records": records, "sft_rewards": sft_rewards}
+                "ended_with_eos": ended_with_eos, "records": records, "sft_rewards": sft_rewards,
+                "sft_responses": sft_responses, "gold": gold, "sft_gold": sft_gold}
   for name, value in per_sample.items():
     if value is not None and len(value) != num_samples:
       raise ValueError(f"system_metrics: {num_samples} responses but {len(value)} {name}")
 
   bleu = corpus_bleu(responses, references)
-  metrics = {
-      "bleu": _none_if_nan(bleu["score"]),
-      "bleu_signature": bleu["signature"],
-      "reward_mean": None,
-      "reward_ci95": None,
-      "reward_vs_sft": None,
-      "reward_vs_sft_ci95": None,
-      "exact_match": None,
-      "kl_to_sft": None,
-      "length": None,
-      "eos_fraction": None,
-      "num_samples": num_samples,
-  }
+  metrics = dict.fromkeys(SYSTEM_METRIC_KEYS)
+  metrics.update(bleu=_none_if_nan(bleu["score"]), bleu_signature=bleu["signature"],
+                 num_samples=num_samples)
+  ci_args = {"num_resamples": num_resamples, "seed": seed}
   if rewards is not None and num_samples:
-    mean, low, high = bootstrap_ci(np.asarray(rewards), num_resamples=num_resamples, seed=seed)
+    mean, low, high = bootstrap_ci(np.asarray(rewards), **ci_args)
     metrics["reward_mean"] = mean
     metrics["reward_ci95"] = [low, high]
     if sft_rewards is not None:
-      difference = np.asarray(rewards, np.float64) - np.asarray(sft_rewards, np.float64)
-      mean, low, high = bootstrap_ci(difference, num_resamples=num_resamples, seed=seed)
+      mean, low, high = paired_difference_ci(rewards, sft_rewards, **ci_args)
       metrics["reward_vs_sft"] = mean
       metrics["reward_vs_sft_ci95"] = [low, high]
   if records is not None:
     metrics["exact_match"] = exact_match(records, responses, check_fn)
+    if sft_responses is not None and check_fn is not None:
+      verdicts = answer_verdicts(records, responses, check_fn)
+      sft_verdicts = answer_verdicts(records, sft_responses, check_fn)
+      # The checker's None depends on the record only, so both systems are checked on the
+      # same prompts.
+      checked = ~np.isnan(verdicts) & ~np.isnan(sft_verdicts)
+      if checked.any():
+        mean, low, high = paired_difference_ci(verdicts[checked], sft_verdicts[checked],
+                                               **ci_args)
+        metrics["exact_match_vs_sft"] = mean
+        metrics["exact_match_vs_sft_ci95"] = [low, high]
+  if gold is not None and num_samples:
+    mean, low, high = bootstrap_ci(np.asarray(gold), **ci_args)
+    metrics["gold_mean"] = mean
+    metrics["gold_ci95"] = [low, high]
+    if sft_gold is not None:
+      rate, low, high = paired_win_rate(gold, sft_gold, **ci_args)
+      metrics["gold_win_rate_vs_sft"] = rate
+      metrics["gold_win_rate_vs_sft_ci95"] = [low, high]
   if kl is not None and num_samples:
     metrics["kl_to_sft"] = _none_if_nan(float(np.mean(np.asarray(kl, dtype=np.float64))))
   if (lengths is None) != (ended_with_eos is None):
