@@ -7,8 +7,11 @@ uses its own default config file, `configs/PHASE.py` (so `--config.KEY=...` over
 Mistakes a user can fix end with one line on stderr and exit status 2, not a traceback.
 """
 
+import contextlib
 import importlib.resources
+import io
 import logging as std_logging
+from logging import handlers as std_handlers
 import pathlib
 import sys
 
@@ -17,7 +20,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from rlhf_jax import host_malloc
 from rlhf_jax.errors import UserError
 from rlhf_jax.phases import PHASES, canonical, run_phase  # noqa: F401 (run_phase: the API)
 
@@ -97,22 +99,98 @@ def _first_line(e: BaseException) -> str:
   return text.splitlines()[0] if text else type(e).__name__
 
 
-def _quiet_libraries(record) -> bool:
-  """Drops INFO chatter of Orbax (every save/restore detail) and JAX's backend probing."""
-  noisy = "/orbax/" in record.pathname or record.name.startswith("jax._src")
-  return record.levelno >= std_logging.WARNING or not noisy
+# The log file in the workdir: everything at INFO and above, whatever reaches the console.
+LOG_FILE = "log.txt"
+# Where this package's own code lives: its warnings reach the console, other libraries' do not.
+_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
+
+
+def _is_own_or_serious(record: std_logging.LogRecord) -> bool:
+  """The console's filter by default: this package's warnings and anyone's errors.
+
+  Other libraries' INFO and warnings (Orbax's save details, JAX's backend probing, transformers'
+  "PyTorch was not found", Python warnings they raise) go to the log file only.
+  """
+  if record.levelno >= std_logging.ERROR:
+    return True
+  own = record.pathname.startswith(_PACKAGE_DIR) and not record.name.startswith("py.warnings")
+  return own and record.levelno >= std_logging.WARNING
+
+
+def _quiet_transformers() -> None:
+  """Sends transformers' messages through Python logging (so to the log file) instead of its own
+  stderr handler, including the one it prints while being imported ("PyTorch was not found")."""
+  captured = io.StringIO()
+  with contextlib.redirect_stderr(captured):  # transformers binds its handler to sys.stderr now.
+    from transformers.utils import logging as hf_logging  # pylint: disable=g-import-not-at-top
+  hf_logging.disable_default_handler()
+  hf_logging.enable_propagation()
+  logger = std_logging.getLogger("transformers")
+  origin = str(pathlib.Path(hf_logging.__file__).parents[1] / "__init__.py")
+  for line in captured.getvalue().splitlines():  # Logged as coming from transformers, as it does.
+    logger.handle(logger.makeRecord("transformers", std_logging.WARNING, origin, 0,
+                                    line.removeprefix("[transformers] "), (), None))
+
+
+def route_logs() -> std_handlers.MemoryHandler:
+  """A quiet console and a complete log file.
+
+  By default the console gets what the phases print (progress bars, one line per result), this
+  package's warnings and anyone's errors; absl INFO lines and other libraries' chatter go only to
+  the log file. absl's own `--verbosity=0` (INFO) or `--verbosity=1` (DEBUG) brings everything to
+  the console as well. Records are buffered until `open_log_file` names the file (after
+  multi-host start-up, when this process's index is known).
+
+  Returns:
+    The buffer `open_log_file` writes into the file.
+  """
+  verbosity = flags.FLAGS["verbosity"]
+  console = logging.get_absl_handler()
+  level = std_logging.INFO  # Of the log file.
+  if verbosity.present:
+    console.setLevel(logging.converter.absl_to_standard(verbosity.value))
+    level = min(level, console.level)
+  else:
+    console.addFilter(_is_own_or_serious)
+  logging.set_verbosity(logging.converter.standard_to_absl(level))
+  std_logging.getLogger().setLevel(level)
+  std_logging.captureWarnings(True)
+  buffer = std_handlers.MemoryHandler(capacity=1 << 30, flushLevel=std_logging.CRITICAL + 1)
+  buffer.setLevel(level)
+  std_logging.getLogger().addHandler(buffer)
+  _quiet_transformers()
+  return buffer
+
+
+def open_log_file(buffer: std_handlers.MemoryHandler, workdir: pathlib.Path) -> pathlib.Path:
+  """Writes the buffered records and every later one to WORKDIR/log.txt (process 0) or
+  WORKDIR/log.process{i}.txt (other processes of a multi-host job); returns its path."""
+  import jax  # pylint: disable=g-import-not-at-top  (slow; after flags and logging are set)
+  index = jax.process_index()
+  path = workdir / (LOG_FILE if index == 0 else f"log.process{index}.txt")
+  workdir.mkdir(parents=True, exist_ok=True)
+  file_handler = std_logging.FileHandler(path, encoding="utf-8")
+  file_handler.setFormatter(logging.PythonFormatter())
+  file_handler.setLevel(buffer.level)
+  root = std_logging.getLogger()
+  buffer.setTarget(file_handler)
+  buffer.flush()
+  root.removeHandler(buffer)
+  root.addHandler(file_handler)
+  buffer.close()
+  return path
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
   phase = _phase_from_argv(sys.argv)
   workdir = pathlib.Path(_WORKDIR.value)
+  buffer = route_logs()
   try:
     from rlhf_jax import sharding
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    open_log_file(buffer, workdir)
     run_phase(phase, _CONFIG.value, workdir)
   except UserError as e:
     _fail(str(e))
@@ -121,8 +199,8 @@ def main(argv: list[str]) -> None:
 
 
 def entry_point() -> None:
-  # With tcmalloc installed, once more with it preloaded: XLA:CPU steps run 20-30% faster.
-  host_malloc.reexec_with_tcmalloc(sys.argv)
+  # How the process starts (a malloc to preload, the devices it sees) is the launcher's business:
+  # launch/local.py preloads tcmalloc where it is installed.
   app.run(main, flags_parser=parse_flags)
 
 

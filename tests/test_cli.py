@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -123,6 +124,43 @@ def test_generate_greedy_matches_hf(policy_dir, imported, tmp_path):
     assert result["num_tokens"] == len(new) and result["ended_with_eos"] == ended
     expected = tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=False)
     assert result["response"] == expected, prompt
+
+
+# The binary as a fresh `pip install -e .` runs it: without torch (only the test extra installs it).
+_WITHOUT_TORCH = ("import runpy, sys; sys.modules['torch'] = None; "
+                  "runpy.run_module('rlhf_jax.main', run_name='__main__', alter_sys=True)")
+_ABSL_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]", re.MULTILINE)
+
+
+def _tiny_init(workdir: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+  env.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
+  result = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, "--phase=init",
+                           "--config.data.num_train=200", "--config.vocab_size=300",
+                           f"--workdir={workdir}", *flags],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def test_console_is_quiet_and_the_log_file_has_the_rest(tmp_path):
+  result = _tiny_init(tmp_path / "quiet")
+  console = result.stdout + result.stderr
+  # The phase's one result line, and nothing else: no absl INFO, no Orbax, no transformers advice.
+  assert console.strip().splitlines() == [
+      f"init: built-in GPT-Neo (0.86M parameters, vocab 300) and tokenizer -> "
+      f"{tmp_path / 'quiet' / 'init' / 'checkpoint'}"], console
+  assert not _ABSL_LINE.search(console) and "PyTorch was not found" not in console
+  log = (tmp_path / "quiet" / "log.txt").read_text()
+  assert re.search(r"^I\d{4} .* hf\.py:\d+\] Saved tokenizer", log, re.MULTILINE), log[:2000]
+  assert re.search(r"^W\d{4} .*\] PyTorch was not found", log, re.MULTILINE), log[:2000]
+  assert "checkpoint_manager.py" in log  # Orbax's chatter is kept there too.
+
+  # absl's own --verbosity brings the INFO lines back to the console (the log file keeps them).
+  verbose = _tiny_init(tmp_path / "verbose", "--verbosity=0")
+  assert re.search(r"^I\d{4} .* hf\.py:\d+\] Saved tokenizer", verbose.stderr, re.MULTILINE)
+  assert "PyTorch was not found" in verbose.stderr
+  assert "Saved tokenizer" in (tmp_path / "verbose" / "log.txt").read_text()
 
 
 # ---- Errors: non-zero exit and exactly one line on stderr, naming what is wrong. ----
