@@ -113,7 +113,8 @@ def test_long_responses_are_cut_without_eos_and_long_prompts_rejected(tokenizer)
   examples, stats = batching.tokenize_sft_examples(
       tokenizer, [record, long], max_length=prompt_len + 10, skip_bad_records=True)
   assert len(examples) == 1
-  assert stats == {"examples": 1, "truncated_responses": 1, "skipped": {"prompt_too_long": 1}}
+  assert stats == {"examples": 1, "truncated_contexts": 0, "truncated_responses": 1,
+                   "skipped": {"prompt_too_long": 1}}
 
 
 def _segments(batch: dict) -> list[tuple]:

@@ -41,7 +41,9 @@ def test_reads_shared_dolly_files_like_plain_json():
     loaded, stats = records.load_records(str(path))
     raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert len(loaded) == expected_count == len(raw)
-    assert loaded == raw  # every Dolly line already has all four fields
+    # Every Dolly line already has all four fields; the loader adds where it read each one.
+    assert [{k: v for k, v in r.items() if k != "location"} for r in loaded] == raw
+    assert [r["location"] for r in loaded] == [f"{path}:{n}" for n in range(1, len(raw) + 1)]
     assert stats["read"] == stats["kept"] == expected_count
     assert stats["skipped"] == {}
   loaded, _ = records.load_records(str(DOLLY_3K))
@@ -80,7 +82,8 @@ def test_malformed_lines_are_skipped_and_counted(tmp_path):
   lines = [_json_line(GOOD)] + [bad for _, bad, _ in MALFORMED] + [_json_line(GOOD)]
   path = _write_lines(tmp_path / "data.jsonl", lines)
   loaded, stats = records.load_records(path, skip_bad_records=True)
-  assert loaded == [GOOD, GOOD]
+  # The good records keep the lines they were read from.
+  assert loaded == [dict(GOOD, location=f"{path}:1"), dict(GOOD, location=f"{path}:{len(lines)}")]
   assert stats["read"] == len(lines)
   assert stats["kept"] == 2
   assert stats["skipped"] == dict(collections.Counter(reason for reason, _, _ in MALFORMED))
@@ -90,7 +93,7 @@ def test_missing_context_becomes_empty_and_extra_fields_are_kept(tmp_path):
   record = {"instruction": "Q", "response": "A", "category": "c", "answer": "A", "ood_level": 2}
   path = _write_lines(tmp_path / "data.jsonl", [_json_line(record)])
   loaded, _ = records.load_records(path)
-  assert loaded == [dict(record, context="")]
+  assert loaded == [dict(record, context="", location=f"{path}:1")]
 
 
 def test_json_list_and_parquet_and_gzip_give_the_same_records(tmp_path):
@@ -106,7 +109,8 @@ def test_json_list_and_parquet_and_gzip_give_the_same_records(tmp_path):
   pq.write_table(pyarrow.Table.from_pylist(rows), parquet_path)
   for path in (json_path, gz_path, parquet_path):
     loaded, stats = records.load_records(str(path))
-    assert loaded == rows, path
+    assert [{k: v for k, v in r.items() if k != "location"} for r in loaded] == rows, path
+    assert all(r["location"].startswith(f"{path}:") for r in loaded)
     assert stats["kept"] == 2
 
 
@@ -123,6 +127,29 @@ def test_json_list_errors_name_the_element_line(tmp_path):
   path.write_text(json.dumps(GOOD))
   with pytest.raises(UserError, match="list of objects"):
     records.load_records(str(path))
+
+
+def test_a_source_without_records_is_an_error_naming_it(tmp_path):
+  # Empty files of every format, and a file of blank lines: an error naming the file, not an
+  # empty list that fails later (an empty Dolly JSONL used to reach the SFT evaluator).
+  import pyarrow  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  empty = {"data.jsonl": b"", "blank.jsonl": b"\n  \n\n", "data.json": b"[ ]\n"}
+  for name, content in empty.items():
+    (tmp_path / name).write_bytes(content)
+  with gzip.open(tmp_path / "data.jsonl.gz", "wb"):
+    pass
+  pq.write_table(pyarrow.Table.from_pylist([], schema=pyarrow.schema(
+      [(field, pyarrow.string()) for field in ("instruction", "response", "category")])),
+                 tmp_path / "data.parquet")
+  for name in (*empty, "data.jsonl.gz", "data.parquet"):
+    path = str(tmp_path / name)
+    with pytest.raises(UserError, match=re.escape(f"{path}: no records: the data is empty")):
+      records.load_records(path)
+  # Every record bad and skipped: nothing left to train on is an error too.
+  path = _write_lines(tmp_path / "bad.jsonl", [bad for _, bad, _ in MALFORMED[:3]])
+  with pytest.raises(UserError, match=re.escape(f"{path}: no records: all 3 were bad")):
+    records.load_records(path, skip_bad_records=True)
 
 
 def test_missing_file_and_unsupported_format(tmp_path):
@@ -188,6 +215,21 @@ def test_split_rejects_bad_settings():
   with pytest.raises(UserError, match="ood_categories.*nope"):
     records.split_records(data, seed=0, validation_fraction=0.1, test_fraction=0.1,
                           ood_categories=["nope"])
+
+
+def test_a_split_left_empty_is_an_error_naming_the_source():
+  # 10 records at 5% each: round(0.5) = 0 validation and test records.
+  with pytest.raises(UserError, match=r"tiny\.jsonl: the validation split is empty: 10 "):
+    records.split_records(_records_with_categories(10), seed=0, validation_fraction=0.05,
+                          test_fraction=0.05, source="tiny.jsonl")
+  # Every record of an OOD category: nothing left to train on.
+  with pytest.raises(UserError, match=r"the train split is empty: 0 in-distribution records \(4 "):
+    records.split_records(_records_with_categories(4), seed=0, validation_fraction=0.0,
+                          test_fraction=0.0, ood_categories=["cat0", "cat1", "cat2", "cat3"])
+  # A fraction of 0 asks for no such split: an empty one is fine then.
+  splits = records.split_records(_records_with_categories(10), seed=0, validation_fraction=0.0,
+                                 test_fraction=0.1)
+  assert (len(splits["validation"]), len(splits["test"]), len(splits["train"])) == (0, 1, 9)
 
 
 def test_load_splits_from_a_data_config():

@@ -69,6 +69,9 @@ PROMPT_TEMPLATE = INSTRUCTION_HEADER + "{instruction}\n\n" + RESPONSE_HEADER
 PROMPT_TEMPLATE_WITH_CONTEXT = (
     INSTRUCTION_HEADER + "{instruction}\n\n" + CONTEXT_HEADER + "{context}\n\n" + RESPONSE_HEADER)
 
+# Ends a context cut to fit the window (`fit_prompt`), on its own line after the kept start.
+CONTEXT_CUT_MARKER = "[context truncated]"
+
 PROMPT_TEMPLATE_DOC = f"""\
 # Prompt format
 
@@ -88,6 +91,14 @@ With context (reference text the answer may use):
 
 `{{instruction}}` and `{{context}}` are stripped of surrounding whitespace; an empty context uses
 the first form. In Python: `rlhf_jax.data.batching.format_prompt(instruction, context)`.
+
+A context too long for the model's window was cut during training: the instruction and the start
+of the context were kept, and the line `{CONTEXT_CUT_MARKER}` follows the kept part, so the
+prompt says that text is missing:
+
+```
+{PROMPT_TEMPLATE_WITH_CONTEXT.format(instruction="{instruction}",
+                                      context="{start of the context}" + chr(10) + CONTEXT_CUT_MARKER)}```
 """
 
 # Length-grouped pair batches are padded to a multiple of this: few distinct shapes (each
@@ -137,32 +148,133 @@ def _check_max_length(max_length: int) -> None:
     raise UserError(f"max_length={max_length}: must be at least 2 (a prompt and one token)")
 
 
-def tokenize_sft_examples(tokenizer: Any, records: Sequence[dict], *, max_length: int,
-                          skip_bad_records: bool = False,
-                          source: str = "records") -> tuple[list[dict], dict]:
-  """Tokenises instruction records into SFT examples.
+def _cut_context_prompt(instruction: str, kept_context: str) -> str:
+  """The prompt of a record whose context was cut to `kept_context` (its start), marked as cut."""
+  kept = kept_context.rstrip()
+  return format_prompt(instruction,
+                       f"{kept}\n{CONTEXT_CUT_MARKER}" if kept else CONTEXT_CUT_MARKER)
 
-  Each example is `prompt_ids` (the formatted prompt) and `response_ids` (the stripped response
-  followed by EOS), both int32 numpy arrays with `len(prompt_ids) + len(response_ids) <=
-  max_length`, plus `truncated` (bool). A response too long to fit is cut, losing its EOS.
+
+def fit_prompt(tokenizer: Any, instruction: str, context: str, max_tokens: int,
+               prompt_ids: Sequence[int] | None = None) -> tuple[str, list[int], bool] | None:
+  """The record's prompt in at most `max_tokens` tokens, its context cut if it must be.
+
+  A prompt that fits is `format_prompt(instruction, context)` unchanged. Otherwise the context
+  keeps as many of its first tokens as fit, followed by the line `CONTEXT_CUT_MARKER` (the
+  instruction is never cut: it is the task); with no room for any of it, the context block
+  holds the marker alone.
 
   Args:
     tokenizer: a Hugging Face fast tokenizer.
-    records: dicts with `instruction`, `response` and optional `context`.
-    max_length: the sequence length of the batches.
-    skip_bad_records: skip (log and count) records whose prompt alone does not fit, instead of
-      raising.
-    source: names the records in messages, e.g. the file they came from.
+    instruction: the record's instruction.
+    context: the record's context ("" for none).
+    max_tokens: the most tokens the prompt may take.
+    prompt_ids: the whole prompt's ids, when the caller already has them.
 
   Returns:
-    (examples, stats): stats has `examples`, `truncated_responses` and `skipped`
-    ({"prompt_too_long": n} when any were skipped).
+    (prompt text, its token ids, whether the context was cut), or None when even the prompt
+    without its context (the marker alone) is longer than `max_tokens`.
+  """
+  text = format_prompt(instruction, context)
+  ids = list(prompt_ids) if prompt_ids is not None else _encode(tokenizer, [text])[0]
+  if len(ids) <= max_tokens:
+    return text, ids, False
+  context = context.strip()
+  if not context:
+    return None
+  shortest = _encode(tokenizer, [_cut_context_prompt(instruction, "")])[0]
+  if len(shortest) > max_tokens:
+    return None
+  # Token ends in characters, so the context is cut between tokens (never inside a character).
+  ends = [end for _, end in tokenizer(context, add_special_tokens=False, verbose=False,
+                                      return_offsets_mapping=True)["offset_mapping"]]
+  # The prompt grows by about one token per context token kept; the loop corrects the estimate
+  # (BPE may merge across the cut) and ends at the marker alone, which fits.
+  keep = min(max_tokens - len(shortest), len(ends) - 1)
+  while keep > 0:
+    text = _cut_context_prompt(instruction, context[:ends[keep - 1]])
+    ids = _encode(tokenizer, [text])[0]
+    if len(ids) <= max_tokens:
+      return text, ids, True
+    keep -= len(ids) - max_tokens
+  return _cut_context_prompt(instruction, ""), shortest, True
+
+
+def fit_prompt_texts(tokenizer: Any, records: Sequence[dict],
+                     max_prompt_length: int) -> tuple[list[str], dict]:
+  """Generation prompts for records, each fitted into `max_prompt_length` tokens by `fit_prompt`.
+
+  A record whose prompt does not fit even without its context keeps its whole prompt text;
+  `prompt_batch` then keeps its last tokens (the response header) and says so.
+
+  Returns:
+    (prompt texts, stats `truncated_contexts`, `too_long` (prompts left to `prompt_batch`)).
+  """
+  texts = [format_prompt(r["instruction"], r.get("context", "")) for r in records]
+  encoded = _encode(tokenizer, texts)
+  stats = {"truncated_contexts": 0, "too_long": 0}
+  for index, (record, ids) in enumerate(zip(records, encoded)):
+    if len(ids) <= max_prompt_length:
+      continue
+    fitted = fit_prompt(tokenizer, record["instruction"], record.get("context", ""),
+                        max_prompt_length, prompt_ids=ids)
+    if fitted is None:
+      stats["too_long"] += 1
+    else:
+      texts[index] = fitted[0]
+      stats["truncated_contexts"] += 1
+  return texts, stats
+
+
+def _response_reserve(response_tokens: int, min_response_tokens: int) -> int:
+  """Tokens a prompt must leave for a response of `response_tokens` tokens: all of it, or the
+  configured minimum if that is less."""
+  return max(1, min(response_tokens, min_response_tokens))
+
+
+def _check_min_response_tokens(min_response_tokens: int, max_length: int) -> None:
+  if not 1 <= min_response_tokens < max_length:
+    raise UserError(f"min_response_tokens={min_response_tokens}: must be at least 1 and below "
+                    f"max_length={max_length}")
+
+
+def tokenize_sft_examples(tokenizer: Any, records: Sequence[dict], *, max_length: int,
+                          min_response_tokens: int = 1, skip_bad_records: bool = False,
+                          source: str = "records") -> tuple[list[dict], dict]:
+  """Tokenises instruction records into SFT examples, fitting long records into `max_length`.
+
+  Each example is `prompt_ids` (the formatted prompt) and `response_ids` (the stripped response
+  followed by EOS), both int32 numpy arrays with `len(prompt_ids) + len(response_ids) <=
+  max_length`, plus `truncated` (the response was cut) and `context_cut`.
+
+  A record too long for `max_length` is fitted, not rejected:
+    * the response is guaranteed `min(min_response_tokens, its length + EOS)` tokens: a prompt
+      longer than `max_length` minus that has its context cut (`fit_prompt`: the instruction
+      and the start of the context kept, the cut marked in the prompt);
+    * the response is then cut only if it still does not fit, losing its EOS (the model never
+      learns to stop mid-answer); the loss stays on the tokens kept.
+  Both are counted. Only a record whose prompt does not leave that many tokens even with its
+  context removed is bad data.
+
+  Args:
+    tokenizer: a Hugging Face fast tokenizer.
+    records: dicts with `instruction`, `response`, optional `context` and optional `location`
+      ("file:line", as `records.load_records` sets it; messages name it).
+    max_length: the sequence length of the batches.
+    min_response_tokens: the response's guaranteed share of `max_length` (at least 1).
+    skip_bad_records: skip (log and count) records that cannot fit, instead of raising.
+    source: names the records in messages when they carry no `location`.
+
+  Returns:
+    (examples, stats): stats has `examples`, `truncated_contexts`, `truncated_responses` and
+    `skipped` ({"prompt_too_long": n} when any were skipped).
 
   Raises:
-    UserError: if a prompt is longer than `max_length - 1` tokens (one token must remain for
-      the response) and skipping is off; the message names the record index and `source`.
+    UserError: for a record that cannot fit even without its context, unless skipping; the
+      message names its location (or index and `source`).
   """
   _check_max_length(max_length)
+  _check_min_response_tokens(min_response_tokens, max_length)
   eos = _eos_id(tokenizer)
   prompts = _encode(tokenizer, [format_prompt(r["instruction"], r.get("context", ""))
                                 for r in records])
@@ -170,33 +282,44 @@ def tokenize_sft_examples(tokenizer: Any, records: Sequence[dict], *, max_length
   responses = _encode(tokenizer, [r["response"].strip() for r in records])
   bad = BadRecords(skip_bad_records)
   examples = []
-  truncated = 0
-  for index, (prompt, response) in enumerate(zip(prompts, responses)):
-    if len(prompt) > max_length - 1:
-      bad.report(f"{source} record {index}", "prompt_too_long",
-                 f"prompt is {len(prompt)} tokens but at most max_length - 1 = {max_length - 1} "
-                 "fit; raise max_length or shorten the instruction/context")
-      continue
+  truncated = cut_contexts = 0
+  for index, (record, prompt, response) in enumerate(zip(records, prompts, responses)):
     response = response + [eos]
+    reserve = _response_reserve(len(response), min_response_tokens)
+    fitted = fit_prompt(tokenizer, record["instruction"], record.get("context", ""),
+                        max_length - reserve, prompt_ids=prompt)
+    if fitted is None:
+      bare = _encode(tokenizer, [format_prompt(record["instruction"])])[0]
+      bad.report(record.get("location") or f"{source} record {index}", "prompt_too_long",
+                 f"prompt is {len(bare)} tokens even without its context, but at most "
+                 f"max_length - {reserve} = {max_length - reserve} fit (the response needs "
+                 f"min(min_response_tokens={min_response_tokens}, its {len(response)} tokens)); "
+                 "raise max_length or shorten the instruction")
+      continue
+    _, prompt, context_cut = fitted
     room = max_length - len(prompt)
     was_cut = len(response) > room
     truncated += was_cut
+    cut_contexts += context_cut
     examples.append({
         "prompt_ids": np.asarray(prompt, np.int32),
         "response_ids": np.asarray(response[:room], np.int32),
         "truncated": was_cut,
+        "context_cut": context_cut,
     })
-  if truncated:
-    logging.info("%s: %d of %d responses truncated to fit max_length=%d", source, truncated,
-                 len(examples), max_length)
-  stats = {"examples": len(examples), "truncated_responses": truncated,
-           "skipped": bad.summary()}
+  if truncated or cut_contexts:
+    logging.info("%s: %d of %d contexts and %d responses truncated to fit max_length=%d",
+                 source, cut_contexts, len(examples), truncated, max_length)
+  stats = {"examples": len(examples), "truncated_contexts": cut_contexts,
+           "truncated_responses": truncated, "skipped": bad.summary()}
   return examples, stats
 
 
-def tokenize_sft_example(tokenizer: Any, record: dict, max_length: int) -> dict:
+def tokenize_sft_example(tokenizer: Any, record: dict, max_length: int,
+                         min_response_tokens: int = 1) -> dict:
   """Tokenises one record; see `tokenize_sft_examples` (raises `UserError` if it cannot fit)."""
-  examples, _ = tokenize_sft_examples(tokenizer, [record], max_length=max_length)
+  examples, _ = tokenize_sft_examples(tokenizer, [record], max_length=max_length,
+                                      min_response_tokens=min_response_tokens)
   return examples[0]
 
 
@@ -204,16 +327,64 @@ def tokenize_sft_example(tokenizer: Any, record: dict, max_length: int) -> dict:
 TOO_LONG_POLICIES = ("truncate", "truncate_prompt", "error")
 
 
+def _fit_pair(tokenizer: Any, pair: dict, prompt: list[int], chosen_ids: list[int],
+              rejected_ids: list[int], *, max_length: int, min_response_tokens: int,
+              too_long: str) -> tuple[tuple | None, tuple[str, str] | None, dict[str, int]]:
+  """Fits one tokenised pair into `max_length` (the rules of `tokenize_pairs`).
+
+  Returns:
+    ((prompt, chosen, rejected) ids as fitted, None, counts) or (None, (reason, message),
+    counts); counts has `contexts`, `prompts` (0 or 1 each) and `responses` (sides cut).
+  """
+  counts = {"contexts": 0, "prompts": 0, "responses": 0}
+  longest = max(len(chosen_ids), len(rejected_ids))
+  if "instruction" in pair and len(prompt) + longest > max_length:
+    # A pair built from a record: its context is cut as in SFT, leaving the longer response
+    # min(min_response_tokens, its length) tokens.
+    reserve = _response_reserve(longest, min_response_tokens)
+    fitted = fit_prompt(tokenizer, pair["instruction"], pair.get("context", ""),
+                        max_length - reserve, prompt_ids=prompt)
+    if fitted is None:
+      bare = _encode(tokenizer, [format_prompt(pair["instruction"])])[0]
+      return None, ("prompt_too_long",
+                    f"prompt is {len(bare)} tokens even without its context, but at most "
+                    f"max_length - {reserve} = {max_length - reserve} fit; raise max_length"), counts
+    prompt, counts["contexts"] = fitted[1], int(fitted[2])
+  if prompt and len(prompt) + longest > max_length:
+    if too_long == "error" or (too_long == "truncate_prompt" and longest > max_length - 1):
+      return None, ("too_long",
+                    f"prompt ({len(prompt)} tokens) + longer response ({longest} tokens) exceed "
+                    f"max_length={max_length}; raise max_length"
+                    + ("" if too_long == "error" else " (the response alone does not fit)")), counts
+    if too_long == "truncate_prompt":
+      prompt = prompt[len(prompt) + longest - max_length:]
+      counts["prompts"] = 1
+  if not prompt or len(prompt) > max_length - 1:
+    return None, ("prompt_too_long",
+                  f"prompt is {len(prompt)} tokens but 1 to max_length - 1 = {max_length - 1} "
+                  "fit; raise max_length"), counts
+  room = max_length - len(prompt)
+  counts["responses"] = (len(chosen_ids) > room) + (len(rejected_ids) > room)
+  chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+  if chosen_ids == rejected_ids:
+    return None, ("identical_after_truncation",
+                  f"chosen and rejected are identical within max_length={max_length} tokens"), counts
+  return (prompt, chosen_ids, rejected_ids), None, counts
+
+
 def tokenize_pairs(tokenizer: Any, pairs: Sequence[dict], *, max_length: int,
-                   skip_bad_records: bool = False, source: str = "pairs",
-                   too_long: str = "truncate") -> tuple[list[dict], dict]:
+                   min_response_tokens: int = 1, skip_bad_records: bool = False,
+                   source: str = "pairs", too_long: str = "truncate") -> tuple[list[dict], dict]:
   """Tokenises preference pairs for the reward model.
 
   Each example has int32 arrays `prompt_ids`, `chosen_ids`, `rejected_ids` (no EOS) and
   `strategy_id` (index into `PAIR_STRATEGIES`; a pair without a `strategy` counts as "human").
 
-  A pair is too long when its prompt plus its longer response exceed `max_length`; `too_long`
-  says what happens then:
+  A pair built from a record (it carries the record's `instruction` and `context`, as
+  `preferences.build_pairs` makes them) that is too long has its context cut first, as
+  `tokenize_sft_examples` does: the longer response is guaranteed `min(min_response_tokens,
+  its length)` tokens (counted in `truncated_contexts`). A pair is then too long when its
+  prompt plus its longer response exceed `max_length`; `too_long` says what happens:
     * "truncate": each response is cut at its end to fit after the whole prompt (counted in
       `truncated_responses`);
     * "truncate_prompt": the prompt keeps only its last tokens, so both whole responses fit
@@ -222,27 +393,31 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[dict], *, max_length: int,
       is a bad pair (`too_long`);
     * "error": the pair is a bad pair (`too_long`).
   Bad pairs raise, or with `skip_bad_records` are skipped, logged and counted: never dropped
-  silently.
+  silently. `PairWindow` tells a pair builder in advance what this function will keep.
 
   Args:
     tokenizer: a Hugging Face fast tokenizer.
-    pairs: dicts with `prompt`, `chosen`, `rejected`, optional `strategy` and optional
-      `location` (e.g. "file.jsonl:12", as `preferences.load_pairs` sets it; messages name it).
+    pairs: dicts with `prompt`, `chosen`, `rejected`, optional `strategy`, optional
+      `instruction` and `context` (a built pair) and optional `location` (e.g.
+      "file.jsonl:12", as `preferences.load_pairs` sets it; messages name it).
     max_length: the sequence length of the batches.
+    min_response_tokens: a built pair's longer response's guaranteed share of `max_length`.
     skip_bad_records: skip (log and count) bad pairs instead of raising.
     source: names the pairs in messages when they carry no `location`.
     too_long: one of `TOO_LONG_POLICIES`.
 
   Returns:
-    (examples, stats): stats has `examples`, `truncated_responses` (sides cut),
-    `truncated_prompts` and `skipped` per reason: `prompt_too_long` (the prompt alone leaves no
-    room for a response), `too_long`, `empty_response`, `identical_after_truncation` (both
-    sides cut to the same tokens, so the pair carries no preference), `unknown_strategy`.
+    (examples, stats): stats has `examples`, `truncated_contexts`, `truncated_responses`
+    (sides cut), `truncated_prompts` and `skipped` per reason: `prompt_too_long` (the prompt
+    alone leaves no room for a response), `too_long`, `empty_response`,
+    `identical_after_truncation` (both sides cut to the same tokens, so the pair carries no
+    preference), `unknown_strategy`.
 
   Raises:
     UserError: on a bad pair when skipping is off, naming its location (or index and `source`).
   """
   _check_max_length(max_length)
+  _check_min_response_tokens(min_response_tokens, max_length)
   if too_long not in TOO_LONG_POLICIES:
     raise UserError(f"too_long={too_long!r}: use one of {', '.join(TOO_LONG_POLICIES)}")
   prompts = _encode(tokenizer, [p["prompt"] for p in pairs])
@@ -250,53 +425,90 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[dict], *, max_length: int,
   rejected = _encode(tokenizer, [p["rejected"] for p in pairs])
   bad = BadRecords(skip_bad_records)
   examples = []
-  truncated = truncated_prompts = 0
+  totals = {"contexts": 0, "prompts": 0, "responses": 0}
   for index, pair in enumerate(pairs):
     location = pair.get("location") or f"{source} pair {index}"
-    prompt, chosen_ids, rejected_ids = prompts[index], chosen[index], rejected[index]
     strategy = pair.get("strategy", "human")
     if strategy not in PAIR_STRATEGIES:
       bad.report(location, "unknown_strategy",
                  f"strategy {strategy!r} is not one of {PAIR_STRATEGIES}")
       continue
-    if not chosen_ids or not rejected_ids:
+    if not chosen[index] or not rejected[index]:
       bad.report(location, "empty_response", "chosen or rejected response has no tokens")
       continue
-    longest = max(len(chosen_ids), len(rejected_ids))
-    if prompt and len(prompt) + longest > max_length:
-      if too_long == "error" or (too_long == "truncate_prompt" and longest > max_length - 1):
-        bad.report(location, "too_long",
-                   f"prompt ({len(prompt)} tokens) + longer response ({longest} tokens) exceed "
-                   f"max_length={max_length}; raise max_length"
-                   + ("" if too_long == "error" else " (the response alone does not fit)"))
-        continue
-      if too_long == "truncate_prompt":
-        prompt = prompt[len(prompt) + longest - max_length:]
-        truncated_prompts += 1
-    if not prompt or len(prompt) > max_length - 1:
-      bad.report(location, "prompt_too_long",
-                 f"prompt is {len(prompt)} tokens but 1 to max_length - 1 = {max_length - 1} "
-                 "fit; raise max_length")
+    fitted, error, counts = _fit_pair(
+        tokenizer, pair, prompts[index], chosen[index], rejected[index], max_length=max_length,
+        min_response_tokens=min_response_tokens, too_long=too_long)
+    if error is not None:
+      bad.report(location, *error)
       continue
-    room = max_length - len(prompt)
-    truncated += (len(chosen_ids) > room) + (len(rejected_ids) > room)
-    chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
-    if chosen_ids == rejected_ids:
-      bad.report(location, "identical_after_truncation",
-                 f"chosen and rejected are identical within max_length={max_length} tokens")
-      continue
+    for key, value in counts.items():
+      totals[key] += value
+    prompt, chosen_ids, rejected_ids = fitted
     examples.append({
         "prompt_ids": np.asarray(prompt, np.int32),
         "chosen_ids": np.asarray(chosen_ids, np.int32),
         "rejected_ids": np.asarray(rejected_ids, np.int32),
         "strategy_id": PAIR_STRATEGIES.index(strategy),
     })
-  if truncated or truncated_prompts:
-    logging.info("%s: %d responses and %d prompts truncated to fit max_length=%d", source,
-                 truncated, truncated_prompts, max_length)
-  stats = {"examples": len(examples), "truncated_responses": truncated,
-           "truncated_prompts": truncated_prompts, "skipped": bad.summary()}
+  if any(totals.values()):
+    logging.info("%s: %d contexts, %d responses and %d prompts truncated to fit max_length=%d",
+                 source, totals["contexts"], totals["responses"], totals["prompts"], max_length)
+  stats = {"examples": len(examples), "truncated_contexts": totals["contexts"],
+           "truncated_responses": totals["responses"], "truncated_prompts": totals["prompts"],
+           "skipped": bad.summary()}
   return examples, stats
+
+
+class PairWindow:
+  """What the reward model will see of a pair built from a record: the tokens `tokenize_pairs`
+  keeps with the same settings. A pair builder asks it so that it never builds a pair whose
+  sides are identical within the window (e.g. a truncation cut past the visible part).
+
+  Attributes:
+    tokenizer, max_length, min_response_tokens, too_long: as `tokenize_pairs` takes them.
+  """
+
+  def __init__(self, tokenizer: Any, *, max_length: int, min_response_tokens: int = 1,
+               too_long: str = "truncate"):
+    _check_max_length(max_length)
+    _check_min_response_tokens(min_response_tokens, max_length)
+    self.tokenizer = tokenizer
+    self.max_length = max_length
+    self.min_response_tokens = min_response_tokens
+    self.too_long = too_long
+    self._prompts: dict[tuple[str, str], list[int]] = {}  # Prompt ids per (instruction, context).
+
+  def _fit(self, record: dict, chosen_ids: list[int], rejected_ids: list[int]):
+    instruction, context = record["instruction"], record.get("context", "")
+    key = (instruction, context)
+    if key not in self._prompts:
+      self._prompts[key] = _encode(self.tokenizer, [format_prompt(instruction, context)])[0]
+    return _fit_pair(self.tokenizer, {"instruction": instruction, "context": context},
+                     self._prompts[key], chosen_ids, rejected_ids, max_length=self.max_length,
+                     min_response_tokens=self.min_response_tokens, too_long=self.too_long)
+
+  def distinct(self, record: dict, chosen: str, rejected: str) -> bool:
+    """False if the two responses to `record`'s prompt are identical within the window (also
+    when equal as texts or empty); True otherwise, including a pair `tokenize_pairs` will
+    reject for another reason (it reports that one itself)."""
+    if chosen == rejected or not chosen or not rejected:
+      return False
+    _, error, _ = self._fit(record, *_encode(self.tokenizer, [chosen, rejected]))
+    return error is None or error[0] != "identical_after_truncation"
+
+  def visible_response(self, record: dict, response: str) -> str:
+    """The start of `response` inside the window when it is its pair's longer side (all of it
+    when it fits): a negative cut strictly inside it differs from it in what the model sees."""
+    encoded = self.tokenizer(response, add_special_tokens=False, verbose=False,
+                             return_offsets_mapping=True)
+    # The other side empty: the window is then set by this response alone.
+    fitted, _, _ = self._fit(record, list(encoded["input_ids"]), [])
+    if fitted is None:
+      return response
+    kept = len(fitted[1])
+    ends = [end for _, end in encoded["offset_mapping"]]
+    return response if kept >= len(ends) else response[:ends[kept - 1]]
 
 
 def _check_layout(batch_size: int, process_index: int, process_count: int) -> int:

@@ -2,7 +2,8 @@
 
 A record is a dict with string fields `instruction`, `context` ("" when there is none),
 `response` and `category`; any extra fields (the built-in set adds `answer`, `ood_level`)
-are kept as they are.
+are kept as they are. `load_records` adds `location` ("file:line"), so later stages can name
+the record in their messages.
 
 Bad data is never dropped silently: by default it raises `UserError` naming `file:line` and
 the field; with `skip_bad_records=True` it is skipped, logged and counted per reason in the
@@ -220,13 +221,15 @@ def load_records(source: str, *, skip_bad_records: bool = False,
     hub_split: the split to load from a hub dataset.
 
   Returns:
-    (records, stats): records in file order; stats has `source`, `read` (records seen),
+    (records, stats): records in file order, each with `location` ("file:line", the row number
+    for parquet and hub data); stats has `source`, `read` (records seen),
     `kept`, and `skipped` ({reason: count}; reasons: not_utf8, invalid_json, not_object,
     missing_field, wrong_type, empty_field).
 
   Raises:
-    UserError: on a missing/unreadable source, an unreachable hub, or (unless skipping) a bad
-      record; the message names `file:line` (row number for parquet and hub data) and the field.
+    UserError: on a missing/unreadable source, an unreachable hub, no records at all (an empty
+      file, or every record bad and skipped), or (unless skipping) a bad record; the message
+      names `file:line` (row number for parquet and hub data) and the field.
   """
   if _is_file_source(source):
     if source.endswith((".jsonl", ".jsonl.gz")):
@@ -252,8 +255,12 @@ def load_records(source: str, *, skip_bad_records: bool = False,
     if error is not None:
       bad.report(where(source, line), *error)
       continue
-    records.append(record)
+    # Later stages (tokenisation) name the record's file:line in their messages.
+    records.append({**record, "location": where(source, line)})
   stats = {"source": source, "read": read, "kept": len(records), "skipped": bad.summary()}
+  if not records:
+    raise UserError(f"{source}: no records: " + (
+        f"all {read} were bad and skipped ({stats['skipped']})" if read else "the data is empty"))
   if stats["skipped"]:
     logging.warning("%s: skipped %d bad records: %s", source, read - len(records),
                     stats["skipped"])
@@ -261,8 +268,8 @@ def load_records(source: str, *, skip_bad_records: bool = False,
 
 
 def split_records(records: Sequence[dict], *, seed: int, validation_fraction: float,
-                  test_fraction: float,
-                  ood_categories: Sequence[str] = ()) -> dict[str, list[dict]]:
+                  test_fraction: float, ood_categories: Sequence[str] = (),
+                  source: str = "records") -> dict[str, list[dict]]:
   """Splits records into train/validation/test, holding out whole categories as `ood`.
 
   The split depends only on `seed` and the records' order, so every phase of a run sees the
@@ -274,13 +281,15 @@ def split_records(records: Sequence[dict], *, seed: int, validation_fraction: fl
     validation_fraction: share of the in-distribution records for `validation`.
     test_fraction: share of the in-distribution records for `test`.
     ood_categories: categories held out entirely into `ood` (out-of-distribution evaluation).
+    source: what the records came from (a file or hub id), named in errors.
 
   Returns:
     {"train", "validation", "test", "ood": [records]}; `ood` is empty without ood_categories.
 
   Raises:
-    UserError: on fractions outside [0, 1) or summing to 1 or more, or an OOD category that no
-      record has (most likely a typo).
+    UserError: on fractions outside [0, 1) or summing to 1 or more, an OOD category that no
+      record has (most likely a typo), or a split left empty: `train` always needs records, and
+      `validation` / `test` do when their fraction is positive (too few records to split).
   """
   for name, value in (("validation_fraction", validation_fraction),
                       ("test_fraction", test_fraction)):
@@ -302,12 +311,21 @@ def split_records(records: Sequence[dict], *, seed: int, validation_fraction: fl
   n_val = int(round(validation_fraction * len(in_dist)))
   n_test = int(round(test_fraction * len(in_dist)))
   shuffled = [in_dist[i] for i in order]
-  return {
+  splits = {
       "validation": shuffled[:n_val],
       "test": shuffled[n_val:n_val + n_test],
       "train": shuffled[n_val + n_test:],
       "ood": ood,
   }
+  fractions = {"validation": validation_fraction, "test": test_fraction, "train": 1.0}
+  for name, fraction in fractions.items():
+    if fraction > 0 and not splits[name]:
+      raise UserError(
+          f"{source}: the {name} split is empty: {len(in_dist)} in-distribution records "
+          f"({len(ood)} more held out as ood) split with validation_fraction="
+          f"{validation_fraction}, test_fraction={test_fraction}; give more records or change "
+          "the fractions")
+  return splits
 
 
 def load_splits(data_config: Any) -> dict[str, list[dict]]:
@@ -335,4 +353,5 @@ def load_splits(data_config: Any) -> dict[str, list[dict]]:
   return split_records(loaded, seed=data_config.seed,
                        validation_fraction=data_config.validation_fraction,
                        test_fraction=data_config.test_fraction,
-                       ood_categories=tuple(data_config.ood_categories))
+                       ood_categories=tuple(data_config.ood_categories),
+                       source=data_config.source)
