@@ -117,6 +117,71 @@ def test_long_responses_are_cut_without_eos_and_long_prompts_rejected(tokenizer)
                    "skipped": {"prompt_too_long": 1}}
 
 
+def test_long_context_is_cut_to_leave_the_response_budget(tokenizer):
+  # A 2,000-token context: the instruction, the start of the context, the cut marker and at
+  # least min_response_tokens of the response fit; the loss is on the response tokens kept.
+  context = " ".join(f"fact{i}" for i in range(1000))
+  assert len(tokenizer(context, verbose=False)["input_ids"]) >= 2000
+  response = " ".join(["answer"] * 300)
+  record = {"instruction": "Summarise the facts.", "context": context, "response": response,
+            "location": "dolly.jsonl:7"}
+  max_length, budget = 512, 128
+  examples, stats = batching.tokenize_sft_examples(tokenizer, [record], max_length=max_length,
+                                                   min_response_tokens=budget)
+  assert stats == {"examples": 1, "truncated_contexts": 1, "truncated_responses": 1,
+                   "skipped": {}}
+  (example,) = examples
+  assert example["context_cut"] and example["truncated"]
+  assert len(example["prompt_ids"]) + len(example["response_ids"]) == max_length
+  assert len(example["response_ids"]) >= budget
+  assert len(example["prompt_ids"]) > max_length - budget - 8  # the context fills its share
+  prompt = tokenizer.decode(example["prompt_ids"])
+  assert prompt.startswith("### Instruction:\nSummarise the facts.\n\n### Context:\nfact0 fact1 ")
+  assert prompt.endswith("\n" + batching.CONTEXT_CUT_MARKER + "\n\n### Response:\n")
+  kept = prompt[prompt.index("fact0"):prompt.index("\n" + batching.CONTEXT_CUT_MARKER)]
+  assert context.startswith(kept) and len(kept) < len(context)
+  assert tokenizer.decode(example["response_ids"]) == response[:len(tokenizer.decode(
+      example["response_ids"]))]
+  # A short response is not cut: the context leaves it all of its tokens.
+  short = dict(record, response="Facts.")
+  (example,), stats = batching.tokenize_sft_examples(tokenizer, [short], max_length=max_length,
+                                                     min_response_tokens=budget)
+  assert stats["truncated_contexts"] == 1 and stats["truncated_responses"] == 0
+  assert tokenizer.decode(example["response_ids"]) == "Facts.<|endoftext|>"
+  assert len(example["prompt_ids"]) + len(example["response_ids"]) <= max_length
+  # The batch's loss mask covers exactly the response tokens kept.
+  (batch,) = batching.eval_batches([example], batch_size=1, max_length=max_length, pad_id=EOS)
+  assert batch["loss_mask"].sum() == len(example["response_ids"])
+
+
+def test_instruction_longer_than_the_window_is_an_error_naming_the_record(tokenizer):
+  long = {"instruction": "word " * 600, "context": "Some context.", "response": "yes",
+          "location": "dolly.jsonl:963"}
+  fine = {"instruction": "Q?", "context": "", "response": "A."}
+  with pytest.raises(UserError, match=r"^dolly.jsonl:963: prompt is \d+ tokens even without its "
+                     r"context, but at most max_length - 2 = 510 fit"):
+    batching.tokenize_sft_examples(tokenizer, [fine, long], max_length=512,
+                                   min_response_tokens=128)
+  del long["location"]  # Without a location, its index in the source.
+  with pytest.raises(UserError, match=r"^train record 1: prompt is"):
+    batching.tokenize_sft_examples(tokenizer, [fine, long], max_length=512, source="train")
+  with pytest.raises(UserError, match="min_response_tokens=512"):
+    batching.tokenize_sft_examples(tokenizer, [fine], max_length=512, min_response_tokens=512)
+
+
+def test_fit_prompt_keeps_prompts_that_fit_and_fits_generation_prompts(tokenizer):
+  prompt = batching.format_prompt("Q?", "A short context.")
+  assert batching.fit_prompt(tokenizer, "Q?", "A short context.", 100)[::2] == (prompt, False)
+  records = [{"instruction": "Q?", "context": "word " * 300},
+             {"instruction": "word " * 300, "context": ""},
+             {"instruction": "Q?", "context": ""}]
+  texts, stats = batching.fit_prompt_texts(tokenizer, records, 64)
+  assert stats == {"truncated_contexts": 1, "too_long": 1}
+  assert len(tokenizer(texts[0], verbose=False)["input_ids"]) <= 64
+  assert batching.CONTEXT_CUT_MARKER in texts[0]
+  assert texts[1:] == [batching.format_prompt(r["instruction"]) for r in records[1:]]
+
+
 def _segments(batch: dict) -> list[tuple]:
   """Each segment's (input ids, targets where learned, loss mask), independent of its row."""
   out = []
