@@ -460,3 +460,244 @@ def test_minibatch_permutations_reject_bad_sizes():
     ppo_core.minibatch_permutations(jax.random.key(0), 10, 3, 1)
   with pytest.raises(UserError, match="positive"):
     ppo_core.minibatch_permutations(jax.random.key(0), 8, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence-level advantages (RLOO whitening, GRPO, REINFORCE++), loss normalisations, KL loss
+
+
+def _sign_case():
+  """The audit's case: one prompt, answers 10/1/1 tokens long with returns 1.0/0.6/0.0."""
+  lengths, returns, n = [10, 1, 1], [1.0, 0.6, 0.0], 10
+  mask = _mask_from_lengths(lengths, n)
+  rewards = np.zeros((3, n), np.float32)
+  for row, (length, value) in enumerate(zip(lengths, returns)):
+    rewards[row, length - 1] = value
+  return rewards, mask
+
+
+def test_rloo_whitened_per_sequence_keeps_the_signs_of_the_audit_case():
+  rewards, mask = _sign_case()
+  raw = ppo_core.rloo_advantages(rewards, mask, group_size=3)
+  np.testing.assert_allclose(np.asarray(raw)[:, 0], [0.7, 0.1, -0.8], atol=1e-6)
+  # The old per-token whitening: the 10-token answer pulls the mean to 0.525 and flips the
+  # +0.1 answer's sign (the audit's +0.39 / -0.94 / -2.93).
+  per_token = np.asarray(ppo_core.whiten(raw, mask))[:, 0]
+  np.testing.assert_allclose(per_token, [0.39, -0.94, -2.93], atol=6e-3)
+
+  whitened = np.asarray(jax.jit(ppo_core.whiten_sequence_advantages)(raw, mask))
+  expected = np.array([0.7, 0.1, -0.8]) / np.std([0.7, 0.1, -0.8], ddof=1)  # mean is 0
+  np.testing.assert_allclose(whitened[:, 0], expected, rtol=1e-5)
+  np.testing.assert_array_equal(np.sign(whitened[:, 0]), [1, 1, -1])
+  # Constant on each row's real tokens, 0 on padding.
+  np.testing.assert_allclose(whitened, np.where(mask > 0, expected[:, None], 0.0), rtol=1e-5)
+
+
+def test_whiten_sequence_advantages_matches_numpy():
+  rng = np.random.default_rng(11)
+  batch, n, k = 12, 9, 4
+  lengths = _random_lengths(rng, batch, n)
+  lengths[5] = 0  # a row without real tokens is left out of the statistics
+  mask = _mask_from_lengths(lengths, n)
+  rewards = rng.normal(size=(batch, n)).astype(np.float32)
+  raw = np.asarray(ppo_core.rloo_advantages(rewards, mask, k))
+  out = np.asarray(ppo_core.whiten_sequence_advantages(_with_garbage_on_padding(raw, mask), mask))
+
+  # Reference: one advantage per non-empty sequence, plain mean and unbiased std over them.
+  values = np.array([raw[b, 0] for b in range(batch) if lengths[b] > 0], np.float64)
+  mean, var = values.mean(), values.var(ddof=1)
+  expected = np.zeros((batch, n))
+  for b in range(batch):
+    expected[b, :lengths[b]] = (raw[b, 0] - mean) / np.sqrt(var + 1e-8)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def _grpo_reference(scores, k, scale, eps=1e-4):
+  """GRPO advantages one group at a time (TRL GRPOTrainer's formula), in float64."""
+  scores = np.asarray(scores, np.float64)
+  out = np.zeros_like(scores)
+  for start in range(0, len(scores), k):
+    group = scores[start:start + k]
+    out[start:start + k] = group - group.mean()
+    if scale == "group":
+      out[start:start + k] /= group.std(ddof=1) + eps
+  if scale == "batch":
+    out /= scores.std(ddof=1) + eps
+  return out
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_grpo_advantages_match_numpy(scale):
+  rng = np.random.default_rng(12)
+  k = 4
+  scores = rng.normal(size=6 * k).astype(np.float32)
+  scores[:k] = 1.0  # a group whose answers all score alike: advantages 0, not NaN
+  scores[k:2 * k] = [1.0, 0.0, 0.0, 0.0]  # verifier-style 0/1 rewards
+  fn = jax.jit(functools.partial(ppo_core.grpo_advantages, group_size=k, scale=scale))
+  out = np.asarray(fn(scores))
+  np.testing.assert_allclose(out, _grpo_reference(scores, k, scale), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out[:k], 0.0)
+  # The one right answer among four is pushed up, the three wrong ones down.
+  assert out[k] > 0 and np.all(out[k + 1:2 * k] < 0)
+  if scale == "group":  # hand value: centred 0.75 / std 0.5 (unbiased)
+    assert out[k] == pytest.approx(0.75 / (0.5 + 1e-4), rel=1e-6)
+
+
+def test_grpo_advantages_reject_bad_settings():
+  with pytest.raises(UserError, match="group_size=1"):
+    ppo_core.grpo_advantages(np.zeros(4, np.float32), 1)
+  with pytest.raises(UserError, match="'std'"):
+    ppo_core.grpo_advantages(np.zeros(4, np.float32), 2, scale="std")
+  with pytest.raises(UserError, match="groups of 3"):
+    ppo_core.grpo_advantages(np.zeros(4, np.float32), 3)
+
+
+def test_to_tokens_and_sequence_values_round_trip():
+  mask = _mask_from_lengths([3, 0, 5], 5)
+  per_token = np.asarray(ppo_core.to_tokens(np.array([1.5, 2.0, -1.0], np.float32), mask))
+  np.testing.assert_array_equal(per_token, np.where(mask > 0, [[1.5], [2.0], [-1.0]], 0.0))
+  values, has_tokens = ppo_core.sequence_values(per_token, mask)
+  np.testing.assert_array_equal(values, [1.5, 0.0, -1.0])
+  np.testing.assert_array_equal(has_tokens, [1.0, 0.0, 1.0])
+
+
+def test_reinforce_pp_advantages_match_numpy():
+  rng = np.random.default_rng(13)
+  batch, n, gamma = 6, 8, 0.9
+  lengths = _random_lengths(rng, batch, n)
+  mask = _mask_from_lengths(lengths, n)
+  rewards = rng.normal(size=(batch, n)).astype(np.float32)
+  expected_returns = np.zeros((batch, n))
+  for b in range(batch):
+    running = 0.0
+    for t in reversed(range(lengths[b])):
+      running = rewards[b, t] + gamma * running
+      expected_returns[b, t] = running
+  garbage = _with_garbage_on_padding(rewards, mask)
+  np.testing.assert_allclose(ppo_core.reward_to_go(garbage, mask, gamma), expected_returns,
+                             rtol=1e-5, atol=1e-6)
+  real = mask > 0
+  flat = expected_returns[real]
+  expected = np.where(real, (expected_returns - flat.mean()) / np.sqrt(flat.var(ddof=1) + 1e-8), 0)
+  np.testing.assert_allclose(ppo_core.reinforce_pp_advantages(garbage, mask, gamma), expected,
+                             rtol=1e-5, atol=1e-5)
+
+
+def _normalized_reference(per_token, lengths, normalization, max_tokens):
+  rows = [per_token[b, :lengths[b]].astype(np.float64) for b in range(len(lengths))]
+  if normalization == "token":
+    return np.concatenate(rows).sum() / sum(lengths)
+  if normalization == "sequence_mean":
+    return np.mean([row.sum() / max(len(row), 1) for row in rows])
+  return sum(row.sum() for row in rows) / (len(rows) * max_tokens)
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence_mean", "constant"])
+def test_sequence_loss_normalizations_match_numpy_and_accumulate_exactly(normalization):
+  rng = np.random.default_rng(14)
+  batch, n = 8, 10
+  lengths = _random_lengths(rng, batch, n)
+  lengths[3] = 0
+  mask = _mask_from_lengths(lengths, n)
+  per_token = _with_garbage_on_padding(rng.normal(size=(batch, n)), mask)
+  max_tokens = 16 if normalization == "constant" else None
+  loss = ppo_core.sequence_loss(per_token, mask, normalization, max_tokens)
+  assert float(loss) == pytest.approx(
+      _normalized_reference(per_token, lengths, normalization, max_tokens), rel=1e-5)
+  # Two micro-batches, weight-averaged as loop.accumulate_gradients does, give the whole loss.
+  halves = [slice(0, 3), slice(3, batch)]
+  weights = [float(ppo_core.sequence_loss_weight(mask[h], normalization)) for h in halves]
+  losses = [float(ppo_core.sequence_loss(per_token[h], mask[h], normalization, max_tokens))
+            for h in halves]
+  assert np.dot(weights, losses) / sum(weights) == pytest.approx(float(loss), rel=1e-5)
+  with pytest.raises(UserError, match="'seq'"):
+    ppo_core.sequence_loss(per_token, mask, "seq")
+
+
+def test_policy_loss_with_grpo_normalization_matches_numpy():
+  mask, old, new, advantages = _random_ppo_batch(15)
+  clip = 0.2
+  lengths = mask.sum(axis=1).astype(int)
+  ratio = np.exp(new.astype(np.float64) - old)
+  per_token = -np.minimum(advantages * ratio, advantages * np.clip(ratio, 1 - clip, 1 + clip))
+  loss_fn = jax.jit(functools.partial(ppo_core.ppo_policy_loss, clip_range=clip,
+                                      normalization="sequence_mean"))
+  loss, _ = loss_fn(new, old, advantages, mask)
+  assert float(loss) == pytest.approx(
+      _normalized_reference(per_token, lengths, "sequence_mean", None), rel=1e-5)
+
+
+def test_kl_loss_term_is_k3_with_its_gradient():
+  rng = np.random.default_rng(16)
+  batch, n, coef = 4, 6, 0.04
+  mask = _mask_from_lengths([6, 1, 3, 4], n)
+  logprobs = rng.normal(-2.0, 0.5, size=(batch, n)).astype(np.float32)
+  ref = (logprobs + rng.normal(0.0, 0.3, size=(batch, n))).astype(np.float32)
+  log_ratio = ref.astype(np.float64) - logprobs
+  expected = np.where(mask > 0, coef * (np.exp(log_ratio) - log_ratio - 1.0), 0.0)
+  term = ppo_core.kl_loss_term(logprobs, _with_garbage_on_padding(ref, mask), mask, coef)
+  np.testing.assert_allclose(term, expected, rtol=1e-5, atol=1e-8)
+
+  def total(lp, rf):
+    return ppo_core.sequence_loss(ppo_core.kl_loss_term(lp, rf, mask, coef), mask, "token")
+
+  grad_policy, grad_ref = jax.grad(total, argnums=(0, 1))(logprobs, ref)
+  expected_grad = np.where(mask > 0, coef * (1.0 - np.exp(log_ratio)) / mask.sum(), 0.0)
+  np.testing.assert_allclose(grad_policy, expected_grad, rtol=1e-4, atol=1e-8)
+  np.testing.assert_array_equal(grad_ref, 0.0)  # the reference is a constant
+
+
+def test_value_loss_masks_before_clipping_nan_on_padding_gives_finite_gradients():
+  rng = np.random.default_rng(17)
+  batch, n = 4, 6
+  mask = _mask_from_lengths([6, 2, 4, 1], n)
+  old = rng.normal(size=(batch, n)).astype(np.float32)
+  new = (old + rng.normal(0.0, 0.3, size=(batch, n))).astype(np.float32)
+  returns = (old + rng.normal(0.0, 0.5, size=(batch, n))).astype(np.float32)
+  clean_loss, _ = ppo_core.ppo_value_loss(new, old, returns, mask, 0.2)
+  clean_grad = jax.grad(lambda v: ppo_core.ppo_value_loss(v, old, returns, mask, 0.2)[0])(new)
+  for garbage in (np.nan, np.inf, -np.inf):
+    args = [_with_garbage_on_padding(x, mask, garbage) for x in (new, old, returns)]
+    loss, metrics = ppo_core.ppo_value_loss(*args, mask, 0.2)
+    grad = jax.grad(lambda v: ppo_core.ppo_value_loss(v, *args[1:], mask, 0.2)[0])(args[0])
+    assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in metrics.values())
+    assert np.all(np.isfinite(grad))
+    assert float(loss) == pytest.approx(float(clean_loss), rel=1e-6)
+    np.testing.assert_allclose(grad, clean_grad, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(grad)[mask == 0], 0.0)
+
+
+def test_controller_kl_reads_the_penalty_estimator():
+  rng = np.random.default_rng(18)
+  mask = _mask_from_lengths([5, 3], 5)
+  logprobs = rng.normal(-2.0, 0.5, size=(2, 5)).astype(np.float32)
+  ref = (logprobs + rng.normal(0.0, 0.5, size=(2, 5))).astype(np.float32)
+  estimates = ppo_core.kl_estimates(logprobs, ref, mask)
+  for name in ("k1", "k3"):
+    expected = np.mean(np.sum(ppo_core.per_token_kl(logprobs, ref, mask, name), axis=1))
+    assert float(ppo_core.controller_kl(estimates, name)) == pytest.approx(float(expected))
+  assert float(estimates["k1_mean"]) != pytest.approx(float(estimates["k3_mean"]))
+  with pytest.raises(UserError, match="'k2'"):
+    ppo_core.controller_kl(estimates, "k2")
+
+
+def test_early_stop_applies_the_crossing_update_then_stops():
+  approx_kls = np.array([0.1, 0.3, 0.9, 0.2, 1.5, 0.1], np.float32)
+  np.testing.assert_array_equal(ppo_core.early_stop_applied(approx_kls, 0.5),
+                                [True, True, True, False, False, False])
+  np.testing.assert_array_equal(ppo_core.early_stop_applied(approx_kls, 0.0), [True] * 6)
+  np.testing.assert_array_equal(ppo_core.early_stop_applied(approx_kls, 2.0), [True] * 6)
+  np.testing.assert_array_equal(ppo_core.early_stop_applied(approx_kls, 0.05),
+                                [True] + [False] * 5)
+
+  # The scan form (what the update loop carries) agrees with the vector form.
+  rng = np.random.default_rng(19)
+  for bound in (0.0, 0.5, 0.8):
+    kls = rng.uniform(0.0, 1.0, size=16).astype(np.float32)
+
+    def step(stopped, kl, bound=bound):
+      apply, stopped = ppo_core.early_stop_step(stopped, kl, bound)
+      return stopped, apply
+
+    _, applied = jax.lax.scan(step, jnp.zeros((), bool), kls)
+    np.testing.assert_array_equal(applied, ppo_core.early_stop_applied(kls, bound))

@@ -319,13 +319,224 @@ def rloo_advantages(rewards: Array, mask: Array, group_size: int) -> Array:
   return jnp.where(_f32(mask) > 0, advantages, 0.0)
 
 
+def sequence_values(per_token: Array, mask: Array) -> Tuple[Array, Array]:
+  """The one value of each row that is constant over its real tokens (e.g. RLOO advantages).
+
+  Args:
+    per_token: float [B, N], the same value on every real token of a row.
+    mask: float32 [B, N] response mask.
+
+  Returns:
+    values: float32 [B], the row's value (0.0 for a row without real tokens).
+    has_tokens: float32 [B], 1.0 for a row with at least one real token.
+  """
+  has_tokens = _f32(jnp.any(_f32(mask) > 0, axis=-1))
+  return masked_mean(per_token, mask, axis=-1), has_tokens
+
+
+def to_tokens(per_sequence: Array, mask: Array) -> Array:
+  """Puts one value per row on every real token of the row: float32 [B, N], 0.0 on padding.
+
+  Args:
+    per_sequence: float [B].
+    mask: float32 [B, N] response mask.
+  """
+  return jnp.where(_f32(mask) > 0, _f32(per_sequence)[:, None], 0.0)
+
+
+def whiten_sequence_advantages(advantages: Array, mask: Array, eps: float = 1e-8) -> Array:
+  """Whitens advantages that are constant per sequence over SEQUENCES, not tokens.
+
+  What PPO calls instead of `whiten` for RLOO (and any estimator whose advantage is one value
+  per response): one (mean, variance) over the B sequences, each counted once, as TRL's
+  `RLOOTrainer` normalises its [B] advantages. Whitening them per token (as `whiten` does for
+  GAE) weights each sequence by its length, and the length-weighted mean can exceed a positive
+  advantage and flip its sign: one prompt, answers 10/1/1 tokens long with returns 1.0/0.6/0.0,
+  leave-one-out advantages +0.7/+0.1/-0.8 become +0.39/-0.94/-2.93 per token; here they stay
+  +0.93/+0.13/-1.06 (unbiased variance, like `whiten`). Rows without real tokens are left out
+  of the statistics.
+
+  Args:
+    advantages: float [B, N], constant over each row's real tokens (e.g. `rloo_advantages`).
+    mask: float32 [B, N] response mask.
+    eps: added to the variance before the reciprocal square root (as `whiten`).
+
+  Returns:
+    float32 [B, N]: the whitened per-sequence advantage on real tokens, 0.0 on padding.
+  """
+  values, has_tokens = sequence_values(advantages, mask)
+  return to_tokens(whiten(values, has_tokens, eps=eps), mask)
+
+
+GRPO_SCALES = ("group", "batch", "none")
+
+
+def grpo_advantages(scores: Array, group_size: int, *, scale: str = "group",
+                    eps: float = 1e-4) -> Array:
+  """GRPO's advantages: each answer's score against the other answers to the same prompt.
+
+  A = (score - mean of its group) / (std + eps), rows b*k .. b*k+k-1 (k = `group_size`)
+  answering one prompt (Shao et al. 2024, DeepSeekMath, section 4.1.2, outcome supervision;
+  TRL `GRPOTrainer`, whose `scale_rewards` values these are, with its eps = 1e-4 and unbiased std):
+  - "group": std of the k scores of the group (GRPO);
+  - "batch": std of all B*k scores (Hu et al. 2025, REINFORCE++'s global normalisation);
+  - "none": no scaling (Liu et al. 2025, Dr. GRPO: the std division over-weights prompts whose
+    answers all score alike, a question-level difficulty bias).
+  One value per sequence: put it on the tokens with `to_tokens`; never whiten it per token.
+
+  Args:
+    scores: float [B*k] sequence rewards.
+    group_size: k >= 2 answers per prompt, adjacent rows.
+    scale: "group", "batch" or "none".
+    eps: added to the std (not the variance), as TRL.
+
+  Returns:
+    float32 [B*k].
+  """
+  if group_size < 2:
+    raise UserError(f"GRPO compares the answers to one prompt: group_size={group_size} must be "
+                    ">= 2 (rollout.samples_per_prompt)")
+  if scale not in GRPO_SCALES:
+    raise UserError(f"GRPO advantage scale {scale!r} is unknown: use one of {GRPO_SCALES}")
+  scores = _f32(scores)
+  if scores.shape[0] % group_size:
+    raise UserError(f"{scores.shape[0]} scores do not split into groups of {group_size}")
+  grouped = scores.reshape(-1, group_size)
+  centred = (grouped - jnp.mean(grouped, axis=1, keepdims=True)).reshape(-1)
+  if scale == "none":
+    return centred
+  if scale == "group":
+    std = jnp.repeat(jnp.std(grouped, axis=1, ddof=1), group_size)
+  else:
+    std = jnp.std(scores, ddof=1)
+  return centred / (std + eps)
+
+
+def reward_to_go(rewards: Array, mask: Array, gamma=1.0) -> Array:
+  """Discounted return from each token to the end of its response: float32 [B, N], 0 on padding.
+
+  G_t = sum_{s >= t} gamma^(s - t) r_s over real tokens (GAE with V = 0 and lambda = 1).
+
+  Args:
+    rewards: float [B, N] per-token rewards (e.g. `kl_penalty_rewards`).
+    mask: float32 [B, N] response mask.
+    gamma: discount.
+  """
+  returns, _ = gae(rewards, jnp.zeros_like(_f32(rewards)), mask, gamma=gamma, lam=1.0)
+  return returns
+
+
+def reinforce_pp_advantages(rewards: Array, mask: Array, gamma=1.0) -> Array:
+  """REINFORCE++ advantages (Hu et al. 2025): the reward-to-go, whitened over the whole batch.
+
+  Per-token rewards carry the KL penalty on every token and the score on the last one
+  (`kl_penalty_rewards`), so the return differs from token to token and whitening over tokens
+  is the method's own (OpenRLHF `reinforce`). "REINFORCE++ with a baseline" (OpenRLHF
+  `reinforce_baseline`) first subtracts each prompt's mean score: pass
+  `grpo_advantages(scores, k, scale="none")` as the scores of `kl_penalty_rewards`.
+
+  Args:
+    rewards: float [B, N] per-token rewards.
+    mask: float32 [B, N] response mask.
+    gamma: discount (1.0 in the paper).
+
+  Returns:
+    float32 [B, N], 0.0 on padding. Already normalised: do not whiten again.
+  """
+  return whiten(reward_to_go(rewards, mask, gamma), mask)
+
+
+def kl_loss_term(logprobs: Array, ref_logprobs: Array, mask: Array, coef,
+                 estimator: str = "k3") -> Array:
+  """KL to the reference as a per-token LOSS term (GRPO), not a reward penalty (PPO).
+
+  coef * k3, k3 = exp(ref - logp) - (ref - logp) - 1 (TRL `GRPOTrainer`'s `per_token_kl`, added
+  as `beta * per_token_kl` to the per-token loss before the loss normalisation). The gradient
+  flows through `logprobs` (d k3 / d logp = 1 - exp(ref - logp)); the reference is a constant.
+  Reduce it with the policy loss's own `sequence_loss` normalisation.
+
+  Args:
+    logprobs: float [B, N] current-policy log-probabilities of the sampled tokens.
+    ref_logprobs: float [B, N] reference log-probabilities of the same tokens.
+    mask: float32 [B, N] response mask.
+    coef: its coefficient (GRPO's beta; 0.04 in DeepSeekMath, 0.0 in TRL's default).
+    estimator: "k3" (GRPO) or "k1"; see `per_token_kl`.
+
+  Returns:
+    float32 [B, N], 0.0 on padding.
+  """
+  return _f32(coef) * per_token_kl(logprobs, jax.lax.stop_gradient(_f32(ref_logprobs)), mask,
+                                   estimator)
+
+
+LOSS_NORMALIZATIONS = ("token", "sequence_mean", "constant")
+
+
+def sequence_loss(per_token_loss: Array, mask: Array, normalization: str = "token",
+                  max_tokens: Optional[int] = None) -> Array:
+  """Reduces a per-token loss [B, N] to a scalar, in one of the policy-gradient literature's ways.
+
+  - "token": sum over all real tokens / their number (DAPO, Yu et al. 2025; TRL's PPO and
+    `loss_type="bnpo"`): every token weighs the same, so long answers weigh more.
+  - "sequence_mean": each row's mean over its real tokens, then the mean over rows (GRPO,
+    Shao et al. 2024; TRL `loss_type="grpo"`): a token of a short answer weighs more. A row
+    without real tokens counts as 0 (TRL clamps its count to 1).
+  - "constant": sum over real tokens / (B * max_tokens) (Dr. GRPO, Liu et al. 2025; TRL
+    `loss_type="dr_grpo"`, max_tokens = max_completion_length): no length bias at all.
+
+  All three are linear in `per_token_loss`, so a KL term may be reduced separately and added.
+  With gradient accumulation, weight each micro-batch by `sequence_loss_weight`.
+
+  Args:
+    per_token_loss: float [B, N].
+    mask: float32 [B, N] response mask.
+    normalization: "token", "sequence_mean" or "constant".
+    max_tokens: the constant of "constant"; default N (the response budget).
+
+  Returns:
+    float32 scalar.
+  """
+  if normalization == "token":
+    return masked_mean(per_token_loss, mask)
+  if normalization == "sequence_mean":
+    return jnp.mean(masked_mean(per_token_loss, mask, axis=-1))
+  if normalization == "constant":
+    max_tokens = mask.shape[-1] if max_tokens is None else max_tokens
+    return masked_sum(per_token_loss, mask) / (mask.shape[0] * max_tokens)
+  raise UserError(f"loss normalization {normalization!r} is unknown: use one of "
+                  f"{LOSS_NORMALIZATIONS}")
+
+
+def sequence_loss_weight(mask: Array, normalization: str = "token") -> Array:
+  """The `metrics["weight"]` that makes `loop.accumulate_gradients` exact for `sequence_loss`.
+
+  Micro-batch losses averaged with these weights equal the loss of the whole batch: real tokens
+  for "token", rows for "sequence_mean" and "constant".
+
+  Args:
+    mask: float32 [B, N] response mask of the micro-batch.
+    normalization: as `sequence_loss`.
+
+  Returns:
+    float32 scalar.
+  """
+  if normalization == "token":
+    return jnp.sum(_f32(mask) > 0).astype(jnp.float32)
+  if normalization in ("sequence_mean", "constant"):
+    return jnp.float32(mask.shape[0])
+  raise UserError(f"loss normalization {normalization!r} is unknown: use one of "
+                  f"{LOSS_NORMALIZATIONS}")
+
+
 def ppo_policy_loss(new_logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array,
-                    clip_range=0.2) -> Tuple[Array, Dict[str, Array]]:
+                    clip_range=0.2, normalization: str = "token",
+                    max_tokens: Optional[int] = None) -> Tuple[Array, Dict[str, Array]]:
   """PPO's clipped surrogate objective (Schulman et al. 2017), as a loss to minimise.
 
-  loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))), ratio =
-  exp(new - old), the mean taken over all real tokens of the minibatch (token-level, as TRL).
-  `old_logprobs` and `advantages` are treated as constants (stop_gradient).
+  per-token loss max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), ratio = exp(new - old),
+  reduced by `sequence_loss` with `normalization`: by default the mean over all real tokens of the
+  minibatch (token-level, as TRL's PPO; GRPO passes its own). `old_logprobs` and `advantages` are
+  treated as constants (stop_gradient).
 
   Args:
     new_logprobs: float [B, N] log-probabilities of the sampled tokens under the current params.
@@ -333,6 +544,8 @@ def ppo_policy_loss(new_logprobs: Array, old_logprobs: Array, advantages: Array,
     advantages: float [B, N] (usually whitened).
     mask: float32 [B, N] response mask.
     clip_range: the epsilon of the ratio clip.
+    normalization: "token" (default), "sequence_mean" or "constant"; see `sequence_loss`.
+    max_tokens: the constant of "constant" (default N).
 
   Returns:
     loss: float32 scalar.
@@ -348,7 +561,7 @@ def ppo_policy_loss(new_logprobs: Array, old_logprobs: Array, advantages: Array,
   ratio = jnp.exp(log_ratio)
   unclipped = -advantages * ratio
   clipped = -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
-  loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+  loss = sequence_loss(jnp.maximum(unclipped, clipped), mask, normalization, max_tokens)
   metrics = {
       "clipfrac": masked_mean(_f32(clipped > unclipped), mask),
       "approx_kl": masked_mean(0.5 * jnp.square(log_ratio), mask),
@@ -363,6 +576,8 @@ def ppo_value_loss(new_values: Array, old_values: Array, returns: Array, mask: A
 
   loss = 0.5 * masked_mean(max((v - R)^2, (v_clipped - R)^2)), v_clipped = clip(v, v_old - c,
   v_old + c): the new prediction may not move more than c away from the rollout-time one.
+  Padding is masked out before clipping and squaring, so garbage (NaN, inf) at a padded position
+  changes neither the loss nor its gradient.
 
   Args:
     new_values: float [B, N] value-head predictions under the current params.
@@ -376,9 +591,13 @@ def ppo_value_loss(new_values: Array, old_values: Array, returns: Array, mask: A
     metrics: float32 scalars `vf_clipfrac` (fraction of real tokens where the clipped error is
       the larger one) and `value_error` (masked mean of (v - R)^2, unclipped).
   """
-  new_values = _f32(new_values)
-  old_values = jax.lax.stop_gradient(_f32(old_values))
-  returns = jax.lax.stop_gradient(_f32(returns))
+  # Padding positions are replaced by 0 BEFORE any arithmetic: a NaN or inf there would
+  # otherwise reach the loss's gradient through the clip and the square (0 * NaN = NaN), even
+  # though the masked mean selects it away in the forward value.
+  real = _f32(mask) > 0
+  new_values = jnp.where(real, _f32(new_values), 0.0)
+  old_values = jax.lax.stop_gradient(jnp.where(real, _f32(old_values), 0.0))
+  returns = jax.lax.stop_gradient(jnp.where(real, _f32(returns), 0.0))
   clipped_values = jnp.clip(new_values, old_values - clip_range_value,
                             old_values + clip_range_value)
   unclipped_error = jnp.square(new_values - returns)
@@ -458,6 +677,67 @@ def fixed_kl_update(kl_coef, current_kl, n_steps) -> Array:
   """
   del current_kl, n_steps  # A fixed coefficient ignores the measurement.
   return _f32(kl_coef)
+
+
+def controller_kl(estimates: Dict[str, Array], estimator: str) -> Array:
+  """The KL the adaptive controller reads: the penalty's own estimator, never another one.
+
+  Steering with k1 while the reward is penalised with k3 (or the reverse) would hold the wrong
+  quantity at `kl_target`.
+
+  Args:
+    estimates: the dict of `kl_estimates`.
+    estimator: the penalty's `kl_estimator`, "k1" or "k3".
+
+  Returns:
+    float32 scalar: the batch mean of per-sequence sums of that estimator.
+  """
+  if estimator not in ("k1", "k3"):
+    raise UserError(f"KL estimator {estimator!r} is unknown: use 'k1' or 'k3'")
+  return estimates[f"{estimator}_mean"]
+
+
+def early_stop_step(stopped: Array, approx_kl: Array, bound) -> Tuple[Array, Array]:
+  """One optimizer update of the approx-KL early stop: "apply the step that crossed, then stop".
+
+  TRL (`PPOTrainer`'s `early_stopping`) applies the minibatch step whose KL crossed the bound and
+  only then breaks out of the minibatch and epoch loops. For a `lax.scan` over updates, carry
+  `stopped` (initially False) and, with `apply` False, skip the update's work as well as its
+  result (`lax.cond`), so the stopped tail costs nothing.
+
+  Args:
+    stopped: bool scalar, whether an earlier update crossed the bound.
+    approx_kl: float scalar, this update's approx-KL (measured on its own minibatch, before
+      the step, as `ppo_policy_loss` returns it).
+    bound: the approx-KL bound; <= 0 disables the early stop.
+
+  Returns:
+    apply: bool scalar, whether this update is applied (no earlier update crossed).
+    stopped: bool scalar, the carry for the next update (this one crossed, or an earlier one).
+  """
+  apply = jnp.logical_not(stopped)
+  if bound is None or (isinstance(bound, (int, float)) and bound <= 0):
+    return apply, jnp.asarray(stopped, bool)
+  return apply, jnp.logical_or(stopped, apply & (_f32(approx_kl) > bound))
+
+
+def early_stop_applied(approx_kls: Array, bound) -> Array:
+  """Which of a sequence of updates are applied under `early_stop_step`: bool [U].
+
+  Update u is applied when no update before it crossed the bound; the one that crossed is
+  applied, every later one is not. (The same rule in vector form, for tests and metrics.)
+
+  Args:
+    approx_kls: float [U], the approx-KL each update measured (a skipped update's value is
+      ignored).
+    bound: the approx-KL bound; <= 0 disables the early stop.
+  """
+  approx_kls = _f32(approx_kls)
+  if bound is None or bound <= 0:
+    return jnp.ones(approx_kls.shape, bool)
+  crossed = approx_kls > bound
+  crossed_before = jnp.cumsum(crossed.astype(jnp.int32)) - crossed.astype(jnp.int32)
+  return crossed_before == 0
 
 
 def minibatch_permutations(rng: Array, batch_size: int, num_minibatches: int,
