@@ -21,6 +21,10 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
   config.init_checkpoint = ""  # "" = this workdir's import/ or init/ phase (init is created if needed).
   config.data = common.data("builtin")
   config.max_length = 96  # Tokens per row (prompt + response + EOS).
+  # The response's guaranteed share of a row: a prompt that leaves it fewer tokens has its context
+  # cut (instruction and context start kept, the cut marked; counted and printed); the response is
+  # cut only beyond that. A record whose instruction alone leaves too few is an error.
+  config.min_response_tokens = 32
   # Pack several examples per row (attention and positions reset per example). Built-in records
   # fill about a third of a 96-token row: packed, a step trains ~2.5x the examples for the same
   # compute (measured: exact match 0.37 -> 0.47 and validation loss 0.49 -> 0.43 after 600 steps).
@@ -40,7 +44,10 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
   elif variant.startswith("gpt_neo_"):
     config.data = common.data("databricks/databricks-dolly-15k")
     config.pack = False  # Rows of one example; bench/bench_sft.py --part=dolly measures both.
-    config.max_length = 512
+    # Real Dolly instructions reach 570 tokens (shared dolly_alpagasus_3k.jsonl:1861, a list of
+    # countries); at 512 they could not fit. GPT-Neo's window is 2048.
+    config.max_length = 1024
+    config.min_response_tokens = 128
     config.optim = common.optim(1e-5, warmup_steps=100, weight_decay=0.0)
     config.train = common.train(steps=3000, batch_size=32, log_every=20, eval_every=500,
                                 save_every=500)
