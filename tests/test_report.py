@@ -169,3 +169,39 @@ def test_out_dir_that_is_a_file_is_a_user_error(tmp_path):
   not_a_dir.write_text("x")
   with pytest.raises(UserError, match=str(not_a_dir)):
     report.write_report(not_a_dir, {"systems": {}}, ood_levels={}, samples=[])
+
+
+def test_gold_columns_and_gold_panel_when_the_teacher_scored(tmp_path):
+  rng = np.random.default_rng(1)
+  n = 40
+  records = [{"answer": str(i % 3)} for i in range(n)]
+  sft_responses = [f"the answer is {rng.integers(0, 3)}" for _ in range(n)]
+  sft_gold = rng.normal(0.0, 1.0, n)
+  common = {"references": sft_responses, "records": records,
+            "check_fn": lambda r, x: r["answer"] in x, "num_resamples": 200}
+  systems = {
+      "SFT": {"splits": {"test": metrics.system_metrics(
+          responses=sft_responses, rewards=rng.normal(size=n), gold=sft_gold, **common)}},
+      "RLHF": {"splits": {"test": metrics.system_metrics(
+          responses=[f"the answer is {i % 3}" for i in range(n)], rewards=rng.normal(size=n),
+          gold=sft_gold + rng.normal(0.3, 0.5, n), sft_gold=sft_gold,
+          sft_rewards=rng.normal(size=n), sft_responses=sft_responses, **common)}},
+  }
+  paths = report.write_report(tmp_path, {"systems": systems}, ood_levels={}, samples=[])
+  text = paths["eval.md"].read_text()
+  header = next(line for line in text.splitlines() if line.startswith("| system |"))
+  assert "gold (95% CI)" in header and "gold win-rate vs SFT (95% CI)" in header
+  rlhf = systems["RLHF"]["splits"]["test"]
+  rlhf_row = next(line for line in text.splitlines() if line.startswith("| RLHF |"))
+  low, high = rlhf["gold_win_rate_vs_sft_ci95"]
+  assert (f"| {100 * rlhf['gold_win_rate_vs_sft']:.1f}% [{100 * low:.1f}%, {100 * high:.1f}%] |"
+          in rlhf_row)
+  low, high = rlhf["gold_ci95"]
+  assert f"| {rlhf['gold_mean']:.3f} [{low:.3f}, {high:.3f}] |" in rlhf_row
+  assert f"| {100 * rlhf['exact_match_vs_sft']:+.1f} [" in rlhf_row
+  sft_row = next(line for line in text.splitlines() if line.startswith("| SFT |"))
+  assert sft_row.split("|")[6].strip() == "n/a"  # SFT has no win-rate against itself.
+  _assert_png(paths["reward_by_system.png"])
+  # Without gold scores the table has no gold columns (as on Dolly).
+  plain = report.write_report(tmp_path / "plain", _results(), ood_levels=OOD_LEVELS, samples=[])
+  assert "gold" not in plain["eval.md"].read_text()

@@ -1,4 +1,4 @@
-"""Writes the eval phase's report: eval.json, eval.md, two plots and samples.jsonl.
+"""Writes the eval phase's report: eval.json, eval.md, its plots and samples.jsonl.
 
 The figures are drawn on a private `Figure` with an Agg canvas instead of `pyplot`, so writing a
 report neither switches the process-wide matplotlib backend nor leaves figures open.
@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 import numpy as np
 
 from rlhf_jax.errors import UserError
+from rlhf_jax.evaluation import overoptimization as overopt
 
 IN_DISTRIBUTION_SPLIT = "test"
 # Fixed size and dpi so every plot is exactly 1200 x 600 pixels.
@@ -113,26 +114,57 @@ def _format_reward(metrics: Mapping[str, Any], key: str = "reward_mean",
   return f"{mean:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]"
 
 
+def _format_percent_ci(metrics: Mapping[str, Any], key: str, ci_key: str,
+                       sign: str = "") -> str:
+  """A fraction and its CI in percent (points when signed), e.g. `62.5% [55.0%, 70.0%]`."""
+  value = _number(metrics.get(key))
+  if value is None:
+    return _MISSING
+  unit = "" if sign else "%"
+  ci = metrics.get(ci_key) or [None, None]
+  low, high = _number(ci[0]), _number(ci[1])
+  text = f"{100.0 * value:{sign}.1f}{unit}"
+  if low is None or high is None:
+    return text
+  return f"{text} [{100.0 * low:{sign}.1f}{unit}, {100.0 * high:{sign}.1f}{unit}]"
+
+
+def _has_metric(systems: Mapping[str, Any], split: str, key: str) -> bool:
+  return any(_number(_split_metrics(system, split).get(key)) is not None
+             for system in systems.values())
+
+
 def _markdown_table(systems: Mapping[str, Any], split: str) -> list[str]:
-  lines = [
-      "| system | BLEU | reward (95% CI) | reward - SFT (paired 95% CI) | exact match "
-      "| KL to SFT (nats) | length (tokens) | ended with EOS | samples |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  """One row per system; the gold and paired exact-match columns only where some system has
+  them (the built-in task's teacher; Dolly has neither)."""
+  columns = [
+      ("BLEU", lambda m: _format(m.get("bleu"), ".2f")),
+      ("reward (95% CI)", _format_reward),
+      ("reward - SFT (paired 95% CI)",
+       lambda m: _format_reward(m, "reward_vs_sft", "reward_vs_sft_ci95", sign="+")),
   ]
+  if _has_metric(systems, split, "gold_mean"):
+    columns += [
+        ("gold (95% CI)", lambda m: _format_reward(m, "gold_mean", "gold_ci95")),
+        ("gold win-rate vs SFT (95% CI)",
+         lambda m: _format_percent_ci(m, "gold_win_rate_vs_sft", "gold_win_rate_vs_sft_ci95")),
+    ]
+  columns.append(("exact match", lambda m: _format_percent(m.get("exact_match"))))
+  if _has_metric(systems, split, "exact_match_vs_sft"):
+    columns.append(("exact match - SFT (points, paired 95% CI)",
+                    lambda m: _format_percent_ci(m, "exact_match_vs_sft",
+                                                 "exact_match_vs_sft_ci95", sign="+")))
+  columns += [
+      ("KL to SFT (nats)", lambda m: _format(m.get("kl_to_sft"), ".3f")),
+      ("length (tokens)", lambda m: _format(m.get("length"), ".1f")),
+      ("ended with EOS", lambda m: _format_percent(m.get("eos_fraction"))),
+      ("samples", lambda m: _MISSING if m.get("num_samples") is None else str(m["num_samples"])),
+  ]
+  lines = ["| system | " + " | ".join(title for title, _ in columns) + " |",
+           "|---|" + "---:|" * len(columns)]
   for name, system in systems.items():
     metrics = _split_metrics(system, split)
-    num_samples = metrics.get("num_samples")
-    cells = [
-        str(name).replace("|", "\\|"),
-        _format(metrics.get("bleu"), ".2f"),
-        _format_reward(metrics),
-        _format_reward(metrics, "reward_vs_sft", "reward_vs_sft_ci95", sign="+"),
-        _format_percent(metrics.get("exact_match")),
-        _format(metrics.get("kl_to_sft"), ".3f"),
-        _format(metrics.get("length"), ".1f"),
-        _format_percent(metrics.get("eos_fraction")),
-        _MISSING if num_samples is None else str(num_samples),
-    ]
+    cells = [str(name).replace("|", "\\|")] + [cell(metrics) for _, cell in columns]
     lines.append("| " + " | ".join(cells) + " |")
   return lines
 
@@ -156,6 +188,31 @@ def _bleu_signature(results: Mapping[str, Any]) -> str | None:
   return None
 
 
+def _overoptimization_markdown(points: Sequence[Mapping[str, Any]],
+                               fits: Sequence[Mapping[str, Any]]) -> list[str]:
+  lines = ["## Over-optimisation (`overoptimization.png`)", "",
+           "Gold (teacher) and reward-model score of best-of-n samples from SFT and of PPO along "
+           "training, on held-out prompts, against d = sqrt(KL to SFT).", "",
+           "| method | n / step | KL (nats) | sqrt(KL) | gold | reward-model score |",
+           "|---|---:|---:|---:|---:|---:|"]
+  for point in points:
+    kl = _number(point.get("kl"))
+    where = point.get("n", point.get("step"))
+    lines.append(
+        f"| {point.get('method')} | {_MISSING if where is None else where} "
+        f"| {_format(kl, '.3f')} "
+        f"| {_MISSING if kl is None else format(math.sqrt(max(kl, 0.0)), '.3f')} "
+        f"| {_format(point.get('gold_mean'), '.3f')} | {_format(point.get('reward_mean'), '.3f')} |")
+  lines.append("")
+  if fits:
+    lines += ["Fits of Gao et al. (2022)'s forms to the score minus the starting point's "
+              "(least squares):", ""]
+    for fit in fits:
+      lines.append(f"- {fit['method']}, {fit['metric']}: {overopt.describe_fit(fit)}")
+    lines.append("")
+  return lines
+
+
 def _markdown(results: Mapping[str, Any], ood_levels: Mapping[int, str]) -> str:
   systems = results["systems"]
   lines = ["# Evaluation report", ""]
@@ -171,6 +228,11 @@ def _markdown(results: Mapping[str, Any], ood_levels: Mapping[int, str]) -> str:
       "spread of scores, most of a system's interval, cancels in it); KL to SFT is the mean "
       "per-response sum of log p_policy - log p_SFT over the sampled tokens.",
       "",
+      *(["Gold is the simulated teacher's score of the responses (95% bootstrap CI); the gold "
+         "win-rate vs SFT is the share of prompts on which the teacher prefers the system's "
+         "response to SFT's (a tie counts half), with a bootstrap interval over prompts; exact "
+         "match - SFT is the paired difference on the same prompts, in percentage points.", ""]
+        if _has_metric(systems, IN_DISTRIBUTION_SPLIT, "gold_mean") else []),
       f"## In-distribution (`{IN_DISTRIBUTION_SPLIT}`)",
       "",
       *_markdown_table(systems, IN_DISTRIBUTION_SPLIT),
@@ -184,6 +246,9 @@ def _markdown(results: Mapping[str, Any], ood_levels: Mapping[int, str]) -> str:
     level = level_of_split.get(split)
     title = f"`{split}`" if level is None else f"Level {level}: {ood_levels[level]} (`{split}`)"
     lines += [f"### {title}", "", *_markdown_table(systems, split), ""]
+  if results.get("overoptimization"):
+    lines += _overoptimization_markdown(results["overoptimization"],
+                                        results.get("overoptimization_fits") or [])
   signature = _bleu_signature(results)
   lines.append(f"BLEU: sacrebleu, signature `{signature}`." if signature else
                "BLEU: sacrebleu (no signature recorded).")
@@ -213,22 +278,20 @@ def _system_colors(names: Sequence[str]) -> dict[str, Any]:
   return {name: palette(index % palette.N) for index, name in enumerate(names)}
 
 
-def _plot_reward_by_system(results: Mapping[str, Any], path: Path) -> None:
-  systems = results["systems"]
+def _bar_panel(axes, systems: Mapping[str, Any], colors: Mapping[str, Any], key: str,
+               ci_key: str, ylabel: str, what: str) -> None:
+  """Bars of one metric per system on the in-distribution split, with 95% CI error bars."""
   names = list(systems)
-  colors = _system_colors(names)
-  figure = _new_figure()
-  axes = figure.add_subplot()
   any_bar = False
   for x, name in enumerate(names):
     metrics = _split_metrics(systems[name], IN_DISTRIBUTION_SPLIT)
-    mean = _number(metrics.get("reward_mean"))
+    mean = _number(metrics.get(key))
     if mean is None:
       axes.annotate(_MISSING, (x, 0.0), xytext=(0, 4), textcoords="offset points",
                     ha="center", va="bottom", color="gray")
       continue
     any_bar = True
-    ci = metrics.get("reward_ci95") or [None, None]
+    ci = metrics.get(ci_key) or [None, None]
     low, high = _number(ci[0]), _number(ci[1])
     has_ci = low is not None and high is not None
     yerr = [[max(mean - low, 0.0)], [max(high - mean, 0.0)]] if has_ci else None
@@ -240,17 +303,85 @@ def _plot_reward_by_system(results: Mapping[str, Any], path: Path) -> None:
                   textcoords="offset points", ha="center",
                   va="bottom" if mean >= 0 else "top", fontsize=11)
   if not any_bar:
-    axes.text(0.5, 0.5, "no reward-model scores recorded", transform=axes.transAxes,
+    axes.text(0.5, 0.5, f"no {what} recorded", transform=axes.transAxes,
               ha="center", va="center", color="gray")
   axes.axhline(0.0, color="black", linewidth=0.8)
   axes.set_xticks(range(len(names)), [_wrap(name) for name in names])
   axes.set_xlim(-0.6, len(names) - 0.4)
   axes.margins(y=0.15)
   axes.set_xlabel("system")
-  axes.set_ylabel("mean reward-model score (reward-model units)")
-  axes.set_title(f"Reward-model score per system on the in-distribution split "
-                 f"(`{IN_DISTRIBUTION_SPLIT}`); error bars: 95% bootstrap CI")
+  axes.set_ylabel(ylabel)
   axes.grid(axis="y", alpha=0.3)
+
+
+def _plot_reward_by_system(results: Mapping[str, Any], path: Path) -> None:
+  """Reward-model score per system; beside it the teacher's gold score when it was measured."""
+  systems = results["systems"]
+  colors = _system_colors(list(systems))
+  figure = _new_figure()
+  with_gold = _has_metric(systems, IN_DISTRIBUTION_SPLIT, "gold_mean")
+  panels = figure.subplots(1, 2) if with_gold else [figure.add_subplot()]
+  _bar_panel(panels[0], systems, colors, "reward_mean", "reward_ci95",
+             "mean reward-model score (reward-model units)", "reward-model scores")
+  if with_gold:
+    panels[0].set_title("Reward-model score")
+    _bar_panel(panels[1], systems, colors, "gold_mean", "gold_ci95",
+               "mean gold score (simulated teacher's units)", "gold scores")
+    panels[1].set_title("Gold score (simulated teacher)")
+    figure.suptitle(f"Score per system on the in-distribution split (`{IN_DISTRIBUTION_SPLIT}`); "
+                    "error bars: 95% bootstrap CI")
+  else:
+    panels[0].set_title(f"Reward-model score per system on the in-distribution split "
+                        f"(`{IN_DISTRIBUTION_SPLIT}`); error bars: 95% bootstrap CI")
+  _save_png(figure, path)
+
+
+def _plot_overoptimization(points: Sequence[Mapping[str, Any]],
+                           fits: Sequence[Mapping[str, Any]], path: Path) -> None:
+  """Gold (left) and reward-model score (right) against sqrt(KL to SFT), one colour per method;
+  Gao et al.'s fitted curves dashed."""
+  methods = list(dict.fromkeys(str(point.get("method")) for point in points))
+  colors = _system_colors(methods)
+  figure = _new_figure()
+  panels = figure.subplots(1, 2)
+  max_d = max((math.sqrt(max(_number(point.get("kl")) or 0.0, 0.0)) for point in points),
+              default=0.0)
+  grid = np.linspace(0.0, max(max_d, 1e-3) * 1.05, 200)
+  for axes, (metric, ylabel, title) in zip(panels, (
+      ("gold_mean", "mean gold score (simulated teacher's units)", "Gold score"),
+      ("reward_mean", "mean reward-model score (reward-model units)", "Reward-model score"))):
+    drawn = False
+    for method in methods:
+      of_method = [point for point in points if str(point.get("method")) == method
+                   and _number(point.get("kl")) is not None
+                   and _number(point.get(metric)) is not None]
+      if not of_method:
+        continue
+      drawn = True
+      of_method.sort(key=lambda point: point["kl"])
+      d = [math.sqrt(max(point["kl"], 0.0)) for point in of_method]
+      axes.plot(d, [point[metric] for point in of_method], marker="o", linewidth=2,
+                color=colors[method], label=method)
+      if method == overopt.BEST_OF_N:
+        for x, point in zip(d, of_method):
+          axes.annotate(f"n={point.get('n')}", (x, point[metric]), xytext=(4, -12),
+                        textcoords="offset points", fontsize=9, color=colors[method])
+      for fit in fits:
+        if fit["method"] == method and fit["metric"] == metric:
+          axes.plot(grid, fit["baseline"] + overopt.gao_curve(method, grid, fit["a"], fit["b"]),
+                    linestyle="--", linewidth=1.5, color=colors[method],
+                    label=f"{method} fit: {overopt.FORMS.get(method, '')}")
+    if not drawn:
+      axes.text(0.5, 0.5, "no data", transform=axes.transAxes, ha="center", va="center",
+                color="gray")
+    else:
+      axes.legend(loc="best", fontsize=9)
+    axes.set_xlabel("sqrt(KL to SFT) (sqrt nats)")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+  figure.suptitle("Over-optimisation on held-out prompts: best-of-n and PPO against "
+                  "sqrt(KL to SFT); dashed: Gao et al. (2022) fits")
   _save_png(figure, path)
 
 
@@ -344,6 +475,7 @@ def write_report(
     *,
     ood_levels: Mapping[int, str],
     samples: Sequence[Mapping[str, Any]],
+    overoptimization: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
   """Writes the evaluation report files into `out_dir` (created if missing).
 
@@ -358,10 +490,15 @@ def write_report(
       OOD plot's x axis and the OOD tables.
     samples: one dict per prompt, by convention `{"prompt": str, "reference": str, "systems":
       {name: {"response": str, "reward": float}}}`; written as given, one JSON line each.
+    overoptimization: points of `overoptimization.best_of_n_points` and `.ppo_points`, or None.
+      When there are any, `eval.json` gets them under `"overoptimization"` and Gao et al.'s fits
+      (`overoptimization.fit_points`) under `"overoptimization_fits"`, eval.md a section, and
+      `overoptimization.png` is drawn; with none, neither key nor plot.
 
   Returns:
     `{file name: path}` for `eval.json`, `eval.md`, `reward_by_system.png`,
-    `ood_robustness.png` and `samples.jsonl`.
+    `ood_robustness.png`, `samples.jsonl` and, with over-optimisation points,
+    `overoptimization.png`.
   """
   out_dir = Path(out_dir)
   if out_dir.exists() and not out_dir.is_dir():
@@ -371,6 +508,11 @@ def write_report(
   out_dir.mkdir(parents=True, exist_ok=True)
   paths = {name: out_dir / name for name in (
       "eval.json", "eval.md", "reward_by_system.png", "ood_robustness.png", "samples.jsonl")}
+  if overoptimization:
+    points = to_json_safe(list(overoptimization))
+    results = {**results, "overoptimization": points,
+               "overoptimization_fits": overopt.fit_points(points)}
+    paths["overoptimization.png"] = out_dir / "overoptimization.png"
 
   _write_text(paths["eval.json"],
               json.dumps(to_json_safe(results), indent=2, ensure_ascii=False, allow_nan=False)
@@ -379,4 +521,7 @@ def write_report(
   _plot_reward_by_system(results, paths["reward_by_system.png"])
   _plot_ood_robustness(results, ood_levels, paths["ood_robustness.png"])
   _write_samples(paths["samples.jsonl"], samples)
+  if "overoptimization.png" in paths:
+    _plot_overoptimization(results["overoptimization"], results["overoptimization_fits"],
+                           paths["overoptimization.png"])
   return paths
