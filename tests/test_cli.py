@@ -195,6 +195,16 @@ def test_user_error_inside_a_phase(tmp_path):
   assert str(tmp_path) in line and "config.json" in line
 
 
+def test_empty_data_file_names_the_file(imported, tmp_path):
+  # An empty Dolly file used to reach the SFT evaluator and die there with KeyError: 'tokens'.
+  empty = tmp_path / "dolly.jsonl"
+  empty.write_text("")
+  line = _one_line_error(run_binary("--phase=sft", f"--config.data.source={empty}",
+                                    f"--config.init_checkpoint={imported / 'import'}",
+                                    f"--workdir={tmp_path / 'work'}", check=False))
+  assert f"{empty}: no records" in line, line
+
+
 def test_hub_id_offline_through_the_binary(tmp_path):
   line = _one_line_error(run_binary("--phase=import", "--config.hf_model=rlhf-jax-tests/no-such-model",
                                     f"--workdir={tmp_path}", check=False))

@@ -118,6 +118,22 @@ def test_explicit_pairs_and_bad_lines(tmp_path):
        "location": f"{path}:1"}]
 
 
+def test_a_file_without_pairs_is_an_error_naming_it(tmp_path):
+  for name, content in (("empty.jsonl", b""), ("blank.jsonl", b"\n \n")):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / name}: no preference pairs: "
+                                                  "the file is empty")):
+      preferences.load_pairs(str(tmp_path / name))
+  with gzip.open(tmp_path / "empty.jsonl.gz", "wb"):
+    pass
+  with pytest.raises(UserError, match="empty.jsonl.gz: no preference pairs: the file is empty"):
+    preferences.load_pairs(str(tmp_path / "empty.jsonl.gz"))
+  path = tmp_path / "all_bad.jsonl"
+  path.write_text(json.dumps({"prompt": "Q?", "chosen": "Same", "rejected": "Same"}) + "\n")
+  with pytest.raises(UserError, match=re.escape(f"{path}: no preference pairs: all 1 lines were bad")):
+    preferences.load_pairs(str(path), skip_bad_records=True)
+
+
 def _dolly_records():
   if not DOLLY_1K.exists():
     pytest.skip(f"shared test data not found at {DATA}")

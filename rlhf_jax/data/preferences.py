@@ -126,7 +126,8 @@ def load_pairs(path: str, *, skip_bad_records: bool = False) -> tuple[list[dict]
     wrong_value, empty_field, identical, no_assistant_turn, prefix_mismatch).
 
   Raises:
-    UserError: on a missing/unreadable file, or a bad line (unless skipping), naming file:line.
+    UserError: on a missing/unreadable file, a file without pairs (empty, or every line bad and
+      skipped), or a bad line (unless skipping), naming file:line.
   """
   bad = BadRecords(skip_bad_records)
   pairs = []
@@ -142,6 +143,10 @@ def load_pairs(path: str, *, skip_bad_records: bool = False) -> tuple[list[dict]
     # Later stages (tokenisation) name the pair's file:line in their messages too.
     pairs.append({**pair, "location": where(path, line)})
   stats = {"source": path, "read": read, "kept": len(pairs), "skipped": bad.summary()}
+  if not pairs:
+    raise UserError(f"{path}: no preference pairs: " + (
+        f"all {read} lines were bad and skipped ({stats['skipped']})" if read
+        else "the file is empty"))
   if stats["skipped"]:
     logging.warning("%s: skipped %d bad pairs: %s", path, read - len(pairs), stats["skipped"])
   return pairs, stats
