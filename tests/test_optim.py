@@ -167,3 +167,105 @@ def test_bad_settings_are_user_errors(field, value, message):
   config[field] = value
   with pytest.raises(UserError, match=message.replace(".", r"\.")):
     optim.make_optimizer(config, total_steps=100)
+
+
+def applied_learning_rates(tx, updates_count: int, weight_decay: float) -> np.ndarray:
+  """The learning rate each of `updates_count` real updates of `tx` applied.
+
+  With zero gradients Adam's step is 0, so an update only decays the weight:
+  p <- p - lr_t * weight_decay * p, and lr_t = -(change) / (weight_decay * p).
+  """
+  params = {"kernel": jnp.ones((4,), jnp.float32)}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+
+  def step(carry, _):
+    params, opt_state = carry
+    updates, opt_state = tx.update(zeros, opt_state, params)
+    lr = -updates["kernel"][0] / (weight_decay * params["kernel"][0])
+    return (optax.apply_updates(params, updates), opt_state), lr
+
+  _, lrs = jax.lax.scan(step, (params, tx.init(params)), None, length=updates_count)
+  return np.asarray(lrs, np.float64)
+
+
+def test_num_updates_counts_epochs_and_minibatches():
+  assert optim.num_updates(60, 4, 2) == 480
+  assert optim.num_updates(7) == 7
+  with pytest.raises(UserError, match="minibatches=0"):
+    optim.num_updates(60, 4, 0)
+
+
+def test_linear_schedule_sized_in_updates_ends_at_the_last_ppo_update():
+  """60 iterations x 4 epochs x 2 minibatches = 480 updates, warmup 16 updates: the learning rate
+  the real optimizer applies climbs for 16 updates, decays linearly to the end over the rest, and
+  the last update (index 479) is the last one above the end value."""
+  lr, warmup, decay = 1e-3, 16, 0.1
+  config = common.optim(lr, warmup_steps=warmup, schedule="linear", end_lr_fraction=0.0,
+                        weight_decay=decay, clip_norm=0.0)
+  total = optim.num_updates(60, epochs=4, minibatches=2)
+  applied = applied_learning_rates(optim.make_optimizer(config, total), total, decay)
+  u = np.arange(total)
+  expected = np.where(u < warmup, lr * u / warmup, lr * (total - u) / (total - warmup))
+  np.testing.assert_allclose(applied, expected, rtol=2e-3, atol=1e-9)
+  assert applied[warmup] == pytest.approx(lr, rel=1e-3)  # warmup ends after 16 updates
+  assert applied[-1] == pytest.approx(lr / (total - warmup), rel=2e-3) and applied[-1] > 0
+  schedule = optim.learning_rate_schedule(config, total)
+  assert float(schedule(total)) == 0.0  # the end, reached at the count after the last update
+  # The audit's defect: sized in iterations, the same schedule is over at update 60 (iteration
+  # 7.5 of 60) and its warmup lasts 16 updates = 2 iterations, not 16.
+  wrong = applied_learning_rates(optim.make_optimizer(config, 60), total, decay)
+  np.testing.assert_allclose(wrong[60:], 0.0, atol=1e-9)
+  assert wrong[59] > 1e-6
+
+
+def test_clip_by_subtree_norm_clips_each_subtree_by_its_own_norm():
+  rng = np.random.default_rng(3)
+  policy = {"a": rng.normal(size=(5,)), "b": {"c": rng.normal(size=(2, 3))}}
+  policy = jax.tree.map(lambda x: (0.5 * x / np.sqrt(sum(np.sum(y ** 2) for y in
+                                                           jax.tree.leaves(policy)))), policy)
+  value = {"w": (100.0 * rng.normal(size=(4,)))}
+  grads = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), {"policy": policy, "value": value})
+  norms = optim.subtree_norms(grads, ("policy", "value"))
+  assert float(norms["policy"]) == pytest.approx(0.5, rel=1e-5)
+  assert float(norms["value"]) == pytest.approx(np.linalg.norm(value["w"]), rel=1e-5)
+
+  tx = optim.clip_by_subtree_norm(1.0, ("policy", "value"))
+  clipped, _ = jax.jit(tx.update)(grads, tx.init(grads))
+  # The policy's norm is under the bound: untouched, bit for bit. The value is scaled to norm 1.
+  jax.tree.map(np.testing.assert_array_equal, clipped["policy"], grads["policy"])
+  np.testing.assert_allclose(clipped["value"]["w"], value["w"] / np.linalg.norm(value["w"]),
+                             rtol=1e-5)
+  # The joint clip would have shrunk the policy's gradient ~100x: what the audit flagged.
+  joint, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  assert float(optax.global_norm(joint["policy"])) < 0.006
+
+  # An empty value subtree (PPO without a value model) is fine; a stray key is an error.
+  empty = {"policy": grads["policy"], "value": {}}
+  out, _ = tx.update(empty, tx.init(empty))
+  assert out["value"] == {}
+  with pytest.raises(ValueError, match="top-level keys"):
+    tx.update({**grads, "extra": jnp.ones(2)}, tx.init(grads))
+
+
+def test_make_optimizer_with_clip_subtrees_is_subtree_clip_then_adamw():
+  config = common.optim(1e-2, schedule="constant", weight_decay=0.1, clip_norm=1.0)
+  params = {"policy": random_params(4), "value": {"w": jnp.ones((3,), jnp.float32)}}
+  ours = optim.make_optimizer(config, 10, clip_subtrees=("policy", "value"))
+  reference = optax.chain(optim.clip_by_subtree_norm(1.0, ("policy", "value")),
+                          optim.make_optimizer(_without_clip(config), 10))
+  rng = np.random.default_rng(5)
+  states = [tx.init(params) for tx in (ours, reference)]
+  trees = [params, params]
+  for scale in (0.1, 30.0, 2.0):
+    grads = jax.tree.map(lambda x: jnp.asarray(scale * rng.normal(size=x.shape), jnp.float32),
+                         params)
+    for i, tx in enumerate((ours, reference)):
+      updates, states[i] = tx.update(grads, states[i], trees[i])
+      trees[i] = optax.apply_updates(trees[i], updates)
+  jax.tree.map(np.testing.assert_array_equal, trees[0], trees[1])
+
+
+def _without_clip(config):
+  config = config.copy_and_resolve_references()
+  config.clip_norm = 0.0
+  return config

@@ -2,11 +2,29 @@
 
 Config section `optim` (see configs/common.py):
   lr, warmup_steps, schedule (cosine | linear | constant), end_lr_fraction,
-  b1, b2, eps (1e-8 is PyTorch's default, 1e-5 the TF/lm-human-preferences one used for PPO),
-  weight_decay (not applied to biases, LayerNorm parameters or embeddings), clip_norm (0 disables).
+  b1, b2, eps, weight_decay (not applied to biases, LayerNorm parameters or embeddings),
+  clip_norm (0 disables).
+
+Steps are OPTIMIZER UPDATES everywhere here: `total_steps` and `warmup_steps` count calls of the
+optimizer, not iterations of a phase. SFT and the reward model make one update per train step;
+PPO makes epochs x minibatches per iteration (gradient accumulation stays inside one update), so
+its schedule is sized with `num_updates`.
+
+The `eps` is PyTorch's, not TensorFlow's. optax's Adam adds `eps` OUTSIDE the square root of the
+bias-corrected second moment, update = m_hat / (sqrt(v_hat) + eps), exactly as torch.optim.Adam /
+AdamW (default 1e-8). TF1's `tf.train.AdamOptimizer`, which lm-human-preferences used with
+epsilon 1e-5, adds its "epsilon hat" to the square root of the UNcorrected moment and folds the
+bias corrections into the step size: lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps_hat)
+= lr * m_hat / (sqrt(v_hat) + eps_hat / sqrt(1 - b2^t)). TF's eps_hat is therefore PyTorch's eps
+growing with the update count t: eps = eps_hat / sqrt(1 - b2^t), 31.6 eps_hat at t = 1 with
+b2 = 0.999, 1.6 eps_hat at t = 480 (PPO's 60 x 4 x 2 updates), eps_hat only in the limit. So
+eps=1e-5 here is 1e-5 in PyTorch's form, a weaker damping than lm-human-preferences' early on.
+optax's `eps_root` does not give TF's form either: it is added INSIDE the square root,
+m_hat / (sqrt(v_hat + eps_root) + eps), to keep Adam differentiable at v = 0.
 """
 
 import math
+from typing import Dict, Sequence
 
 import flax
 import jax
@@ -27,8 +45,38 @@ def _check(optim_config) -> None:
     raise UserError(f"--config.optim.warmup_steps={optim_config.warmup_steps}: must be >= 0")
 
 
+def num_updates(iterations: int, epochs: int = 1, minibatches: int = 1) -> int:
+  """Optimizer updates of a run: what `total_steps` of the schedule must count.
+
+  PPO-style phases update epochs x minibatches times per iteration. Sizing the schedule in
+  iterations instead makes a linear decay over 60 iterations with 4 x 2 updates each reach its
+  end at iteration 7.5, and miscounts the warmup the same way.
+
+  Args:
+    iterations: iterations (train steps) of the run.
+    epochs: passes over each iteration's batch.
+    minibatches: optimizer updates per pass (accumulation micro-batches are not updates).
+
+  Returns:
+    iterations * epochs * minibatches.
+
+  Raises:
+    UserError: if a count is not positive.
+  """
+  counts = dict(iterations=iterations, epochs=epochs, minibatches=minibatches)
+  if any(int(value) < 1 for value in counts.values()):
+    raise UserError("the optimizer's update count needs positive " +
+                    ", ".join(f"{name}={value}" for name, value in counts.items()))
+  return int(iterations) * int(epochs) * int(minibatches)
+
+
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
-  """Linear warmup to `lr`, then cosine / linear decay to `lr * end_lr_fraction`, or constant."""
+  """Linear warmup to `lr`, then cosine / linear decay to `lr * end_lr_fraction`, or constant.
+
+  `total_steps` and `warmup_steps` count optimizer updates; the schedule is evaluated at the
+  update's count before it (0 for the first), so it reaches its end value at count
+  `total_steps`, right after the last update, which uses the last value above it.
+  """
   _check(optim_config)
   lr, warmup = float(optim_config.lr), int(optim_config.warmup_steps)
   end = lr * float(optim_config.end_lr_fraction)
@@ -55,14 +103,73 @@ def _decay_mask(params):
       {k: v if v is empty else k[-1] == "kernel" for k, v in flat.items()})
 
 
-def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with clipping and the schedule above (gradient accumulation lives in the train step)."""
+def subtree_norms(tree, keys: Sequence[str]) -> Dict[str, jax.Array]:
+  """Global L2 norm of each named top-level subtree, e.g. PPO's policy and value gradients.
+
+  Args:
+    tree: a dict whose top-level keys are exactly `keys`.
+    keys: subtree names.
+
+  Returns:
+    {key: float32 scalar norm} (0.0 for an empty subtree).
+  """
+  _check_subtree_keys(tree, keys)
+  return {key: optax.global_norm(tree[key]) for key in keys}
+
+
+def _check_subtree_keys(tree, keys: Sequence[str]) -> None:
+  if not hasattr(tree, "keys") or set(tree.keys()) != set(keys):
+    found = sorted(tree.keys()) if hasattr(tree, "keys") else type(tree).__name__
+    raise ValueError(f"clipping by subtree needs a tree with top-level keys {sorted(keys)}, "
+                     f"got {found}: every leaf must belong to exactly one clipped subtree")
+
+
+def clip_by_subtree_norm(max_norm: float,
+                         keys: Sequence[str] = ("policy", "value")) -> optax.GradientTransformation:
+  """Clips each named subtree of the updates by its OWN global norm (optax's rule per subtree).
+
+  Clipping the joint policy + value tree lets a large value-loss gradient shrink the policy's
+  step (and a joint `grad_norm` hides it). Log `subtree_norms(grads, keys)` beside it: the norms
+  this transform clips by.
+
+  Args:
+    max_norm: the largest norm each subtree keeps (> 0).
+    keys: the top-level keys of the updates tree; each leaf must be under one of them.
+  """
+  clip = optax.clip_by_global_norm(max_norm)
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    _check_subtree_keys(updates, keys)
+    return {key: clip.update(updates[key], optax.EmptyState())[0] for key in keys}, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(optim_config, total_steps: int,
+                   clip_subtrees: Sequence[str] = ()) -> optax.GradientTransformation:
+  """AdamW with clipping and the schedule above (gradient accumulation lives in the train step).
+
+  Args:
+    optim_config: the `optim` config section.
+    total_steps: optimizer updates of the whole run (see `num_updates`).
+    clip_subtrees: if given (e.g. ("policy", "value")), `clip_norm` applies to each of these
+      top-level subtrees separately (`clip_by_subtree_norm`) instead of to the whole tree.
+  """
   schedule = learning_rate_schedule(optim_config, total_steps)
   adamw = optax.adamw(schedule, b1=float(optim_config.b1), b2=float(optim_config.b2),
                       eps=float(optim_config.eps), weight_decay=float(optim_config.weight_decay),
                       mask=_decay_mask)
   clip = float(optim_config.clip_norm)
-  return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
+  if clip <= 0:
+    return adamw
+  if clip_subtrees:
+    return optax.chain(clip_by_subtree_norm(clip, tuple(clip_subtrees)), adamw)
+  return optax.chain(optax.clip_by_global_norm(clip), adamw)
 
 
 def current_lr(optim_config, total_steps: int, step: jax.Array) -> jax.Array:
