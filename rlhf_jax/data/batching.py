@@ -107,9 +107,10 @@ PAD_MULTIPLE = 16
 
 # How a preference pair was made; batches carry the index into this tuple so reward accuracy
 # can be reported per strategy. "human" marks pairs judged by people (files, HH-RLHF); the
-# others are the negatives built by `rlhf_jax.data.preferences.build_pairs`.
+# next five are the negatives built by `rlhf_jax.data.preferences.build_pairs`; "judged" marks
+# two policy samples judged by the label phase's labeller (`rlhf_jax.data.labeling`).
 PAIR_STRATEGIES = ("human", "other_response", "corrupted", "truncated", "shuffled",
-                   "policy_sample")
+                   "policy_sample", "judged")
 
 
 def format_prompt(instruction: str, context: str = "") -> str:
