@@ -1,6 +1,8 @@
 """rlhf-jax: SFT, reward modelling and PPO for GPT-Neo in JAX/Flax."""
 import setuptools
 
+LABEL_REQUIRES = ["starlette>=0.37", "uvicorn>=0.29"]
+
 setuptools.setup(
     name="rlhf-jax",
     version="0.1.0",
@@ -29,9 +31,16 @@ setuptools.setup(
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
     ],
+    # The labelling page's HTML, script and style, served by rlhf_jax.data.label_server.
+    package_data={"rlhf_jax.data": ["label_page/*"]},
     extras_require={
+        # labeler=web: the labelling page for people (a Starlette app on uvicorn).
+        "label": LABEL_REQUIRES,
         # torch is only the Hugging Face PyTorch reference the parity tests compare against.
         # 2.13.0 is pinned: it is the CPU build; an unpinned torch pulls a multi-GB CUDA build.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
+        # The label extra, httpx (Starlette's TestClient) and selenium test the labelling page;
+        # selenium drives the system's chromium (.ci/run installs it), it downloads no browser.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", *LABEL_REQUIRES,
+                 "httpx>=0.27", "selenium>=4.11"],
     },
 )

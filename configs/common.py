@@ -1,6 +1,29 @@
 """Config pieces shared by the phase configs (each phase config is a small file that uses these)."""
 
+import os
+from collections.abc import Sequence
+
 import ml_collections
+
+# The folder holding the real data the non-default variants read (Dolly files, Anthropic HH-RLHF
+# pairs, the GPT-2 tokenizer; layout as in the project's shared data: dolly/, preferences/,
+# gpt2_tokenizer/). Configs never guess it from where the repository lies.
+DATA_ENV = "RLHF_JAX_DATA"
+
+
+def data_path(relative: str) -> str:
+  """`relative` under the folder $RLHF_JAX_DATA names; unset, the path keeps the variable's name
+  ("$RLHF_JAX_DATA/relative"), so the loader's "no such file" error says what to set. A flag
+  (e.g. --config.pairs.source=FILE) overrides the path either way."""
+  root = os.environ.get(DATA_ENV)
+  return os.path.join(root, relative) if root else f"${DATA_ENV}/{relative}"
+
+
+def check_variant(variant: str, valid: Sequence[str]) -> None:
+  """Raises ValueError (the binary prints it as one line) unless `variant` is one of `valid`,
+  matched exactly: a misspelled variant must not fall back to another one's settings."""
+  if variant not in valid:
+    raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(valid)}")
 
 
 def mesh() -> ml_collections.ConfigDict:

@@ -6,7 +6,10 @@ Each phase's settings are its own config file's (`configs/PHASE.py`), nested her
 name: `--config.sft.train.steps=300`, `--config.ppo.optim.lr=5e-5`. The `data`, `model` and `mesh`
 sections are shared by every phase (`--config.data.seed=1` changes them all). A phase whose
 finished checkpoint is already in the workdir is skipped; a partial one resumes.
-Machine: 2 CPU cores, 7 min 24 s (README, "Results of the main job", has every figure of that run).
+Machine: 2 cores of an AMD EPYC, jax 0.10.2 on CPU. Time: 6 min 51 s. Result (commit c5a8eca):
+SFT exact match 0% -> 55%; reward model 74.2% held-out pairwise accuracy; PPO held-out reward
+score 7.24 -> 7.20 (no gain) at KL 1.08; eval, paired against SFT on 200 test prompts: RLHF
++0.01 [-0.12, +0.14], best-of-8 +0.25 [+0.17, +0.35] (README, "What the main job reaches").
 """
 
 import ml_collections

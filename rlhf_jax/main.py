@@ -82,6 +82,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     _CONFIG.value  # config_flags defers errors in the config file itself; surface them here.
     return remaining
   except flags.Error as e:
+    if "Error whilst parsing config file" in str(e):  # config_flags wraps the file's traceback.
+      _fail(f"--config={config_path}: {str(e).strip().splitlines()[-1]}")
     _fail(_first_line(e))
   except (KeyError, AttributeError) as e:
     # ml_collections reports an unknown override key as just the missing name, e.g. "'x'".

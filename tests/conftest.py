@@ -1,6 +1,7 @@
 """Shared pytest fixtures.
 
-- `shared_data`: the project's real test data directory (/work/shared/data), skipping when absent.
+- `shared_data`: the project's real test data directory, skipping when absent: $RLHF_JAX_DATA (the
+  variable the configs read too), else the project's shared folder beside the repository.
 - `tiny_tokenizer_dir`: a byte-level BPE tokenizer trained on a few sentences, saved as an HF directory.
 - `make_hf_gpt_neo`: builds, seeds and saves tiny random Hugging Face GPT-Neo checkpoints.
 Plain helpers for tests (import them with `from conftest import ...`): `left_padded`,
@@ -11,13 +12,15 @@ Everything is built offline from `transformers`/`tokenizers` in a session temp d
 
 import dataclasses
 import logging
+import os
 import pathlib
 from typing import Any, Callable
 
 import numpy as np
 import pytest
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = pathlib.Path(os.environ.get("RLHF_JAX_DATA")
+                           or pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
 
 EOS = "<|endoftext|>"
 # Text to train the tiny tokenizer on: a few sentences are enough for a few dozen merges.
@@ -32,7 +35,7 @@ _TOKENIZER_CORPUS = (
 
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
-  """/work/shared/data (see its SOURCES.md); skips the test when the directory is absent."""
+  """$RLHF_JAX_DATA or /work/shared/data (see its SOURCES.md); skips the test when absent."""
   if not SHARED_DATA.is_dir():
     pytest.skip(f"shared test data not found at {SHARED_DATA}")
   return SHARED_DATA

@@ -3,7 +3,6 @@
 import collections
 import itertools
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from rlhf_jax.data import batching
 from rlhf_jax.data.records import load_records
 from rlhf_jax.errors import UserError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as DATA  # noqa: E402 ($RLHF_JAX_DATA)
 TOKENIZER_DIR = DATA / "gpt2_tokenizer"
 DOLLY_1K = DATA / "dolly" / "dolly_sample_1k.jsonl"
 EOS = 50256

@@ -3,7 +3,6 @@
 import collections
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import transformers
 from rlhf_jax.data import builtin
 from rlhf_jax.errors import UserError
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as DATA_DIR  # noqa: E402 ($RLHF_JAX_DATA)
 EVAL_SPLITS = ("validation", "test", "ood_1", "ood_2", "ood_3")
 
 

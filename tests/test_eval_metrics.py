@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import sacrebleu
 
 from rlhf_jax.evaluation import metrics
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as DATA_DIR  # noqa: E402 ($RLHF_JAX_DATA)
 
 HYPOTHESES = [
     "The cat sat on the mat.",

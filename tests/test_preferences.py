@@ -13,7 +13,7 @@ from rlhf_jax.data.batching import format_prompt
 from rlhf_jax.data.records import load_records
 from rlhf_jax.errors import UserError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as DATA  # noqa: E402 ($RLHF_JAX_DATA)
 HH_SAMPLE = DATA / "preferences" / "hh_rlhf_helpful_base_sample_1k.jsonl"
 HH_TEST_GZ = DATA / "preferences" / "hh_rlhf_helpful_base_test.jsonl.gz"
 DOLLY_1K = DATA / "dolly" / "dolly_sample_1k.jsonl"

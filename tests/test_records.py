@@ -14,7 +14,7 @@ import pytest
 from rlhf_jax.data import records
 from rlhf_jax.errors import UserError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as DATA  # noqa: E402 ($RLHF_JAX_DATA)
 DOLLY_3K = DATA / "dolly" / "dolly_alpagasus_3k.jsonl"
 DOLLY_1K = DATA / "dolly" / "dolly_sample_1k.jsonl"
 

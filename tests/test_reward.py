@@ -436,10 +436,11 @@ def test_too_long_pair_in_a_file_names_its_line(tmp_path, tiny_hf_model):
 
 @pytest.mark.slow
 def test_training_beats_the_untrained_model_on_hh_pairs(shared_data, make_hf_gpt_neo, tmp_path,
-                                                        capsys):
+                                                        capsys, monkeypatch):
   init = make_hf_gpt_neo(vocab_size=50257, eos_token_id=50256, hidden_size=32,
                          max_position_embeddings=128, window_size=32,
                          tokenizer_dir=shared_data / "gpt2_tokenizer")
+  monkeypatch.setenv("RLHF_JAX_DATA", str(shared_data))  # Where the hh_rlhf variant finds its file.
   config = reward_config.get_config("hh_rlhf")
   config.init_checkpoint = str(init.path)
   config.max_length = 128
