@@ -184,6 +184,13 @@ def test_missing_config_file(tmp_path):
   assert str(tmp_path / "nope.py") in line and "no such config file" in line
 
 
+def test_misspelled_config_variant_lists_the_valid_ones():
+  line = _one_line_error(run_binary("--phase=sft", "--config=configs/sft.py:gpt_neo_125",
+                                    check=False))
+  assert "configs/sft.py:gpt_neo_125" in line and "unknown variant 'gpt_neo_125'" in line, line
+  assert "builtin, gpt_neo_125m, gpt_neo_1p3b, gpt_neo_2p7b" in line, line
+
+
 def test_unknown_config_key():
   line = _one_line_error(run_binary("--phase=import", "--config.hf_modle=x", check=False))
   assert "--config.hf_modle" in line and "no such key" in line

@@ -1,0 +1,67 @@
+"""The config files: variants match by exact name, real-data paths come from RLHF_JAX_DATA (or a
+flag), and every docstring says its command, machine, time and result."""
+
+import importlib
+import pathlib
+import re
+
+import pytest
+
+from rlhf_jax.configs import common
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "sft": ("builtin", "gpt_neo_125m", "gpt_neo_1p3b", "gpt_neo_2p7b"),
+    "reward": ("builtin", "hh_rlhf", "gpt_neo_125m"),
+    "ppo": ("builtin", "gpt_neo_125m"),
+    "eval": ("builtin", "gpt_neo_125m"),
+}
+
+
+def _module(name: str):
+  return importlib.import_module(f"rlhf_jax.configs.{name}")
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variants_match_by_exact_name(name):
+  module = _module(name)
+  for variant in VARIANTS[name]:
+    module.get_config(variant)
+  for wrong in ("gpt_neo_125", "gpt_neo_125M", "gpt_neo_", "Builtin", "gpt_neo_125m_x"):
+    with pytest.raises(ValueError) as error:
+      module.get_config(wrong)
+    assert f"unknown variant {wrong!r}" in str(error.value)
+    assert ", ".join(VARIANTS[name]) in str(error.value)  # Lists the valid names.
+
+
+def test_the_large_variants_differ_from_125m():
+  sft = _module("sft")
+  assert sft.get_config("gpt_neo_125m").model.dtype == "float32"
+  for variant in ("gpt_neo_1p3b", "gpt_neo_2p7b"):
+    config = sft.get_config(variant)
+    assert (config.model.dtype, config.model.remat, config.train.accum_steps) == ("bfloat16", True, 4)
+
+
+def test_real_data_paths_come_from_the_environment(monkeypatch, tmp_path):
+  monkeypatch.delenv(common.DATA_ENV, raising=False)
+  reward = _module("reward")
+  # Unset: the path names the variable, so "no such file" says what to set.
+  assert reward.get_config("hh_rlhf").pairs.source == (
+      "$RLHF_JAX_DATA/preferences/hh_rlhf_helpful_base_test.jsonl.gz")
+  monkeypatch.setenv(common.DATA_ENV, str(tmp_path))
+  assert reward.get_config("hh_rlhf").pairs.source == str(
+      tmp_path / "preferences" / "hh_rlhf_helpful_base_test.jsonl.gz")
+
+
+def test_configs_do_not_look_around_the_repository():
+  for path in sorted((REPO / "configs").glob("*.py")):
+    text = path.read_text()
+    assert "__file__" not in text and "shared/data" not in text and "parents[" not in text, path
+
+
+@pytest.mark.parametrize("name", ["init", "sft", "reward", "ppo", "eval", "pipeline"])
+def test_docstring_gives_command_machine_time_and_result(name):
+  doc = _module(name).__doc__
+  assert "python -m rlhf_jax.main" in doc
+  for word in ("Machine", "Time", "Result"):
+    assert re.search(rf"\b{word}\b", doc), (name, word)
