@@ -29,6 +29,23 @@ small GPT-Neo from a random-init HF checkpoint with the GPT-2 tokenizer, as in b
 GPT-Neo 125M on Dolly (after import and sft with their gpt_neo_125m variants):
   python -m rlhf_jax.main --phase=reward --config=configs/reward.py:gpt_neo_125m --workdir=runs/neo
   Machine, time, result (step time, tokens/s, per-device memory): not yet measured.
+  The preferences here are synthetic: negatives built from the Dolly records (another record's
+  answer, a truncation, shuffled words, samples of the SFT policy), never cut past the model's
+  window, so no pair is identical in what the model sees.
+
+GPT-Neo 125M, human preferences for PPO on Dolly (`:gpt_neo_125m_hh_rlhf`; after import and sft
+with their gpt_neo_125m variants, then ppo and eval with theirs, unchanged):
+  RLHF_JAX_DATA=/path/to/data python -m rlhf_jax.main --phase=reward \
+      --config=configs/reward.py:gpt_neo_125m_hh_rlhf --workdir=runs/neo
+  (pairs: $RLHF_JAX_DATA/preferences/hh_rlhf_helpful_base_test.jsonl.gz, or any HH-RLHF file with
+  --config.pairs.source=FILE; 10% of prompts held out.) Why: Dolly has one reference answer per
+  instruction and no human judgement between answers, so `:gpt_neo_125m` can only learn the
+  built negatives' flaws; Anthropic's helpful-base pairs are people's choices between two answers
+  of a model, the preference PPO should follow. The price: the pairs are multi-turn dialogues
+  ("\n\nHuman: ...\n\nAssistant: ...", a prompt longer than the window keeps its end) while PPO
+  queries the model with the Dolly template, so the judgement must carry over between formats;
+  eval's RO and RLHF rows show whether it does. Starts from the Dolly SFT policy (WORKDIR/sft),
+  as `:gpt_neo_125m` does. Machine, time, result: not yet measured.
 
 Fields:
   init_checkpoint   "" = WORKDIR/sft; else an Orbax or HF checkpoint (a reward model keeps its
@@ -39,6 +56,8 @@ Fields:
   pairs.negatives_per_record / eval_negatives_per_record   negatives per training / validation
                     record (each drawn independently by share).
   pairs.policy_*    policy_sample negatives: temperature, max new tokens, draws, batch size.
+  min_response_tokens   a pair built from a record whose prompt leaves its longer response fewer
+                    tokens has its context cut first (kept start, marked; counted), as in SFT.
   pairs.too_long    a pair longer than max_length: "error" (a bad pair), "truncate" (cut the
                     responses' ends) or "truncate_prompt" (drop the prompt's start).
   pairs.skip_bad_records   skip and count bad pairs instead of stopping at the first.
@@ -67,6 +86,7 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
       policy_temperature=1.0, policy_max_new_tokens=24, policy_tries=3, policy_batch_size=250,
       too_long="error", skip_bad_records=False))
   config.max_length = 80  # Longest built-in prompt (53 tokens) + a 24-token policy sample.
+  config.min_response_tokens = 24
   # Training batches of similar-length pairs, padded to a multiple of 16 (0: all to max_length).
   config.group_by_length = 16
   # lm_coef 1.0: GRM's SFT regulariser; on the built-in set held-out accuracy 68.5% -> 74.4% with
@@ -80,8 +100,8 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
   config.eval_batch_size = 100
   config.stats_samples = 2000
 
-  common.check_variant(variant, ("builtin", "hh_rlhf", "gpt_neo_125m"))
-  if variant == "hh_rlhf":
+  common.check_variant(variant, ("builtin", "hh_rlhf", "gpt_neo_125m", "gpt_neo_125m_hh_rlhf"))
+  if variant in ("hh_rlhf", "gpt_neo_125m_hh_rlhf"):
     config.pairs.source = common.data_path("preferences/hh_rlhf_helpful_base_test.jsonl.gz")
     config.pairs.eval_fraction = 0.1
     config.pairs.too_long = "truncate_prompt"
@@ -100,10 +120,17 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
     config.pairs.policy_max_new_tokens = 128
     config.pairs.policy_batch_size = 32
     config.pairs.too_long = "truncate"
-    config.max_length = 512
+    # As configs/sft.py's: real Dolly instructions reach 570 tokens.
+    config.max_length = 1024
+    config.min_response_tokens = 128
     config.loss.lm_coef = 0.0  # Not measured at 125M (it adds a 50k-vocabulary projection).
     config.optim = common.optim(1e-5, warmup_steps=50)
     config.train = common.train(steps=1000, batch_size=32, log_every=20, eval_every=250,
                                 save_every=250)
     config.eval_batch_size = 32
+  if variant == "gpt_neo_125m_hh_rlhf":  # HH's pairs (above) with the 125M model's training.
+    config.max_length = 512
+    config.optim = common.optim(1e-5, warmup_steps=50)
+    config.train = common.train(steps=1000, batch_size=32, log_every=20, eval_every=250,
+                                save_every=250)
   return config

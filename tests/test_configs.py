@@ -12,7 +12,7 @@ from rlhf_jax.configs import common
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = {
     "sft": ("builtin", "gpt_neo_125m", "gpt_neo_1p3b", "gpt_neo_2p7b"),
-    "reward": ("builtin", "hh_rlhf", "gpt_neo_125m"),
+    "reward": ("builtin", "hh_rlhf", "gpt_neo_125m", "gpt_neo_125m_hh_rlhf"),
     "ppo": ("builtin", "gpt_neo_125m"),
     "eval": ("builtin", "gpt_neo_125m"),
 }
