@@ -460,3 +460,80 @@ def test_summary_endpoint_reports_the_file(out):
     report = client.get("/api/summary").json()
   assert report["annotators"]["ann"]["count"] == 2
   assert report["inter_annotator"]["agreement"] == 1.0
+
+
+def test_load_judged_rows_keeps_every_field_and_changes_nothing(out):
+  with _client(_pairs(2), out) as client:
+    _next(client, "ann")
+    _judge(client, "ann", "p1", "both_bad", note="both wrong")
+  with open(out, "ab") as f:
+    f.write(b'{"pair_id": "p2"')  # torn: left out, not cut
+  before = out.read_bytes()
+  (row,) = label_server.load_judged_rows(out)
+  assert (row["annotator"], row["note"], row["both_bad"]) == ("ann", "both wrong", True)
+  assert out.read_bytes() == before
+  with pytest.raises(UserError, match="no such file"):
+    label_server.load_judged_rows(out.with_name("missing.jsonl"))
+
+
+def test_a_failed_write_is_cut_back_and_not_confirmed(out, monkeypatch):
+  real_fsync = label_server.os.fsync
+  calls = {"n": 0}
+
+  def failing_fsync(fd):
+    calls["n"] += 1
+    if calls["n"] == 2:  # the second judgement's write
+      raise OSError(28, "No space left on device")
+    real_fsync(fd)
+
+  monkeypatch.setattr(label_server.os, "fsync", failing_fsync)
+  app = label_server.create_app(_pairs(3), out, double_share=0.0)
+  with TestClient(app, base_url=BASE, raise_server_exceptions=False) as client:
+    _next(client, "ann")
+    assert _judge(client, "ann", "p1", "a").status_code == 200
+    assert _judge(client, "ann", "p2", "a").status_code == 500  # not confirmed
+    assert [r["pair_id"] for r in _rows(out)] == ["p1"]  # the half-written line was cut
+    assert _judge(client, "ann", "p2", "b").status_code == 200  # still assigned: try again
+  assert [(r["pair_id"], r["judgement"]) for r in _rows(out)] == [("p1", "a"), ("p2", "b")]
+
+
+def test_serve_prints_the_url_once_and_stops_cleanly_on_ctrl_c(tmp_path):
+  pytest.importorskip("uvicorn")
+  import signal
+  import socket
+  import subprocess
+  import sys
+  import time
+  import urllib.error
+  import urllib.request
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  token = "serve-test-token-0123456789"
+  out = tmp_path / "pairs.jsonl"
+  script = ("from rlhf_jax.data import label_server as ls\n"
+            f"ls.serve({_pairs(3)!r}, {str(out)!r}, port={port}, token={token!r})\n"
+            "print('serve returned', flush=True)\n")
+  process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  try:
+    url = f"http://127.0.0.1:{port}/"
+    deadline, status = time.monotonic() + 60, None
+    while time.monotonic() < deadline and status is None:
+      try:
+        urllib.request.urlopen(url, timeout=5)
+        status = 200
+      except urllib.error.HTTPError as e:
+        status = e.code
+      except OSError:
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.2)
+    assert status == 401  # up, and the token is required even on loopback when given
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=30)
+  finally:
+    process.kill()
+  assert process.returncode == 0, output
+  assert output.count(f"Labelling page: {url}?token={token}") == 1
+  assert output.count(token) == 1  # printed once, nowhere else
+  assert "serve returned" in output and "Traceback" not in output

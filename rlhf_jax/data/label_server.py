@@ -9,7 +9,8 @@ from a JSONL file (`load_pairs_to_judge`).
 
 What the page does: the annotator enters a name, sees the prompt and the two responses side by
 side, chooses A, B, tie or both bad (keys 1/2/3/4 or a/b/t/x, then Enter), may add a note (n
-focuses it; Enter in it submits), can skip (s) a pair and undo (u) their last judgement.
+focuses it; Enter in it submits), can skip (s) a pair and undo (u) their last judgement
+(pressed again, the one before).
 "Pair 12 of 200" is the pair's position in the list. A `double_share` of the pairs (drawn from
 `seed`) goes to two different annotators, so agreement can be measured (`annotator_report`).
 
@@ -261,16 +262,28 @@ def _fsync_dir(path: pathlib.Path) -> None:
 
 
 def _append_line(path: pathlib.Path, row: Mapping[str, Any]) -> None:
-  """Appends one JSON line and returns only once it is on disk (flush + fsync)."""
+  """Appends one JSON line and returns only once it is on disk (flush + fsync).
+
+  A write that fails (a full disk) is cut back off, so the next line cannot land after
+  half a line.
+  """
   data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
   with open(path, "ab") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
+    size = f.seek(0, os.SEEK_END)
+    try:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    except OSError:
+      with contextlib.suppress(OSError):
+        f.truncate(size)
+      raise
 
 
-def _read_rows(path: pathlib.Path) -> list[dict]:
-  """Reads the judged rows back, cutting off a torn last line left by a kill mid-write.
+def _read_rows(path: pathlib.Path, *, repair: bool) -> list[dict]:
+  """Reads the judged rows back; a torn last line left by a kill mid-write is left out.
+
+  With `repair` the torn line is also cut off the file (the server does so on start).
 
   Raises:
     UserError: for a bad line anywhere but at the end (the file was edited by hand?).
@@ -282,12 +295,13 @@ def _read_rows(path: pathlib.Path) -> list[dict]:
   # A complete file ends with "\n", so the last element is b"". Anything else is a write that
   # never finished, hence never confirmed to the page: drop it.
   if lines[-1]:
-    logging.warning("%s: cutting off an unfinished last line (%d bytes) left by an interrupted "
-                    "write", path, len(lines[-1]))
-    with open(path, "r+b") as f:
-      f.truncate(len(raw) - len(lines[-1]))
-      f.flush()
-      os.fsync(f.fileno())
+    logging.warning("%s: %s an unfinished last line (%d bytes) left by an interrupted write",
+                    path, "cutting off" if repair else "leaving out", len(lines[-1]))
+    if repair:
+      with open(path, "r+b") as f:
+        f.truncate(len(raw) - len(lines[-1]))
+        f.flush()
+        os.fsync(f.fileno())
   rows = []
   for number, line in enumerate(lines[:-1], start=1):
     if not line.strip():
@@ -302,6 +316,21 @@ def _read_rows(path: pathlib.Path) -> list[dict]:
                       "annotator, judgement 'a', 'b' or 'tie')")
     rows.append(row)
   return rows
+
+
+def load_judged_rows(path: str | os.PathLike) -> list[dict]:
+  """The rows of a pairs.jsonl with every field (annotator, seconds, note), for the report.
+
+  The reward phase reads the same file with `labeling.load_judged_pairs`; this reader keeps
+  what the report needs and changes nothing on disk.
+
+  Raises:
+    UserError: a missing file, or a line that is not a judged-pair row, naming file:line.
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise UserError(f"{path}: no such file")
+  return _read_rows(path, repair=False)
 
 
 def _rewrite_without(path: pathlib.Path, index: int) -> None:
@@ -363,7 +392,7 @@ class LabelSession:
     self._skipped: dict[str, set[str]] = {}
     # A temp file from a rewrite that was killed before its rename is an old copy: drop it.
     self.out_path.with_name(self.out_path.name + ".tmp").unlink(missing_ok=True)
-    self._rows = _read_rows(self.out_path)
+    self._rows = _read_rows(self.out_path, repair=True)
     self._judged: dict[str, set[str]] = {pid: set() for pid in self._index}
     unknown = 0
     for row in self._rows:
