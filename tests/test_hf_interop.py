@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from conftest import left_padded, load_cleanly
+from rlhf_jax.data import batching
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
@@ -276,6 +277,44 @@ def test_tokenizer_pad_defaults_to_eos_and_survives_export(tiny_tokenizer_dir, m
   assert hf.has_tokenizer(tmp_path) and (tmp_path / "NOTE.md").read_text() == "hi"
   again = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def test_exported_chat_template_renders_the_training_prompt(tiny_tokenizer_dir, make_hf_gpt_neo,
+                                                           tmp_path):
+  source = make_hf_gpt_neo(**ARCH)
+  config, params, _, _ = hf.load_checkpoint(str(source.path))
+  hf.save_checkpoint(params, config, tmp_path, tokenizer_dir=tiny_tokenizer_dir,
+                     chat_template=batching.CHAT_TEMPLATE)
+  assert "chat_template" in json.loads((tmp_path / "tokenizer_config.json").read_text()) or (
+      tmp_path / "chat_template.jinja").is_file()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  cases = [  # (instruction, context): none, given, blank (= none), and whitespace to strip.
+      ("What is 7 plus 5?", None),
+      ("Summarise the text.", "Paris is the capital of France.\nIt lies on the Seine."),
+      ("Name a colour.", "  \n "),
+      ("  Who wrote it?\n", "\n  The book was written in 1851.  "),
+  ]
+  for instruction, context in cases:
+    message = {"role": "user", "content": instruction}
+    if context is not None:
+      message["context"] = context
+    expected = batching.format_prompt(instruction, context or "")
+    prompt = tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
+    assert prompt == expected, (instruction, context)
+    # And the ids the model was trained on (prompts are tokenised without special tokens).
+    ids = tokenizer.apply_chat_template([message], tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    assert list(ids) == tokenizer(expected, add_special_tokens=False)["input_ids"]
+  assert "### Context:" in batching.format_prompt(*cases[1])  # The with-context form is tested.
+  # With the assistant's answer: the training sequence, prompt + response + EOS.
+  answer = [{"role": "user", "content": "What is 7 plus 5?"}, {"role": "assistant", "content": "12"}]
+  assert tokenizer.apply_chat_template(answer, tokenize=False) == (
+      batching.format_prompt("What is 7 plus 5?") + "12" + tokenizer.eos_token)
+  # Conversations the model was not trained on are refused, not rendered some other way.
+  for messages in ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                   answer + [{"role": "user", "content": "And 8 plus 5?"}]):
+    with pytest.raises(Exception, match="one user message"):
+      tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def test_load_tokenizer_from_a_directory_without_one(tmp_path):

@@ -2,8 +2,9 @@
 
 The server runs as a subprocess on 127.0.0.1 (a free port) with a non-loopback host configured,
 so it requires a token; nothing is sent off this machine. An annotator judges 5 pairs with the
-keyboard, the server is SIGKILLed and restarted, the page resumes at pair 6, and pairs.jsonl
-holds exactly the 5 judgements with the sides chosen. A pair whose texts carry a script tag and
+keyboard, the server is SIGKILLed and restarted, the page resumes at pair 6, undo and a new
+judgement of pair 5 work from the keyboard, and pairs.jsonl holds exactly the 5 judgements with
+the sides chosen. A pair whose texts carry a script tag and
 an `<img onerror>` shows them as text and runs nothing. The test saves a screenshot of the page
 to docs/label_page.png.
 
@@ -259,6 +260,17 @@ def test_annotator_judges_with_the_keyboard_and_resumes_after_sigkill(server, br
   _keys(browser, "1")  # chosen, not submitted: the screenshot shows a selection
   SCREENSHOT.parent.mkdir(exist_ok=True)
   browser.save_screenshot(str(SCREENSHOT))
+
+  # Undo (u) withdraws the last judgement and shows pair 5 again with its choice selected;
+  # Enter judges it again.
+  _keys(browser, "u")
+  _wait_text(browser, "status", "undid your judgement of pair 5")
+  assert browser.find_element(By.ID, "progress").text == f"Pair 5 of {len(PAIRS)}"
+  selected = browser.find_elements(By.CSS_SELECTOR, "button.choice.selected")
+  assert [button.get_attribute("data-choice") for button in selected] == ["b"]
+  assert len(server.rows()) == 4
+  _keys(browser, Keys.ENTER)
+  _wait_text(browser, "progress", f"Pair 6 of {len(PAIRS)}")
 
   rows = server.rows()
   assert len(rows) == 5

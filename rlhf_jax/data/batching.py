@@ -49,6 +49,7 @@ holds whole pairs (both rows of pair `b` sit at `[b]`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -72,6 +73,33 @@ PROMPT_TEMPLATE_WITH_CONTEXT = (
 # Ends a context cut to fit the window (`fit_prompt`), on its own line after the kept start.
 CONTEXT_CUT_MARKER = "[context truncated]"
 
+# The template as a Hugging Face chat template (Jinja), saved with exported tokenizers: for
+# messages = [{"role": "user", "content": instruction, "context": context}] (the "context" key
+# optional, Dolly's field name; a system message would mean instructions, not reference text),
+# `tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)` equals
+# `format_prompt(instruction, context)`. An assistant message after it renders the training
+# sequence: the prompt, the response, EOS. Anything else (several turns, a system message) is an
+# error: the model was trained on single instructions. The headers come from the constants above.
+CHAT_TEMPLATE = """\
+{%- if messages | length not in (1, 2) or messages[0]['role'] != 'user'
+      or (messages | length == 2 and messages[1]['role'] != 'assistant') -%}
+  {{- raise_exception('this model takes one user message (the instruction, with an optional '
+                      + '"context" key), optionally followed by the assistant message answering it') -}}
+{%- endif -%}
+{%- set context = (messages[0].get('context') or '') | trim -%}
+{{- INSTRUCTION_HEADER + (messages[0]['content'] | trim) + '\\n\\n' -}}
+{%- if context -%}
+  {{- CONTEXT_HEADER + context + '\\n\\n' -}}
+{%- endif -%}
+{%- if add_generation_prompt or messages | length == 2 -%}
+  {{- RESPONSE_HEADER -}}
+{%- endif -%}
+{%- if messages | length == 2 -%}
+  {{- messages[1]['content'] + eos_token -}}
+{%- endif -%}""".replace("INSTRUCTION_HEADER", json.dumps(INSTRUCTION_HEADER)).replace(
+    "CONTEXT_HEADER", json.dumps(CONTEXT_HEADER)).replace(
+    "RESPONSE_HEADER", json.dumps(RESPONSE_HEADER))
+
 PROMPT_TEMPLATE_DOC = f"""\
 # Prompt format
 
@@ -91,6 +119,19 @@ With context (reference text the answer may use):
 
 `{{instruction}}` and `{{context}}` are stripped of surrounding whitespace; an empty context uses
 the first form. In Python: `rlhf_jax.data.batching.format_prompt(instruction, context)`.
+
+The exported tokenizer carries this format as its chat template, with the context as a `context`
+key of the user message:
+
+```
+tokenizer = AutoTokenizer.from_pretrained(export_dir)
+prompt = tokenizer.apply_chat_template(
+    [{{"role": "user", "content": instruction, "context": context}}],  # "context" is optional
+    tokenize=False, add_generation_prompt=True)
+```
+
+gives exactly the prompt above. One user message only (optionally followed by the assistant's
+answer, rendered as the answer and EOS): the model was trained on single instructions.
 
 A context too long for the model's window was cut during training: the instruction and the start
 of the context were kept, and the line `{CONTEXT_CUT_MARKER}` follows the kept part, so the

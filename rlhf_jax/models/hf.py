@@ -233,7 +233,8 @@ def load_checkpoint(name_or_path: str) -> tuple[GPTNeoConfig, dict, str, pathlib
 
 def save_checkpoint(params: Any, config: GPTNeoConfig, out_dir: str | os.PathLike, *,
                     kind: str = CAUSAL_LM, tokenizer_dir: str | os.PathLike | None = None,
-                    dtype: str = "float32", extra_files: dict[str, str] | None = None) -> pathlib.Path:
+                    dtype: str = "float32", extra_files: dict[str, str] | None = None,
+                    chat_template: str | None = None) -> pathlib.Path:
   """Writes an HF directory that `transformers` loads with no missing or unexpected weights.
 
   Args:
@@ -245,6 +246,9 @@ def save_checkpoint(params: Any, config: GPTNeoConfig, out_dir: str | os.PathLik
     tokenizer_dir: a directory `AutoTokenizer` loads; its tokenizer is saved alongside.
     dtype: "float32" or "bfloat16" for the saved weights.
     extra_files: name -> text written next to the model (e.g. the prompt template).
+    chat_template: a Jinja chat template saved with the tokenizer (tokenizer_config.json /
+      chat_template.jinja), so `apply_chat_template` renders the prompt format the model was
+      trained on (`rlhf_jax.data.batching.CHAT_TEMPLATE`); needs `tokenizer_dir`.
   """
   import ml_dtypes
   import safetensors.numpy
@@ -272,7 +276,12 @@ def save_checkpoint(params: Any, config: GPTNeoConfig, out_dir: str | os.PathLik
   tensors = {k: v.astype(np_dtype) for k, v in flax_to_hf(params, config).items()}
   safetensors.numpy.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
   if tokenizer_dir is not None:
-    load_tokenizer(tokenizer_dir).save_pretrained(out)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if chat_template is not None:
+      tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(out)
+  elif chat_template is not None:
+    raise ValueError("a chat template is saved with the tokenizer: give tokenizer_dir")
   for name, text in (extra_files or {}).items():
     (out / name).write_text(text)
   return out
