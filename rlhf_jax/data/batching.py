@@ -371,8 +371,10 @@ TOO_LONG_POLICIES = ("truncate", "truncate_prompt", "error")
 
 def _fit_pair(tokenizer: Any, pair: dict, prompt: list[int], chosen_ids: list[int],
               rejected_ids: list[int], *, max_length: int, min_response_tokens: int,
-              too_long: str) -> tuple[tuple | None, tuple[str, str] | None, dict[str, int]]:
-  """Fits one tokenised pair into `max_length` (the rules of `tokenize_pairs`).
+              too_long: str, fit: Any = fit_prompt
+              ) -> tuple[tuple | None, tuple[str, str] | None, dict[str, int]]:
+  """Fits one tokenised pair into `max_length` (the rules of `tokenize_pairs`; `fit` is
+  `fit_prompt` or a cached equivalent).
 
   Returns:
     ((prompt, chosen, rejected) ids as fitted, None, counts) or (None, (reason, message),
@@ -384,8 +386,8 @@ def _fit_pair(tokenizer: Any, pair: dict, prompt: list[int], chosen_ids: list[in
     # A pair built from a record: its context is cut as in SFT, leaving the longer response
     # min(min_response_tokens, its length) tokens.
     reserve = _response_reserve(longest, min_response_tokens)
-    fitted = fit_prompt(tokenizer, pair["instruction"], pair.get("context", ""),
-                        max_length - reserve, prompt_ids=prompt)
+    fitted = fit(tokenizer, pair["instruction"], pair.get("context", ""),
+                 max_length - reserve, prompt_ids=prompt)
     if fitted is None:
       bare = _encode(tokenizer, [format_prompt(pair["instruction"])])[0]
       return None, ("prompt_too_long",
@@ -519,7 +521,15 @@ class PairWindow:
     self.max_length = max_length
     self.min_response_tokens = min_response_tokens
     self.too_long = too_long
-    self._prompts: dict[tuple[str, str], list[int]] = {}  # Prompt ids per (instruction, context).
+    # Prompt ids per (instruction, context), fitted prompts per (instruction, context, budget).
+    self._prompts: dict[tuple[str, str], list[int]] = {}
+    self._fitted: dict[tuple[str, str, int], Any] = {}
+
+  def _fit_prompt(self, tokenizer, instruction, context, max_tokens, prompt_ids=None):
+    key = (instruction, context, max_tokens)
+    if key not in self._fitted:
+      self._fitted[key] = fit_prompt(tokenizer, instruction, context, max_tokens, prompt_ids)
+    return self._fitted[key]
 
   def _fit(self, record: dict, chosen_ids: list[int], rejected_ids: list[int]):
     instruction, context = record["instruction"], record.get("context", "")
@@ -528,7 +538,8 @@ class PairWindow:
       self._prompts[key] = _encode(self.tokenizer, [format_prompt(instruction, context)])[0]
     return _fit_pair(self.tokenizer, {"instruction": instruction, "context": context},
                      self._prompts[key], chosen_ids, rejected_ids, max_length=self.max_length,
-                     min_response_tokens=self.min_response_tokens, too_long=self.too_long)
+                     min_response_tokens=self.min_response_tokens, too_long=self.too_long,
+                     fit=self._fit_prompt)
 
   def distinct(self, record: dict, chosen: str, rejected: str) -> bool:
     """False if the two responses to `record`'s prompt are identical within the window (also
