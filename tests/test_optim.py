@@ -269,3 +269,39 @@ def _without_clip(config):
   config = config.copy_and_resolve_references()
   config.clip_norm = 0.0
   return config
+
+
+def test_tf_eps_form_matches_tf1_adam_and_the_docstring_equivalence():
+  """eps_form="tf": TF1 AdamOptimizer's update, lr_t = lr sqrt(1 - b2^t) / (1 - b1^t),
+  p -= lr_t m / (sqrt(v) + eps_hat), written out in NumPy; at update t it equals optax's
+  (PyTorch-form) Adam with eps = eps_hat / sqrt(1 - b2^t)."""
+  lr, b1, b2, eps_hat = 1e-2, 0.9, 0.999, 1e-3
+  config = common.optim(lr, schedule="constant", b1=b1, b2=b2, eps=eps_hat, clip_norm=0.0)
+  config.eps_form = "tf"
+  tx = optim.make_optimizer(config, 10)
+  rng = np.random.default_rng(6)
+  params = {"kernel": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}
+  state = tx.init(params)
+  p, m, v = np.asarray(params["kernel"], np.float64), np.zeros(5), np.zeros(5)
+  for t in range(1, 7):
+    grad = rng.normal(scale=10.0 ** -rng.integers(1, 5), size=5)  # some below eps_hat
+    m, v = b1 * m + (1 - b1) * grad, b2 * v + (1 - b2) * grad ** 2
+    p = p - lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (np.sqrt(v) + eps_hat)
+    updates, state = tx.update({"kernel": jnp.asarray(grad, jnp.float32)}, state, params)
+    params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(params["kernel"], p, rtol=1e-5, atol=1e-7)
+
+  grad = jnp.asarray(rng.normal(scale=1e-4, size=5), jnp.float32)
+  for t in (1, 3):
+    tf_tx = optim.scale_by_tf_adam(b1, b2, eps_hat)
+    torch_form = optax.scale_by_adam(b1, b2, eps=eps_hat / math.sqrt(1 - b2 ** t))
+    for transform in (tf_tx, torch_form):
+      state = transform.init(grad)
+      for _ in range(t):
+        out, state = transform.update(grad, state)
+      if transform is tf_tx:
+        tf_out = out
+    np.testing.assert_allclose(tf_out, out, rtol=1e-5)
+  config.eps_form = "keras"
+  with pytest.raises(UserError, match="--config.optim.eps_form=keras"):
+    optim.make_optimizer(config, 10)

@@ -20,7 +20,12 @@ growing with the update count t: eps = eps_hat / sqrt(1 - b2^t), 31.6 eps_hat at
 b2 = 0.999, 1.6 eps_hat at t = 480 (PPO's 60 x 4 x 2 updates), eps_hat only in the limit. So
 eps=1e-5 here is 1e-5 in PyTorch's form, a weaker damping than lm-human-preferences' early on.
 optax's `eps_root` does not give TF's form either: it is added INSIDE the square root,
-m_hat / (sqrt(v_hat + eps_root) + eps), to keep Adam differentiable at v = 0.
+m_hat / (sqrt(v_hat + eps_root) + eps), to keep Adam differentiable at v = 0. It matters where
+sqrt(v_hat) is not much larger than eps: a clipped gradient of norm 1 spread over ~1e6-1e8
+parameters has a per-parameter RMS of 1e-3-1e-4, so TF's early eps of 3e-4 damps the first
+hundreds of updates of many parameters, and rarely used ones (embedding rows) much longer. To
+reproduce lm-human-preferences, set `optim.eps_form = "tf"` (an optional key, default "pytorch";
+`scale_by_tf_adam`).
 """
 
 import math
@@ -28,13 +33,20 @@ from typing import Dict, Sequence
 
 import flax
 import jax
+import jax.numpy as jnp
 import optax
 
 from rlhf_jax.errors import UserError
 
 
+EPS_FORMS = ("pytorch", "tf")
+
+
 def _check(optim_config) -> None:
   """Rejects settings that would train in the wrong direction or not at all."""
+  eps_form = optim_config.get("eps_form", "pytorch")
+  if eps_form not in EPS_FORMS:
+    raise UserError(f"--config.optim.eps_form={eps_form}: use one of {', '.join(EPS_FORMS)}")
   lr, end_fraction = float(optim_config.lr), float(optim_config.end_lr_fraction)
   if not math.isfinite(lr) or lr <= 0:
     raise UserError(f"--config.optim.lr={optim_config.lr}: the learning rate must be positive")
@@ -150,6 +162,35 @@ def clip_by_subtree_norm(max_norm: float,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def scale_by_tf_adam(b1: float, b2: float, eps_hat: float) -> optax.GradientTransformation:
+  """Adam's direction in TF1's `tf.train.AdamOptimizer` form (epsilon hat), without the lr.
+
+  sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps_hat), with the uncorrected moments m, v: the
+  same as optax's `scale_by_adam` with a PyTorch-form eps of eps_hat / sqrt(1 - b2^t) at update
+  t (see the module docstring). State: optax's `ScaleByAdamState`.
+
+  Args:
+    b1, b2: the moments' decay rates.
+    eps_hat: TF's epsilon (1e-5 in lm-human-preferences).
+  """
+
+  def init_fn(params):
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros())
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+    count = optax.safe_increment(state.count)
+    t = count.astype(jnp.float32)
+    step = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+    updates = jax.tree.map(lambda m, v: step * m / (jnp.sqrt(v) + eps_hat), mu, nu)
+    return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizer(optim_config, total_steps: int,
                    clip_subtrees: Sequence[str] = ()) -> optax.GradientTransformation:
   """AdamW with clipping and the schedule above (gradient accumulation lives in the train step).
@@ -161,9 +202,16 @@ def make_optimizer(optim_config, total_steps: int,
       top-level subtrees separately (`clip_by_subtree_norm`) instead of to the whole tree.
   """
   schedule = learning_rate_schedule(optim_config, total_steps)
-  adamw = optax.adamw(schedule, b1=float(optim_config.b1), b2=float(optim_config.b2),
-                      eps=float(optim_config.eps), weight_decay=float(optim_config.weight_decay),
-                      mask=_decay_mask)
+  b1, b2, eps = float(optim_config.b1), float(optim_config.b2), float(optim_config.eps)
+  weight_decay = float(optim_config.weight_decay)
+  if optim_config.get("eps_form", "pytorch") == "tf":
+    # optax.adamw's own chain with TF's Adam direction in place of scale_by_adam.
+    adamw = optax.chain(scale_by_tf_adam(b1, b2, eps),
+                        optax.add_decayed_weights(weight_decay, _decay_mask),
+                        optax.scale_by_learning_rate(schedule))
+  else:
+    adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                        mask=_decay_mask)
   clip = float(optim_config.clip_norm)
   if clip <= 0:
     return adamw
