@@ -100,6 +100,16 @@ def test_load_pairs_to_judge_names_file_and_line(tmp_path, line, message):
     label_server.load_pairs_to_judge(str(path))
 
 
+def test_pairs_given_in_memory_are_checked():
+  pairs = _pairs(2) + [{"pair_id": "p1", "prompt": "q", "response_a": "x", "response_b": "y"}]
+  with pytest.raises(UserError, match="pair 2: pair_id 'p1' repeats pair 0"):
+    label_server.check_pairs(pairs)
+  with pytest.raises(UserError, match="pair 0: missing field 'response_b'"):
+    label_server.check_pairs([{"prompt": "q", "response_a": "x"}])
+  with pytest.raises(UserError, match="no pairs to judge"):
+    label_server.LabelSession([], "unused.jsonl")
+
+
 def test_order_sides_and_double_share_are_seeded():
   pairs = _pairs(40)
   ordered = label_server.order_sides(pairs, seed=3)

@@ -79,6 +79,7 @@ MAX_ANNOTATOR_CHARS = 64
 DEFAULT_PORT = 8765
 DEFAULT_LEASE_SECONDS = 15 * 60
 TOKEN_COOKIE = "rlhf_label_token"
+_MISSING_EXTRA = "labeler=web needs the label extra: pip install -e \".[label]\""
 # Pair ids travel in JSON and in the file; a plain alphabet keeps them unambiguous in messages.
 _PAIR_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 # Tokens sit in a URL and a cookie: URL-safe characters only, long enough not to be guessed.
@@ -149,9 +150,10 @@ def check_pairs(pairs: Iterable[Mapping[str, Any]]) -> list[dict]:
     pair, error = _check_pair(dict(obj) if isinstance(obj, Mapping) else obj)
     if error:
       raise UserError(f"pair {index}: {error}")
-    if pair["pair_id"] in seen:
-      raise UserError(f"pair {index}: pair_id {pair['pair_id']!r} repeats pair {seen[pair['pair_id']]}")
-    seen[pair["pair_id"]] = index
+    pair_id = pair["pair_id"]
+    if pair_id in seen:
+      raise UserError(f"pair {index}: pair_id {pair_id!r} repeats pair {seen[pair_id]}")
+    seen[pair_id] = index
     checked.append(pair)
   return checked
 
@@ -672,11 +674,6 @@ def resolve_token(host: str, token: str | None) -> tuple[str | None, bool]:
   return secrets.token_urlsafe(24), True
 
 
-def _request_problem(status: int, message: str):
-  from starlette.responses import JSONResponse
-  return JSONResponse({"error": message}, status_code=status, headers=_SECURITY_HEADERS)
-
-
 class _BadRequest(Exception):
   def __init__(self, status: int, message: str):
     super().__init__(message)
@@ -757,10 +754,16 @@ def create_app(pairs: Sequence[Mapping[str, Any]], out_path: str | os.PathLike, 
     UserError: a non-loopback host without a token, a bad token, bad pairs, or another
       server on the same file.
   """
-  from starlette.applications import Starlette
-  from starlette.concurrency import run_in_threadpool
-  from starlette.responses import RedirectResponse, Response
-  from starlette.routing import Route
+  try:
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse, RedirectResponse, Response
+    from starlette.routing import Route
+  except ImportError as e:
+    raise UserError(_MISSING_EXTRA) from e
+
+  def problem(status: int, message: str) -> Response:
+    return JSONResponse({"error": message}, status_code=status, headers=_SECURITY_HEADERS)
 
   if token is None and not is_loopback(host):
     raise UserError(f"host {host!r} is reachable from other machines: it needs a token "
@@ -779,8 +782,7 @@ def create_app(pairs: Sequence[Mapping[str, Any]], out_path: str | os.PathLike, 
       host_header = request.headers.get("host", "")
       name = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
       if name.lower() not in loopback_names:
-        return _request_problem(403, f"Host {host_header!r} is not this machine's loopback "
-                                "address")
+        return problem(403, f"Host {host_header!r} is not this machine's loopback address")
       return None
     given = request.cookies.get(TOKEN_COOKIE) or ""
     auth = request.headers.get("authorization", "")
@@ -789,8 +791,8 @@ def create_app(pairs: Sequence[Mapping[str, Any]], out_path: str | os.PathLike, 
     if request.url.path == "/" and "token" in request.query_params:
       given = request.query_params["token"]
     if not hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8")):
-      return _request_problem(401, "missing or wrong token: open the URL with ?token=... that "
-                              "the server printed when it started")
+      return problem(401, "missing or wrong token: open the URL with ?token=... that the "
+                     "server printed when it started")
     return None
 
   async def index(request):
@@ -808,7 +810,7 @@ def create_app(pairs: Sequence[Mapping[str, Any]], out_path: str | os.PathLike, 
       return refusal
     name = request.path_params["name"]
     if name not in static:
-      return _request_problem(404, f"no static file {name!r}")
+      return problem(404, f"no static file {name!r}")
     return Response(static[name], media_type=_STATIC_FILES[name], headers=_SECURITY_HEADERS)
 
   def endpoint(fields: set[str], action: Callable[[dict], dict]):
@@ -820,14 +822,12 @@ def create_app(pairs: Sequence[Mapping[str, Any]], out_path: str | os.PathLike, 
         _check_fields(data, fields)
         view = await run_in_threadpool(action, data)
       except _BadRequest as e:
-        return _request_problem(e.status, e.message)
+        return problem(e.status, e.message)
       except Conflict as e:
         name = _annotator(data)
         view = await run_in_threadpool(session.next, name)
-        from starlette.responses import JSONResponse
         return JSONResponse({"error": str(e), "state": view}, status_code=409,
                             headers=_SECURITY_HEADERS)
-      from starlette.responses import JSONResponse
       return JSONResponse(view, headers=_SECURITY_HEADERS)
     return handle
 
@@ -854,7 +854,6 @@ def create_app(pairs: Sequence[Mapping[str, Any]], out_path: str | os.PathLike, 
   async def summary(request):
     if (refusal := allowed(request)) is not None:
       return refusal
-    from starlette.responses import JSONResponse
     return JSONResponse(annotator_report(session.rows()), headers=_SECURITY_HEADERS)
 
   @contextlib.asynccontextmanager
@@ -897,13 +896,14 @@ def serve(pairs: Sequence[Mapping[str, Any]], out_path: str | os.PathLike, *,
   try:
     import uvicorn
   except ImportError as e:
-    raise UserError("labeler=web needs the label extra: pip install -e \".[label]\"") from e
+    raise UserError(_MISSING_EXTRA) from e
   token, _ = resolve_token(host, token)
   app = create_app(pairs, out_path, host=host, token=token, double_share=double_share,
                    seed=seed, lease_seconds=lease_seconds)
   session = app.state.session
+  elsewhere = "" if is_loopback(host) else "; from other machines use this machine's address"
   announce(f"Labelling page: {page_url(host, port, token)}  ({len(session.pairs)} pairs; "
-           f"judgements go to {session.out_path}; Ctrl-C stops)")
+           f"judgements go to {session.out_path}{elsewhere}; Ctrl-C stops)")
   try:
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
   finally:
