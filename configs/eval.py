@@ -28,12 +28,12 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
   config.ppo_checkpoint = ""  # "" = WORKDIR/ppo
   config.extra_checkpoints = ""  # "name=path,name=path": more policies (Orbax or HF) to compare.
   config.data = common.data("builtin")  # Splits: test, and ood_1..3 (built-in) or ood (Dolly).
-  config.num_prompts = 200  # Per split.
+  config.eval_prompts = 200  # Per split.
   config.best_of_n = 8  # RO's N.
   config.sampling = ml_collections.ConfigDict(dict(
       max_new_tokens=24, temperature=0.7, top_k=0, top_p=1.0))  # PPO's rollout settings.
   config.max_prompt_length = 64
-  config.batch_size = 50
+  config.eval_batch_size = 50
   config.num_samples = 50  # Prompts written to samples.jsonl.
   config.seed = 0
   config.model = common.model()
@@ -44,5 +44,5 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
     config.data.ood_categories = ("creative_writing",)
     config.sampling.max_new_tokens = 64
     config.max_prompt_length = 256
-    config.batch_size = 16
+    config.eval_batch_size = 16
   return config

@@ -58,6 +58,7 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
   config.value_model = "reward"  # reward: a trained copy of the reward model | policy_head (GAE only)
   config.data = common.data("builtin")  # Prompts: the train split; held-out: the validation split.
   config.eval_prompts = 128  # Held-out prompts scored before and after PPO.
+  config.eval_batch_size = 32
   config.model = common.model()
   config.mesh = common.mesh()
   config.rollout = ml_collections.ConfigDict(dict(
@@ -81,4 +82,5 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
                            kl_horizon=10000.0))
     config.optim = common.optim(1e-5, schedule="constant", eps=1e-5, clip_norm=1.0)
     config.train = common.train(steps=500, batch_size=64, log_every=5, save_every=50)
+    config.eval_batch_size = 64
   return config

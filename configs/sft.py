@@ -31,7 +31,7 @@ from rlhf_jax.configs import common
 
 def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.init_checkpoint = ""  # "" = this workdir's import/ or init/ phase (init is created if needed).
+  config.init_checkpoint = ""  # "" = this workdir's import/ or init/ phase.
   config.data = common.data("builtin")
   config.max_length = 96  # Tokens per row (prompt + response + EOS).
   # The response's guaranteed share of a row: a prompt that leaves it fewer tokens has its context
@@ -48,7 +48,7 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
   config.train = common.train(steps=600, batch_size=32, log_every=25, eval_every=200,
                               save_every=200)
   # Greedy exact match on held-out verifiable questions, before and after (built-in data only).
-  config.exact_match_samples = 200
+  config.eval_prompts = 200  # Held-out verifiable questions.
   config.exact_match_max_new_tokens = 24
   config.eval_batch_size = 50
 
@@ -63,7 +63,7 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
     config.optim = common.optim(1e-5, warmup_steps=100, weight_decay=0.0)
     config.train = common.train(steps=3000, batch_size=32, log_every=20, eval_every=500,
                                 save_every=500)
-    config.exact_match_samples = 0
+    config.eval_prompts = 0
     if variant in ("gpt_neo_1p3b", "gpt_neo_2p7b"):
       config.model.dtype = "bfloat16"
       config.model.remat = True

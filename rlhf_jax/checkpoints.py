@@ -10,7 +10,7 @@ and a `tokenizer/` folder saved once, so a checkpoint path is all `export` and l
 
 import os
 import pathlib
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 import jax
@@ -176,11 +176,60 @@ def load_model(path: str | os.PathLike, shardings: Any = None) -> dict:
 POLICY_PHASES = ("ppo", "sft", "init", "import")
 
 
-def find_phase_checkpoint(workdir: str | os.PathLike, phases: tuple[str, ...]) -> pathlib.Path:
-  """The checkpoint of the first of `phases` that has one in `workdir` (e.g. the newest policy)."""
+def resolve_checkpoint(given: str | os.PathLike | None, workdir: str | os.PathLike,
+                       phases: str | Sequence[str], *, key: str) -> str:
+  """The checkpoint a phase reads: `given` if set, else the first of `phases` with a checkpoint
+  in `workdir` (its phase directory, e.g. WORKDIR/sft).
+
+  Args:
+    given: the config's value (an Orbax or HF checkpoint, a phase directory, a hub id), or empty.
+    workdir: the run's workdir.
+    phases: the phase (or phases, in order of preference) whose checkpoint is the default.
+    key: the config key that names it, for the error message (e.g. "sft_checkpoint").
+
+  Raises:
+    UserError: nothing given and none of the phases has a checkpoint in the workdir.
+  """
+  if given:
+    return str(given)
+  phases = (phases,) if isinstance(phases, str) else tuple(phases)
   for phase in phases:
-    found = find_checkpoint_dir(pathlib.Path(workdir) / phase)
-    if found is not None:
-      return found
-  raise UserError(f"{workdir}: no checkpoint of phase {' / '.join(phases)} found; run that phase "
-                  "first or name a checkpoint with --config.checkpoint")
+    if find_checkpoint_dir(pathlib.Path(workdir) / phase) is not None:
+      return str(pathlib.Path(workdir) / phase)
+  run = " or ".join(f"--phase={phase}" for phase in phases)
+  raise UserError(f"no {' / '.join(phases)} checkpoint in {workdir}; run {run} first or set "
+                  f"--config.{key}")
+
+
+def phase_finished(phase_dir: str | os.PathLike) -> bool:
+  """Whether `phase_dir` (or its `checkpoint/`) holds a finished run: its newest step's manifest
+  says `finished`."""
+  found = find_checkpoint_dir(phase_dir)
+  if found is None:
+    return False
+  saved = Checkpoints(found, create=False)
+  try:
+    return bool(saved.manifest().get("finished"))
+  finally:
+    saved.close()
+
+
+def save_model(phase_dir: pathlib.Path, params, config: GPTNeoConfig, *, kind: str, phase: str,
+               mesh: jax.sharding.Mesh | None = None, tokenizer_dir=None,
+               **extras) -> pathlib.Path:
+  """Writes a finished single-step checkpoint (params, manifest, tokenizer) under `phase_dir`.
+
+  `params` are host values (or local arrays) that every process holds in full; they are placed
+  on `mesh` (default: FSDP over all devices) with the project's shardings first, so every
+  process saves only its shards."""
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  shardings = model_shardings(config, "score" in params, mesh)
+  params = sharding.global_from_host(jax.device_get(params), shardings)
+  ckpts = Checkpoints(phase_dir / "checkpoint")
+  if tokenizer_dir is not None and jax.process_index() == 0:
+    hf.copy_tokenizer(tokenizer_dir, ckpts.tokenizer_dir)
+  manifest = make_manifest(config, kind=kind, score_head="score" in params, phase=phase,
+                           finished=True, **extras)
+  ckpts.save(0, params=params, manifest=manifest)
+  ckpts.close()
+  return ckpts.directory

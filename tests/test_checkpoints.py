@@ -7,7 +7,6 @@ import optax
 import pytest
 
 from rlhf_jax import checkpoints
-from rlhf_jax import convert
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
@@ -89,7 +88,7 @@ def test_load_model_from_orbax_dir_phase_dir_and_hf_dir(make_hf_gpt_neo, tiny_to
   source = make_hf_gpt_neo(**ARCH, tokenizer_dir=tiny_tokenizer_dir)
   config, params, kind, _ = hf.load_checkpoint(str(source.path))
   phase_dir = tmp_path / "work" / "import"
-  convert.save_model(phase_dir, params, config, kind=kind, phase="import",
+  checkpoints.save_model(phase_dir, params, config, kind=kind, phase="import",
                      tokenizer_dir=tiny_tokenizer_dir)
   loaded = {name: checkpoints.load_model(path) for name, path in (
       ("orbax", phase_dir / "checkpoint"), ("phase", phase_dir), ("hf", source.path))}
@@ -102,13 +101,15 @@ def test_load_model_from_orbax_dir_phase_dir_and_hf_dir(make_hf_gpt_neo, tiny_to
   assert loaded["orbax"]["manifest"]["finished"] and loaded["orbax"]["manifest"]["phase"] == "import"
   assert loaded["hf"]["manifest"] == {}
   # The newest policy of a workdir is found by phase order.
-  assert checkpoints.find_phase_checkpoint(tmp_path / "work", checkpoints.POLICY_PHASES) == \
-      (phase_dir / "checkpoint").absolute()
+  assert checkpoints.resolve_checkpoint("", tmp_path / "work", checkpoints.POLICY_PHASES,
+                                       key="checkpoint") == str(phase_dir)
+  assert checkpoints.resolve_checkpoint("given", tmp_path / "work", "sft", key="x") == "given"
+  assert checkpoints.phase_finished(phase_dir) and not checkpoints.phase_finished(tmp_path)
 
 
 def test_load_model_reward_from_orbax(reward_import, tmp_path):
   _, config, params = reward_import
-  convert.save_model(tmp_path / "reward", params, config, kind=hf.REWARD, phase="reward")
+  checkpoints.save_model(tmp_path / "reward", params, config, kind=hf.REWARD, phase="reward")
   model = checkpoints.load_model(tmp_path / "reward")
   assert model["kind"] == hf.REWARD and model["score_head"] and model["tokenizer_dir"] is None
   _assert_bit_equal(jax.tree.map(np.asarray, model["params"]), params)
@@ -118,5 +119,7 @@ def test_load_model_on_something_else(tmp_path):
   (tmp_path / "notes.txt").write_text("not a model")
   with pytest.raises(UserError, match=rf"{tmp_path}: neither an Orbax checkpoint"):
     checkpoints.load_model(tmp_path)
-  with pytest.raises(UserError, match="no checkpoint of phase ppo / sft / init / import"):
-    checkpoints.find_phase_checkpoint(tmp_path, checkpoints.POLICY_PHASES)
+  with pytest.raises(UserError, match="no ppo / sft / init / import checkpoint in .*; run "
+                     "--phase=ppo or --phase=sft or --phase=init or --phase=import first or set "
+                     "--config.checkpoint"):
+    checkpoints.resolve_checkpoint("", tmp_path, checkpoints.POLICY_PHASES, key="checkpoint")

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from conftest import hf_position_ids, left_padded
-from rlhf_jax import sampling
+from rlhf_jax.models import decode
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
 
@@ -30,14 +30,14 @@ def policy(make_hf_gpt_neo):
   return hf_model, gpt_neo.GPTNeo(config), params, ids, mask
 
 
-def _settings(**overrides) -> sampling.SamplingSettings:
+def _settings(**overrides) -> decode.SamplingSettings:
   fields = dict(max_new_tokens=NEW_TOKENS, temperature=0.0, eos_token_id=0, pad_token_id=0)
-  return sampling.SamplingSettings(**{**fields, **overrides})
+  return decode.SamplingSettings(**{**fields, **overrides})
 
 
-def _generate(policy, settings, seed=0) -> sampling.Samples:
+def _generate(policy, settings, seed=0) -> decode.Samples:
   _, model, params, ids, mask = policy
-  return jax.device_get(sampling.generate(model, params, ids, mask, jax.random.key(seed), settings))
+  return jax.device_get(decode.generate(model, params, ids, mask, jax.random.key(seed), settings))
 
 
 def _hf_greedy(hf_model, ids: np.ndarray, mask: np.ndarray, eos_token_id: int) -> np.ndarray:
@@ -87,7 +87,7 @@ def test_sampled_logprobs_match_full_forward_with_temperature(policy):
   assert np.abs(samples.logprobs[real] - expected[real]).max() <= 1e-4
   assert (samples.logprobs[~real] == 0).all()
   # Every sampled token survived the filters applied to the same logits.
-  filtered = np.asarray(jax.vmap(functools.partial(sampling.process_logits, settings=settings))(
+  filtered = np.asarray(jax.vmap(functools.partial(decode.process_logits, settings=settings))(
       jnp.asarray(logits)))
   assert np.isfinite(np.take_along_axis(filtered, samples.tokens[..., None], -1)[real]).all()
 
@@ -155,7 +155,7 @@ def test_generation_is_one_compiled_loop(policy):
     return names
 
   def trace(steps: int) -> list[str]:
-    fn = lambda p, i, m, r: sampling.generate(model, p, i, m, r,
+    fn = lambda p, i, m, r: decode.generate(model, p, i, m, r,
                                               dataclasses.replace(settings, max_new_tokens=steps))
     return primitives(jax.make_jaxpr(fn)(params, ids, mask, jax.random.key(0)).jaxpr)
 
@@ -164,19 +164,19 @@ def test_generation_is_one_compiled_loop(policy):
   # The loop is not unrolled: the program does not grow with the number of new tokens.
   assert len(short) == len(long)
 
-  sampling.generate(model, params, ids, mask, jax.random.key(0), settings)  # Compiled (or cached).
-  cache_size = sampling.generate._cache_size()
-  sampling.generate(model, params, ids + 1, mask, jax.random.key(1), settings)
-  assert sampling.generate._cache_size() == cache_size  # New values, same shapes: no retrace.
-  sampling.generate(model, params, ids[:, 1:], mask[:, 1:], jax.random.key(1), settings)
-  assert sampling.generate._cache_size() == cache_size + 1  # The counter does count traces.
+  decode.generate(model, params, ids, mask, jax.random.key(0), settings)  # Compiled (or cached).
+  cache_size = decode.generate._cache_size()
+  decode.generate(model, params, ids + 1, mask, jax.random.key(1), settings)
+  assert decode.generate._cache_size() == cache_size  # New values, same shapes: no retrace.
+  decode.generate(model, params, ids[:, 1:], mask[:, 1:], jax.random.key(1), settings)
+  assert decode.generate._cache_size() == cache_size + 1  # The counter does count traces.
 
 
 def test_layer_loop_and_scanned_decoding_agree(policy):
   _, model, params, ids, mask = policy
   settings = _settings(temperature=1.0)
   looped = _generate(policy, settings, seed=4)  # The default on CPU: a loop over the layers.
-  scanned = jax.device_get(sampling.generate(model, params, ids, mask, jax.random.key(4), settings,
+  scanned = jax.device_get(decode.generate(model, params, ids, mask, jax.random.key(4), settings,
                                              layer_loop=False))
   np.testing.assert_array_equal(looped.tokens, scanned.tokens)
   np.testing.assert_allclose(looped.logprobs, scanned.logprobs, atol=1e-5, rtol=0)
@@ -186,8 +186,8 @@ def test_layer_loop_and_scanned_decoding_agree(policy):
 def test_feature_major_decoding_agrees_with_the_flax_step(policy, temperature):
   # The default on CPU for models over 64 MB; forced here on the tiny model.
   hf_model, model, params, ids, mask = policy
-  assert not sampling.default_feature_major(model)
-  run = lambda settings, fm: jax.device_get(sampling.generate(
+  assert not decode.default_feature_major(model)
+  run = lambda settings, fm: jax.device_get(decode.generate(
       model, params, ids, mask, jax.random.key(7), settings, feature_major=fm))
   free = run(_settings(temperature=temperature), False)  # EOS 0 never comes up (see above).
   if temperature == 0.0:
@@ -205,7 +205,7 @@ def test_feature_major_decoding_agrees_with_the_flax_step(policy, temperature):
 
 def test_process_logits_top_k_keeps_exactly_the_k_largest():
   logits = jnp.array([[0.1, 2.0, -1.0, 1.5, 0.7], [3.0, -2.0, 0.0, 1.0, 2.5]])
-  out = sampling.process_logits(logits, _settings(temperature=1.0, top_k=2))
+  out = decode.process_logits(logits, _settings(temperature=1.0, top_k=2))
   expected_kept = np.array([[0, 1, 0, 1, 0], [1, 0, 0, 0, 1]], bool)
   np.testing.assert_array_equal(np.isfinite(out), expected_kept)
   np.testing.assert_array_equal(np.asarray(out)[expected_kept], np.asarray(logits)[expected_kept])
@@ -215,7 +215,7 @@ def test_process_logits_top_p_keeps_the_smallest_prefix_reaching_p():
   probs = np.array([[0.05, 0.5, 0.15, 0.3], [0.25, 0.25, 0.4, 0.1]])
   logits = jnp.log(jnp.asarray(probs))
   settings = _settings(temperature=1.0)
-  keep = lambda p: np.isfinite(sampling.process_logits(logits, dataclasses.replace(settings, top_p=p)))
+  keep = lambda p: np.isfinite(decode.process_logits(logits, dataclasses.replace(settings, top_p=p)))
   # Row 0 sorted: 0.5, 0.3, 0.15, 0.05; the mass before each token: 0, 0.5, 0.8, 0.95.
   # Row 1 sorted: 0.4, 0.25, 0.25, 0.1; the mass before: 0, 0.4, 0.65, 0.9. A tie is kept whole.
   np.testing.assert_array_equal(keep(0.45), [[0, 1, 0, 0], [1, 1, 1, 0]])
@@ -229,7 +229,7 @@ def test_process_logits_matches_hf_warpers():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(8, 97)).astype(np.float32) * 3
   for temperature, top_k, top_p in ((0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.8), (0.9, 20, 0.6)):
-    ours = np.asarray(sampling.process_logits(
+    ours = np.asarray(decode.process_logits(
         jnp.asarray(logits), _settings(temperature=temperature, top_k=top_k, top_p=top_p)))
     warped = torch.from_numpy(logits)
     warpers = [transformers.TemperatureLogitsWarper(temperature)]
@@ -248,14 +248,14 @@ def test_sample_categorical_draws_the_softmax_distribution():
   probs = np.array([0.5, 0.0, 0.2, 0.25, 0.05], np.float32)
   logits = jnp.log(jnp.asarray(probs))  # log 0 = -inf: a filtered token.
   rows = 40000
-  draws = np.asarray(jax.jit(sampling.sample_categorical)(
+  draws = np.asarray(jax.jit(decode.sample_categorical)(
       jax.random.key(3), jnp.broadcast_to(logits, (rows, len(probs)))))
   counts = np.bincount(draws, minlength=len(probs))
   assert counts[1] == 0  # Never a token of probability 0.
   # Each frequency within 5 standard errors of its probability.
   np.testing.assert_allclose(counts / rows, probs, atol=5 * np.sqrt(0.25 / rows))
   # The same key gives the same draws.
-  again = np.asarray(sampling.sample_categorical(jax.random.key(3),
+  again = np.asarray(decode.sample_categorical(jax.random.key(3),
                                                  jnp.broadcast_to(logits, (rows, len(probs)))))
   np.testing.assert_array_equal(draws, again)
 
@@ -265,7 +265,7 @@ def test_first_max_index_is_argmax_with_ties_and_infinities():
   logits = rng.integers(-3, 3, size=(64, 37)).astype(np.float32)  # Many ties.
   logits[0] = -np.inf
   logits[1, [4, 9]] = np.inf
-  np.testing.assert_array_equal(jax.jit(sampling.first_max_index)(logits),
+  np.testing.assert_array_equal(jax.jit(decode.first_max_index)(logits),
                                 np.argmax(logits, axis=-1))
 
 
@@ -283,7 +283,7 @@ def test_sample_categorical_over_blocks_draws_the_distribution(vocab):
   probs = np.exp(logits - logits.max())
   probs /= probs.sum()
   rows = 20000
-  draws = np.asarray(jax.jit(sampling.sample_categorical)(
+  draws = np.asarray(jax.jit(decode.sample_categorical)(
       jax.random.key(vocab), jnp.broadcast_to(jnp.asarray(logits), (rows, vocab))))
   assert draws.min() >= 0 and draws.max() < vocab
   assert np.isin(draws, alive).all()  # Never a token of probability 0.

@@ -300,3 +300,13 @@ def test_logical_axes_cover_every_parameter():
                          jax.tree.leaves(shapes)):
     assert len(spec) == len(shape.shape)
   assert axes["h"]["attn"]["q_proj"]["kernel"] == jax.sharding.PartitionSpec("layers", "embed", "heads")
+
+
+def test_last_token_index_of_masks_and_segment_ids():
+  """The last real column per row, -1 for an empty row; `sequence_scores` reads column 0 there."""
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], np.float32)
+  np.testing.assert_array_equal(gpt_neo.last_token_index(mask), [2, 4, 0, -1])
+  segment_ids = np.array([[0, 0, 1, 1], [1, 1, 2, 0], [0, 0, 0, 0]], np.int32)  # left pad, packed
+  np.testing.assert_array_equal(gpt_neo.last_token_index(segment_ids), [3, 2, -1])
+  scores = np.arange(12, dtype=np.float32).reshape(3, 4)
+  np.testing.assert_array_equal(gpt_neo.sequence_scores(scores, segment_ids), [3.0, 6.0, 8.0])

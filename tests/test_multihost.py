@@ -44,7 +44,7 @@ def sft_flags(init: pathlib.Path, workdir: pathlib.Path) -> list[str]:
           "--config.train.log_every=1", "--config.train.eval_every=2",
           "--config.train.save_every=2", "--config.train.keep_checkpoints=3",
           f"--config.optim.lr={LR}", "--config.optim.warmup_steps=0",
-          "--config.exact_match_samples=0"]
+          "--config.eval_prompts=0"]
 
 
 def run(command: list[str], devices: int) -> subprocess.CompletedProcess:

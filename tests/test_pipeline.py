@@ -24,14 +24,14 @@ SMALL = (
     "--config.init.arch.hidden_size=32",
     "--config.sft.train.steps=6", "--config.sft.train.batch_size=8",
     "--config.sft.train.log_every=2", "--config.sft.train.eval_every=3",
-    "--config.sft.exact_match_samples=8", "--config.sft.eval_batch_size=8",
+    "--config.sft.eval_prompts=8", "--config.sft.eval_batch_size=8",
     "--config.reward.train.steps=4", "--config.reward.train.batch_size=8",
     "--config.reward.train.log_every=2", "--config.reward.train.eval_every=2",
     "--config.reward.stats_samples=16", "--config.reward.eval_batch_size=8",
     "--config.reward.pairs.policy_batch_size=16",
     "--config.ppo.train.steps=2", "--config.ppo.train.batch_size=8",
     "--config.ppo.train.log_every=1", "--config.ppo.eval_prompts=8",
-    "--config.eval.num_prompts=8", "--config.eval.best_of_n=2", "--config.eval.batch_size=8",
+    "--config.eval.eval_prompts=8", "--config.eval.best_of_n=2", "--config.eval.eval_batch_size=8",
     "--config.eval.num_samples=4",
 )
 

@@ -9,7 +9,7 @@ test_ppo_core.py; this file tests what only the wiring can get wrong:
 - reproducibility of sampling and of a whole PPO iteration;
 - learning: a toy reward rises under PPO while the KL penalty keeps the policy away from collapse;
   also with the value head on the policy trunk;
-- the approx-KL early stop, resume through `ppo.run`, frozen models untouched and not donated, and
+- the approx-KL early stop, resume through the ppo phase, frozen models untouched and not donated, and
   the documented config defaults reaching the iteration.
 
 Models are tiny GPT-Neos; every compiled PPO iteration is built once per module and shared.
@@ -32,10 +32,11 @@ import pytest
 import torch
 
 from conftest import left_padded
-from rlhf_jax import convert
-from rlhf_jax import sampling
+from rlhf_jax import checkpoints
+from rlhf_jax import phases
 from rlhf_jax.configs import ppo as ppo_config
 from rlhf_jax.errors import UserError
+from rlhf_jax.models import decode
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
 from rlhf_jax.training import loop
@@ -106,7 +107,7 @@ def _random_prompts(lengths, vocab, avoid, seed) -> tuple[np.ndarray, np.ndarray
 
 
 # The data-path pieces of ppo.py, compiled once per shape (eager Flax is slow on CPU).
-_response_outputs = jax.jit(ppo._response_outputs, static_argnames=(
+_response_outputs = jax.jit(ppo.response_outputs, static_argnames=(
     "model", "prompt_length", "response_length", "lm_head", "entropy"))
 _score_responses = jax.jit(ppo.score_responses, static_argnames=("reward_model", "eos_token_id"))
 
@@ -151,7 +152,7 @@ def test_data_path_reads_the_last_real_token_and_aligns_columns(parity):
 
   scores = _score_responses(parity.reward, parity.reward_params, ids, mask, tokens,
                             response_mask, PARITY_EOS)
-  sequences = ppo._sequences(ids, mask, tokens, response_mask)
+  sequences = ppo.sequences(ids, mask, tokens, response_mask)
   policy_out = _response_outputs(parity.policy, parity.policy_params, sequences, prompt_length,
                                  n, lm_head=True, temperature=temperature, tokens=tokens)
   value_out = _response_outputs(parity.reward, parity.reward_params, sequences, prompt_length,
@@ -187,14 +188,14 @@ def test_data_path_reads_the_last_real_token_and_aligns_columns(parity):
 # Rollouts: behaviour logprobs and reproducibility
 
 
-def _parity_settings(temperature: float) -> sampling.SamplingSettings:
-  return sampling.SamplingSettings(max_new_tokens=PARITY_NEW_TOKENS, temperature=temperature,
+def _parity_settings(temperature: float) -> decode.SamplingSettings:
+  return decode.SamplingSettings(max_new_tokens=PARITY_NEW_TOKENS, temperature=temperature,
                                    eos_token_id=PARITY_EOS, pad_token_id=PARITY_EOS)
 
 
 def _parity_rollout(parity, temperature: float, seed: int):
   ids, mask = _random_prompts(PARITY_PROMPT_LENGTHS, PARITY_VOCAB, avoid={PARITY_EOS}, seed=0)
-  samples = sampling.generate(parity.policy, parity.policy_params, ids, mask,
+  samples = decode.generate(parity.policy, parity.policy_params, ids, mask,
                               jax.random.key(seed), _parity_settings(temperature))
   return ids, mask, jax.device_get(samples)
 
@@ -205,7 +206,7 @@ def test_rollout_logprobs_match_the_learners_full_forward_pass(parity, temperatu
   # The rollout must cover what the check is about: rows that ended early and rows that did not.
   assert 0 < samples.ended.sum() < len(ids)
   assert samples.lengths[samples.ended].min() < PARITY_NEW_TOKENS
-  sequences = ppo._sequences(ids, mask, samples.tokens, samples.mask)
+  sequences = ppo.sequences(ids, mask, samples.tokens, samples.mask)
   recomputed = _response_outputs(parity.policy, parity.policy_params, sequences, ids.shape[1],
                                  PARITY_NEW_TOKENS, lm_head=True, temperature=temperature,
                                  tokens=samples.tokens)["logprobs"]
@@ -239,7 +240,7 @@ class Toy:
   frozen: dict
 
   def fresh_state(self, seed: int = 0) -> loop.TrainState:
-    """Step 0, as `ppo.run` builds it: own copies of the params (the state is donated)."""
+    """Step 0, as the ppo phase builds it: own copies of the params (the state is donated)."""
     learner = jax.tree.map(jnp.copy, {"policy": self.policy_params, "value": self.value_params})
     state = loop.create_train_state(learner, self.tx, jax.random.key(seed),
                                     extra={"kl_coef": jnp.float32(KL_COEF)})
@@ -275,14 +276,14 @@ def _toy(shared_value_head: bool) -> Toy:
   reference_params = {k: v for k, v in head.items() if k != "score"}
   reward = TokenCounter(TARGET)
   reward_params = {"per_occurrence": jnp.float32(1.0)}
-  if shared_value_head:  # A fresh value head on the policy trunk, as `ppo.run` makes it.
+  if shared_value_head:  # A fresh value head on the policy trunk, as the ppo phase makes it.
     models = ppo.Models(policy=with_head, reference=reference, value=None, reward=reward)
     policy_params, value_params = head, {}
   else:  # A separate value model.
     models = ppo.Models(policy=reference, reference=reference, value=with_head, reward=reward)
     policy_params, value_params = reference_params, head
   settings = ppo.PPOSettings(
-      sampling=sampling.SamplingSettings(max_new_tokens=NEW_TOKENS, temperature=0.7,
+      sampling=decode.SamplingSettings(max_new_tokens=NEW_TOKENS, temperature=0.7,
                                          eos_token_id=EOS, pad_token_id=EOS),
       num_epochs=EPOCHS, num_minibatches=MINIBATCHES, adaptive_kl=False,
       shared_value_head=shared_value_head)
@@ -315,7 +316,7 @@ def _reference_on_target_answers(toy: Toy) -> tuple[float, float]:
   the reference's mean per-token entropy along those responses)."""
   ids, mask = toy.batch["prompt_ids"], toy.batch["prompt_mask"]
   tokens = np.full((len(ids), NEW_TOKENS), TARGET, np.int32)
-  sequences = ppo._sequences(ids, mask, tokens, np.ones(tokens.shape, np.float32))
+  sequences = ppo.sequences(ids, mask, tokens, np.ones(tokens.shape, np.float32))
   out = _response_outputs(toy.models.reference, toy.frozen["reference"], sequences, ids.shape[1],
                           NEW_TOKENS, lm_head=True, temperature=toy.settings.temperature,
                           tokens=tokens, entropy=True)
@@ -494,17 +495,17 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_
                                bos_token_id=tokenizer.eos_token_id)
   sft_params = {k: v for k, v in _init_params(config, seed=0).items() if k != "score"}
   reward_params = _init_params(config, seed=1)
-  convert.save_model(tmp_path / "sft", sft_params, config, kind=hf.CAUSAL_LM, phase="sft",
+  checkpoints.save_model(tmp_path / "sft", sft_params, config, kind=hf.CAUSAL_LM, phase="sft",
                      tokenizer_dir=tiny_tokenizer_dir)
-  convert.save_model(tmp_path / "reward", reward_params, config, kind=hf.REWARD, phase="reward",
+  checkpoints.save_model(tmp_path / "reward", reward_params, config, kind=hf.REWARD, phase="reward",
                      tokenizer_dir=tiny_tokenizer_dir, reward_stats={"mean": 0.5, "std": 2.0})
 
-  ppo.run(_ppo_run_config(), tmp_path)
+  phases.run_phase("ppo", _ppo_run_config(), tmp_path)
   uninterrupted = _saved_step(tmp_path, 4)
   # A crash after the step-2 checkpoint: its later checkpoint never happened.
   shutil.rmtree(tmp_path / "ppo" / "checkpoint" / "4")
   capsys.readouterr()
-  ppo.run(_ppo_run_config(), tmp_path)
+  phases.run_phase("ppo", _ppo_run_config(), tmp_path)
   assert "resuming from step 2" in capsys.readouterr().out
   resumed = _saved_step(tmp_path, 4)
 
@@ -576,7 +577,7 @@ def test_the_iteration_uses_the_configured_values(toy, monkeypatch):
   spy("adaptive_kl_update", ("kl_coef", "current_kl", "n_steps", "target", "horizon"))
   spy("minibatch_permutations", ("rng", "batch_size", "num_minibatches", "num_epochs"))
   spy("missing_eos_penalty", ("scores", "has_eos", "penalty"))
-  sample, outputs = sampling.generate, ppo._response_outputs
+  sample, outputs = decode.generate, ppo.response_outputs
   temperatures = {"sampler": [], "logprobs": []}
   sampled_prompts = []
 

@@ -199,7 +199,7 @@ def test_hh_held_out_split_shares_no_prompt_and_keeps_dialogue_ends(shared_data)
   pairs, _ = preferences.load_pairs(str(path), skip_bad_records=True)
   # Two pairs with one prompt must land on the same side of the split.
   pairs = pairs + [dict(pairs[0], chosen=" Another answer.", location="extra:1")]
-  train, held_out = reward.split_by_prompt(pairs, 0.2, seed=0)
+  train, held_out = preferences.split_by_prompt(pairs, 0.2, seed=0)
   assert len(train) + len(held_out) == len(pairs)
   assert not {p["prompt"] for p in train} & {p["prompt"] for p in held_out}
   prompts = {p["prompt"] for p in pairs}
@@ -234,7 +234,7 @@ def test_correct_policy_samples_are_resampled_then_replaced():
     return [r["response"] if d < records.index(r) % 3 else
             builtin.corrupt(r, np.random.default_rng(d)) for r, d in zip(batch, draws)]
 
-  pairs, stats = reward.build_instruction_pairs(
+  pairs, stats = preferences.build_instruction_pairs(
       records, strategies={"policy_sample": 1.0}, copies=1, seed=5, corrupt_fn=builtin.corrupt,
       sample_fn=sample_fn, is_correct=builtin.check_answer, policy_tries=2)
   assert calls == [(24, 5)]  # Every draw in one call: one compiled sampler shape.
@@ -362,7 +362,7 @@ def test_phase_outputs_metrics_and_reward_stats(finished_run, exported, tokenize
   assert (stats["mean"], stats["std"]) == (final[0]["reward/mean"], final[0]["reward/std"])
   # Independently: transformers scores the distinct chosen responses of the training pairs.
   pairs, _ = preferences.load_pairs(config.pairs.source)
-  train, _ = reward.split_by_prompt(pairs, config.pairs.eval_fraction, config.pairs.seed)
+  train, _ = preferences.split_by_prompt(pairs, config.pairs.eval_fraction, config.pairs.seed)
   examples, _ = batching.tokenize_pairs(tokenizer, train, max_length=LENGTH)
   references = reward.reference_examples(examples, config.stats_samples, config.pairs.seed)
   assert len(references) == stats["samples"] == 10

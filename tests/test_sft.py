@@ -270,7 +270,7 @@ def small_builtin_config(steps: int = 4):
   config = sft_config.get_config()
   config.data.num_train, config.data.num_eval = 64, 8
   config.train.update(steps=steps, batch_size=8, log_every=2, eval_every=2, save_every=2)
-  config.exact_match_samples = 0
+  config.eval_prompts = 0
   return config
 
 
@@ -370,7 +370,7 @@ def test_sigterm_saves_and_rerun_finishes(tmp_path, tiny_hf_model):
                    "--config.data.num_train=64", "--config.data.num_eval=8",
                    f"--config.train.steps={steps}", "--config.train.batch_size=4",
                    "--config.train.log_every=1", "--config.train.eval_every=0",
-                   "--config.train.save_every=0", "--config.exact_match_samples=0")
+                   "--config.train.save_every=0", "--config.eval_prompts=0")
   env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
   with open(tmp_path / "stderr.txt", "w") as stderr:
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr,
@@ -428,7 +428,7 @@ def test_dolly_records_through_sft(shared_data, gpt2_sized_model, tmp_path, caps
   config.data.validation_fraction, config.data.test_fraction = 0.01, 0.01
   config.data.skip_bad_records = True  # Some Dolly prompts are longer than 128 tokens.
   config.max_length = 128
-  config.exact_match_samples = 0
+  config.eval_prompts = 0
   config.train.update(steps=3, batch_size=4, log_every=1, eval_every=0, save_every=0)
   main.run_phase("sft", config, tmp_path)
   out = capsys.readouterr().out

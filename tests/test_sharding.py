@@ -376,7 +376,7 @@ def _metrics(metrics, names) -> dict[str, float]:
 
 
 def _worker(out: pathlib.Path) -> None:
-  from rlhf_jax import sampling
+  from rlhf_jax.models import decode
   from rlhf_jax.training import ppo
   from rlhf_jax.training import reward
   assert jax.device_count() == DEVICES, jax.devices()
@@ -409,7 +409,7 @@ def _worker(out: pathlib.Path) -> None:
   prompt_ids = prompt_rows.integers(0, VOCAB - 1, (16, 6), dtype=np.int32)
   prompt_mask = (np.arange(6)[None, :] >= prompt_rows.integers(0, 5, (16, 1))).astype(np.int32)
   settings = ppo.PPOSettings(
-      sampling=sampling.SamplingSettings(max_new_tokens=5, temperature=0.7,
+      sampling=decode.SamplingSettings(max_new_tokens=5, temperature=0.7,
                                          eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1),
       num_epochs=2, num_minibatches=2)
   models = ppo.Models(policy=policy, reference=policy, value=scorer, reward=scorer)
@@ -455,7 +455,7 @@ def _worker(out: pathlib.Path) -> None:
     if label not in PPO_MESHES:
       continue
     # PPO: one iteration (rollout, scoring, GAE, 2 epochs x 2 minibatches) with four models; the
-    # state is built as `ppo.run` builds it, the frozen models sharded like the trained ones.
+    # state is built as the ppo phase builds it, the frozen models sharded like the trained ones.
     learner = {"policy": policy_params, "value": scorer_params}
     host_state = loop.create_train_state(learner, tx, jax.random.key(0), extra={"kl_coef": np.float32(0.1)})
     host_state = host_state.replace(params=learner["policy"],

@@ -199,12 +199,13 @@ class Runner:
     config = common.train(self.steps, BATCH, log_every=log_every, save_every=save_every,
                           eval_every=eval_every, keep_checkpoints=2)
     return loop.train(
-        phase="sft", phase_dir=workdir / "sft", config=config, mesh=self.mesh,
-        abstract_state=self.abstract, init_state=self.init_state, step_fn=self.step_fn,
-        batches=batches,
-        manifest=checkpoints.make_manifest(self.model.config, kind=hf.CAUSAL_LM,
-                                           score_head=False, phase="sft"),
-        evaluator=self.evaluator, count_items=lambda b: float((b["segment_ids"] > 0).sum()))
+        loop.Run(phase="sft", phase_dir=workdir / "sft", config=config, mesh=self.mesh,
+                 manifest=checkpoints.make_manifest(self.model.config, kind=hf.CAUSAL_LM,
+                                                    score_head=False, phase="sft")),
+        loop.Trainable(abstract_state=self.abstract, init_state=self.init_state,
+                       step_fn=self.step_fn),
+        loop.Data(batches=batches, count_items=lambda b: float((b["segment_ids"] > 0).sum())),
+        loop.Evaluation(evaluator=self.evaluator))
 
 
 def read_metrics(workdir: pathlib.Path) -> list[dict]:

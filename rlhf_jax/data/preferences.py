@@ -13,7 +13,8 @@ Files (`load_pairs`): JSON Lines, optionally gzipped, one pair per line, in one 
     this and are bad data: `chosen == rejected`, and pairs where `rejected` does not start with
     that prompt (the dialogues differ in an earlier turn, so they answer different prompts).
 
-Built pairs (`build_pairs`): for each instruction record, `chosen` is the reference response
+Built pairs (`build_pairs`; with policy samples and copies `build_instruction_pairs`; the
+whole reward config's train and held-out pairs `load_preference_pairs`): for each instruction record, `chosen` is the reference response
 and `rejected` a negative made by one strategy, drawn with the given shares:
   * `other_response`: the response of another, randomly picked record: fluent and on some
     topic, but not an answer to this prompt.
@@ -25,9 +26,13 @@ and `rejected` a negative made by one strategy, drawn with the given shares:
     joined by single spaces); teaches it to prefer coherent text over bag-of-words matches.
   * `policy_sample`: a response sampled from the SFT policy for that record (passed in), the
     negative closest to what PPO will produce.
-The prompt is `format_prompt(instruction, context)`. A negative equal to the chosen text is
-regenerated (random strategies) and, if it stays equal or cannot be made, skipped, logged and
-counted; never kept.
+The prompt is `format_prompt(instruction, context)`. Given the reward model's window
+(`batching.PairWindow`: what `tokenize_pairs` will keep), a truncation is cut inside the visible
+part of the response, and a negative identical to the chosen response within the window, like one
+equal as text, is redrawn (random strategies; counted per reason) and, if it stays so or cannot
+be made, skipped, logged and counted; never kept. A policy sample that is the reference within
+the window is redrawn, and a record whose draws all fail is replaced by another strategy
+(`build_instruction_pairs`; counted).
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from rlhf_jax.data.batching import PAIR_STRATEGIES, format_prompt
+from rlhf_jax.data import builtin
+from rlhf_jax.data import records as records_lib
+from rlhf_jax.data.batching import PAIR_STRATEGIES, PairWindow, format_prompt
 from rlhf_jax.data.records import BadRecords, iter_jsonl
 from rlhf_jax.errors import UserError, where
 
@@ -171,14 +178,17 @@ def _strategy_counts(strategies: dict[str, float], n: int) -> dict[str, int]:
   return dict(zip(names, counts.tolist()))
 
 
-def _truncate(text: str, rng: np.random.Generator) -> str | None:
-  """A strict, non-empty prefix of `text`, cut at a word end (or mid-word for one word)."""
-  word_ends = [m.end() for m in re.finditer(r"\S+", text)]
-  if len(word_ends) > 1:
-    # Cutting right after a word (never the last) keeps the original spacing.
-    return text[:word_ends[int(rng.integers(len(word_ends) - 1))]]
-  if len(text) > 1:
-    return text[:int(rng.integers(1, len(text)))]
+def _truncate(text: str, rng: np.random.Generator, visible: str | None = None) -> str | None:
+  """A strict, non-empty prefix of `text`, cut at a word end (or mid-word for one word) strictly
+  inside `visible`, the start of `text` the model sees (all of it by default): a cut past the
+  window would leave both sides identical in what the model sees."""
+  limit = len((text if visible is None else visible).rstrip())
+  # Cutting right after a word (never the last visible one) keeps the original spacing.
+  word_ends = [m.end() for m in re.finditer(r"\S+", text) if m.end() < limit]
+  if word_ends:
+    return text[:word_ends[int(rng.integers(len(word_ends)))]]
+  if limit > 1:
+    return text[:int(rng.integers(1, limit))]
   return None
 
 
@@ -196,8 +206,8 @@ def _shuffle(text: str, rng: np.random.Generator) -> str | None:
 
 def build_pairs(records: Sequence[dict], *, strategies: dict[str, float], seed: int,
                 corrupt_fn: Callable[[dict, np.random.Generator], str] | None = None,
-                policy_samples: Sequence[str | None] | None = None
-                ) -> tuple[list[dict], dict]:
+                policy_samples: Sequence[str | None] | None = None,
+                window: PairWindow | None = None) -> tuple[list[dict], dict]:
   """Builds preference pairs from instruction records (see the module docstring).
 
   Each record gets exactly one strategy; the numbers per strategy match the shares as closely
@@ -212,12 +222,18 @@ def build_pairs(records: Sequence[dict], *, strategies: dict[str, float], seed: 
       if the `corrupted` share is positive.
     policy_samples: one SFT policy response per record (aligned with `records`; None where
       there is none); required if the `policy_sample` share is positive.
+    window: what the reward model will see of a pair (`batching.PairWindow`, with the
+      settings `tokenize_pairs` gets). With it a truncation is cut inside the visible part of
+      the response, and a negative identical to the response within the window is redrawn
+      (random strategies) or not used; without it only equal texts are.
 
   Returns:
-    (pairs, stats): pairs carry `prompt`, `chosen`, `rejected`, `strategy` and
-    `record_index`; stats has `records`, `pairs`, `by_strategy` (pairs made per strategy) and
-    `skipped` (records per strategy for which no negative different from the chosen response
-    could be made).
+    (pairs, stats): pairs carry `prompt`, `chosen`, `rejected`, `strategy`, `record_index`,
+    the record's `instruction` and `context` (so `tokenize_pairs` can fit a long context) and
+    its `location` when it has one; stats has `records`, `pairs`, `by_strategy` (pairs made per
+    strategy), `skipped` (records per strategy for which no negative different from the chosen
+    response could be made), `redrawn` and `skip_reasons` (per reason: `equal_text`,
+    `identical_in_window`, `impossible`, the strategy cannot make one from this response).
 
   Raises:
     UserError: on unknown strategies or shares, or a strategy whose input is missing.
@@ -239,49 +255,276 @@ def build_pairs(records: Sequence[dict], *, strategies: dict[str, float], seed: 
   assignment = assignment[rng.permutation(len(assignment))]
 
   def other_response(index: int, chosen: str) -> str | None:
-    for _ in range(_MAX_TRIES if len(records) > 1 else 0):
-      other = int(rng.integers(len(records) - 1))
-      other += other >= index  # any record but this one
-      candidate = records[other]["response"].strip()
-      if candidate != chosen:
-        return candidate
-    return None
+    if len(records) < 2:
+      return None
+    other = int(rng.integers(len(records) - 1))
+    other += other >= index  # any record but this one
+    return records[other]["response"].strip()
 
-  def corrupted(index: int, chosen: str) -> str | None:
-    for _ in range(_MAX_TRIES):
-      candidate = corrupt_fn(records[index], rng).strip()
-      if candidate and candidate != chosen:
-        return candidate
-    return None
-
-  def policy_sample(index: int, chosen: str) -> str | None:
-    candidate = (policy_samples[index] or "").strip()
-    return candidate if candidate and candidate != chosen else None
+  def truncated(index: int, chosen: str) -> str | None:
+    visible = None if window is None else window.visible_response(records[index], chosen)
+    return _truncate(chosen, rng, visible)
 
   makers = {
       "other_response": other_response,
-      "corrupted": corrupted,
-      "truncated": lambda index, chosen: _truncate(chosen, rng),
+      "corrupted": lambda index, chosen: corrupt_fn(records[index], rng).strip(),
+      "truncated": truncated,
       "shuffled": lambda index, chosen: _shuffle(chosen, rng),
-      "policy_sample": policy_sample,
+      "policy_sample": lambda index, chosen: (policy_samples[index] or "").strip(),
   }
+  # A policy sample is drawn once (`sample_policy_negatives` redraws); the others are random.
+  tries = {strategy: 1 if strategy == "policy_sample" else _MAX_TRIES for strategy in makers}
+
+  def rejection(record: dict, chosen: str, candidate: str | None) -> str | None:
+    """Why `candidate` cannot be the negative (None: it can)."""
+    if not candidate:
+      return "impossible"
+    if candidate == chosen:
+      return "equal_text"
+    if window is not None and not window.distinct(record, chosen, candidate):
+      return "identical_in_window"
+    return None
+
   pairs = []
   made: collections.Counter[str] = collections.Counter()
   skipped: collections.Counter[str] = collections.Counter()
+  redrawn: collections.Counter[str] = collections.Counter()
+  skip_reasons: collections.Counter[str] = collections.Counter()
   for index, (record, strategy) in enumerate(zip(records, assignment)):
     chosen = record["response"].strip()
-    rejected = makers[strategy](index, chosen)
-    if rejected is None or rejected == chosen:
+    for attempt in range(tries[strategy]):
+      rejected = makers[strategy](index, chosen)
+      reason = rejection(record, chosen, rejected)
+      if reason is None:
+        break
+      if attempt + 1 < tries[strategy]:
+        redrawn[reason] += 1
+    if reason is not None:
       skipped[strategy] += 1
-      logging.warning("build_pairs: record %d: no %s negative different from its response; "
-                      "skipped", index, strategy)
+      skip_reasons[reason] += 1
+      logging.warning("build_pairs: record %d: no %s negative that differs from its response "
+                      "within the window (%s); skipped", index, strategy, reason)
       continue
     made[strategy] += 1
-    pairs.append({"prompt": format_prompt(record["instruction"], record.get("context", "")),
-                  "chosen": chosen, "rejected": rejected, "strategy": strategy,
-                  "record_index": index})
+    pair = {"prompt": format_prompt(record["instruction"], record.get("context", "")),
+            "chosen": chosen, "rejected": rejected, "strategy": strategy,
+            "record_index": index, "instruction": record["instruction"],
+            "context": record.get("context", "")}
+    if "location" in record:
+      pair["location"] = record["location"]
+    pairs.append(pair)
   stats = {"records": len(records), "pairs": len(pairs), "by_strategy": dict(made),
-           "skipped": dict(skipped)}
+           "skipped": dict(skipped), "redrawn": dict(redrawn),
+           "skip_reasons": dict(skip_reasons)}
   if skipped:
-    logging.warning("build_pairs: skipped %d records: %s", sum(skipped.values()), dict(skipped))
+    logging.warning("build_pairs: skipped %d records: %s (reasons %s)", sum(skipped.values()),
+                    dict(skipped), dict(skip_reasons))
   return pairs, stats
+
+
+BUILD = "build"  # `pairs.source` value: build pairs from the `data` section's records.
+
+
+def split_by_prompt(pairs: Sequence[dict], fraction: float,
+                    seed: int) -> tuple[list[dict], list[dict]]:
+  """(train, held-out): the pairs of a seeded `fraction` of the distinct prompts are held out,
+  so no prompt is in both; file order is kept within each part."""
+  if not 0.0 < fraction < 1.0:
+    raise UserError(f"pairs.eval_fraction={fraction}: must be in (0, 1), or set pairs.eval_file")
+  prompts = list(dict.fromkeys(p["prompt"] for p in pairs))
+  count = int(round(fraction * len(prompts)))
+  if not 0 < count < len(prompts):  # Too few prompts: one part would be empty.
+    source = pairs[0].get("location", "pairs").rsplit(":", 1)[0] if pairs else "pairs"
+    raise UserError(f"{source}: {len(prompts)} distinct prompts leave the "
+                    f"{'held-out' if count == 0 else 'training'} part empty at "
+                    f"pairs.eval_fraction={fraction}; give more pairs, change the fraction or "
+                    "set pairs.eval_file")
+  held_out = {prompts[i] for i in np.random.default_rng(seed).permutation(len(prompts))[:count]}
+  return ([p for p in pairs if p["prompt"] not in held_out],
+          [p for p in pairs if p["prompt"] in held_out])
+
+
+def drop_shared_prompts(train: Sequence[dict], held_out: Sequence[dict]) -> tuple[list[dict], int]:
+  """Held-out pairs whose prompt is not a training prompt, and how many were dropped."""
+  seen = {p["prompt"] for p in train}
+  kept = [p for p in held_out if p["prompt"] not in seen]
+  return kept, len(held_out) - len(kept)
+
+
+def sample_policy_negatives(records: Sequence[dict], *,
+                            sample_fn: Callable[[list[dict], int], list[str]],
+                            is_correct: Callable[[dict, str], bool], tries: int,
+                            seed: int = 0,
+                            window: PairWindow | None = None) -> tuple[list[str | None], dict]:
+  """Policy samples usable as negatives: wrong (per `is_correct`), non-empty, and different
+  from the record's reference response (within `window` when given, else as text).
+
+  Each record gets `tries` draws, all sampled in one call (one compiled shape instead of one
+  per retry); the first usable draw is its negative, as if it had been resampled until then.
+
+  Args:
+    records: instruction records.
+    sample_fn: `(records, seed) -> one response per record`.
+    is_correct: whether a response answers its record correctly.
+    tries: draws per record.
+    seed: passed to `sample_fn`.
+    window: what the reward model will see of a pair (see `build_pairs`).
+
+  Returns:
+    (samples, stats): one sample per record, None where every draw was correct, empty or the
+    reference; stats `policy_samples` (records), `policy_correct_resampled`,
+    `policy_empty_resampled` and `policy_same_as_reference_resampled` (draws before the used
+    one, or all draws of an unusable record, that were correct / empty / the reference within
+    the window), `policy_unusable` (records left with None).
+  """
+  tries = max(int(tries), 1)
+  drawn = sample_fn([record for record in records for _ in range(tries)], seed)
+  samples: list[str | None] = [None] * len(records)
+  correct = empty = same = 0
+  for index, record in enumerate(records):
+    reference = record["response"].strip()
+    for text in drawn[index * tries:(index + 1) * tries]:
+      text = text.strip()
+      if not text:
+        empty += 1
+      elif is_correct(record, text):
+        correct += 1
+      elif text == reference or (window is not None
+                                 and not window.distinct(record, reference, text)):
+        same += 1
+      else:
+        samples[index] = text
+        break
+  return samples, {"policy_samples": len(records), "policy_correct_resampled": correct,
+                   "policy_empty_resampled": empty, "policy_same_as_reference_resampled": same,
+                   "policy_unusable": sum(s is None for s in samples)}
+
+
+def build_instruction_pairs(records: Sequence[dict], *, strategies: dict[str, float],
+                            copies: int, seed: int,
+                            corrupt_fn: Callable | None = None,
+                            sample_fn: Callable[[list[dict], int], list[str]] | None = None,
+                            is_correct: Callable[[dict, str], bool] = lambda r, t: False,
+                            policy_tries: int = 1,
+                            window: PairWindow | None = None) -> tuple[list[dict], dict]:
+  """Pairs from instruction records: `copies` negatives per record, strategies by share.
+
+  The records are repeated `copies` times; a seeded `policy_sample` share of these slots gets
+  policy samples (see `sample_policy_negatives`), the rest go to `build_pairs` with the other
+  shares. A slot whose policy samples were all unusable (correct, empty, or the reference
+  within `window`) is replaced: it gets a `corrupted` negative when `corrupt_fn` is given,
+  else an `other_response` one; both are counted.
+
+  Returns:
+    (pairs, stats): stats `records`, `pairs`, `by_strategy`, `skipped` (per strategy),
+    `redrawn` and `skip_reasons` (per reason, see `build_pairs`), the policy counts of
+    `sample_policy_negatives` and `policy_replaced_by_corrupted` or
+    `policy_replaced_by_other_response`.
+  """
+  unknown = sorted(set(strategies) - set(BUILT_STRATEGIES))
+  if unknown:
+    raise UserError(f"pairs.strategies: unknown strategy {unknown}; known: "
+                    f"{BUILT_STRATEGIES}")
+  if any(float(v) < 0 for v in strategies.values()) or sum(strategies.values()) <= 0:
+    raise UserError(f"pairs.strategies: shares must be non-negative with a positive sum, got "
+                    f"{dict(strategies)}")
+  if copies < 1:
+    raise UserError(f"pairs.negatives_per_record={copies}: must be at least 1")
+  shares = {k: float(v) for k, v in strategies.items() if float(v) > 0}
+  if "policy_sample" in shares and sample_fn is None:
+    raise UserError("pairs.strategies: 'policy_sample' has a positive share but there is no "
+                    "policy to sample from")
+  slots = [record for _ in range(copies) for record in records]
+  order = np.random.default_rng(seed).permutation(len(slots))
+  n_policy = int(round(shares.get("policy_sample", 0.0) / sum(shares.values()) * len(slots)))
+  other_shares = {k: v for k, v in shares.items() if k != "policy_sample"}
+  pairs: list[dict] = []
+  made: collections.Counter[str] = collections.Counter()
+  skipped: collections.Counter[str] = collections.Counter()
+  redrawn: collections.Counter[str] = collections.Counter()
+  skip_reasons: collections.Counter[str] = collections.Counter()
+
+  def add(part: list[dict], part_shares: dict[str, float], part_seed: int, **kwargs) -> None:
+    if not part:
+      return
+    built, stats = build_pairs(part, strategies=part_shares, seed=part_seed,
+                               corrupt_fn=corrupt_fn, window=window, **kwargs)
+    pairs.extend(built)
+    made.update(stats["by_strategy"])
+    skipped.update(stats["skipped"])
+    redrawn.update(stats["redrawn"])
+    skip_reasons.update(stats["skip_reasons"])
+
+  add([slots[i] for i in order[n_policy:]], other_shares, seed)
+  policy_stats: dict[str, int] = {}
+  if n_policy:
+    policy_slots = [slots[i] for i in order[:n_policy]]
+    samples, policy_stats = sample_policy_negatives(policy_slots, sample_fn=sample_fn,
+                                                    is_correct=is_correct, tries=policy_tries,
+                                                    seed=seed, window=window)
+    usable = [i for i, s in enumerate(samples) if s is not None]
+    unusable = [policy_slots[i] for i, s in enumerate(samples) if s is None]
+    add([policy_slots[i] for i in usable], {"policy_sample": 1.0}, seed + 1,
+        policy_samples=[samples[i] for i in usable])
+    # Without a corrupt function (real data), another record's answer: always available.
+    replacement = "corrupted" if corrupt_fn is not None else "other_response"
+    add(unusable, {replacement: 1.0}, seed + 2)
+    policy_stats[f"policy_replaced_by_{replacement}"] = len(unusable)
+  return pairs, {"records": len(records), "pairs": len(pairs), "by_strategy": dict(made),
+                 "skipped": dict(skipped), "redrawn": dict(redrawn),
+                 "skip_reasons": dict(skip_reasons), **policy_stats}
+
+
+def load_preference_pairs(config, sampler_factory: Callable[[], Callable],
+                          window: PairWindow | None = None
+                          ) -> tuple[list[dict], list[dict], dict]:
+  """The training and held-out pairs a reward config describes (see the reward phase's docstring).
+
+  Args:
+    config: the reward config (`pairs`, `data`).
+    sampler_factory: builds the policy sampler, `(records, seed) -> one response per record`;
+      called only when policy samples are needed (the reward phase passes one built on
+      `rlhf_jax.models.decode.generate_responses`, so data/ never imports a model).
+    window: what the reward model will see of a built pair (`batching.PairWindow` with the
+      phase's tokenizer, `max_length`, `min_response_tokens` and `pairs.too_long`), so no built
+      pair is identical within it.
+
+  Returns:
+    (train pairs, held-out pairs, stats: `train` and `eval` stats of the loader/builder and
+    `eval_dropped_shared_prompt`).
+  """
+  pairs_config = config.pairs
+  if pairs_config.source != BUILD:
+    train, train_stats = load_pairs(pairs_config.source,
+                                                skip_bad_records=pairs_config.skip_bad_records)
+    if pairs_config.eval_file:
+      held_out, eval_stats = load_pairs(
+          pairs_config.eval_file, skip_bad_records=pairs_config.skip_bad_records)
+    else:
+      train, held_out = split_by_prompt(train, pairs_config.eval_fraction, pairs_config.seed)
+      eval_stats = {"source": f"{pairs_config.source} (held-out prompts)", "kept": len(held_out)}
+  else:
+    splits = records_lib.load_splits(config.data)
+    if not splits.get("validation"):
+      raise UserError(f"data.source={config.data.source}: no validation split to build "
+                      "held-out pairs from; raise data.validation_fraction")
+    builtin_data = config.data.source == "builtin"
+    strategies = {k: float(v) for k, v in pairs_config.strategies.items()}
+    sample_fn = sampler_factory() if strategies.get("policy_sample", 0.0) > 0 else None
+    # Only the built-in set has verifiable answers (and wrong answers to corrupt them into).
+    is_correct = ((lambda record, text: bool(record.get("answer"))
+                   and builtin.check_answer(record, text)) if builtin_data
+                  else (lambda record, text: False))
+    build = lambda split, copies, seed: build_instruction_pairs(
+        splits[split], strategies=strategies, copies=copies, seed=seed,
+        corrupt_fn=builtin.corrupt if builtin_data else None, sample_fn=sample_fn,
+        is_correct=is_correct, policy_tries=pairs_config.policy_tries, window=window)
+    train, train_stats = build("train", pairs_config.negatives_per_record, pairs_config.seed)
+    held_out, eval_stats = build("validation", pairs_config.eval_negatives_per_record,
+                                 pairs_config.seed + 1000)
+  held_out, dropped = drop_shared_prompts(train, held_out)
+  if not train or not held_out:
+    raise UserError(f"pairs.source={pairs_config.source}: {len(train)} training and "
+                    f"{len(held_out)} held-out pairs; both must be non-empty")
+  return train, held_out, {"train": train_stats, "eval": eval_stats,
+                           "eval_dropped_shared_prompt": dropped}

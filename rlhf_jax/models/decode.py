@@ -1,10 +1,17 @@
-"""The one compiled text generator: used by `--phase=generate`, PPO rollouts and evaluation.
+"""Decoding: the one compiled sampler and the one host-side generation function.
+
+`generate` is the compiled sampler, used by every caller (the generate and eval phases, PPO
+rollouts and its held-out evaluation, the reward phase's policy negatives); `generate_responses`
+is the one host-side path around it: prompts -> fixed-shape padded batches -> `generate` ->
+decoded responses with their token ids, logprobs and EOS flags.
 
 Prompts arrive left-padded to a common width P, so every row's next token goes to the same cache column.
 One prefill pass fills a preallocated KV cache of width P + max_new_tokens and yields the first
 next-token logits (LM head on the last column only); then a `lax.while_loop` samples one token per
 iteration until every row has produced EOS or `max_new_tokens` are out. The whole thing is one jitted
-function: no Python per token.
+function: no Python per token. On CPU, for models too big to stay in cache, its decoding steps use
+`feature_major_step`: the same computation with weights as [out, in] and activations as [D, B],
+the matmul layout XLA:CPU streams weights fastest in at a few rows.
 
 Logprobs returned are `log_softmax(logits / temperature)` of the sampled tokens (of `logits` when
 greedy), before top-k / top-p filtering. PPO recomputes exactly this quantity in its update, so
@@ -15,10 +22,15 @@ temperature).
 import dataclasses
 import functools
 import math
+from typing import Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from rlhf_jax import sharding
+from rlhf_jax.data import batching
 from rlhf_jax.models import gpt_neo
 
 Array = jax.Array
@@ -153,6 +165,77 @@ def _choose(logits: Array, rng: Array, settings: SamplingSettings) -> tuple[Arra
   return token.astype(jnp.int32), logprob
 
 
+def feature_major_weights(params: dict) -> list[dict]:
+  """Per-layer block weights for `feature_major_step`: every Dense kernel as [out, in].
+
+  Args:
+    params: unstacked parameters (`h_0`, `h_1`, ...; see `gpt_neo.unstack_layers`).
+
+  Returns:
+    One dict per layer, the block's parameter tree with each `kernel` transposed. The copies are
+    made once (inside a jitted sampler: once per call) and kept behind an optimization barrier,
+    without which XLA folds the transposes back into the step's matmuls.
+  """
+  count = sum(1 for name in params if name.startswith("h_"))
+  transpose = lambda path, x: x.T if path[-1].key == "kernel" else x
+  return jax.lax.optimization_barrier(
+      [jax.tree_util.tree_map_with_path(transpose, params[f"h_{i}"]) for i in range(count)])
+
+
+def feature_major_step(config: gpt_neo.GPTNeoConfig, weights: Sequence[dict], final_norm: dict,
+                       x: Array, layer_caches: Sequence[tuple[Array, Array]], masks: tuple[Array, Array],
+                       cache_index: Array, dtype=jnp.float32
+                       ) -> tuple[Array, list[tuple[Array, Array]]]:
+  """One decoding step of the blocks and `ln_f` with activations laid out [D, B].
+
+  The same computation as `gpt_neo.GPTNeo.__call__` for one new token with a cache (no dropout), written
+  for XLA:CPU at batch sizes of a few rows: a [B, K] x [K, N] matmul there runs at ~7 GB/s of
+  weights, while [N, K] x [K, B] (weights as [out, in], activations feature-major) runs at
+  ~13-21 GB/s, and a decoding step mostly streams weights. The attention keeps the cache layout
+  of the Flax path ([B, H, S, Dh]); only the small per-step activations are transposed.
+
+  Args:
+    config: the architecture.
+    weights: from `feature_major_weights`.
+    final_norm: the `ln_f` parameters.
+    x: [B, D] token + position embeddings of the new token.
+    layer_caches: per layer (k, v) [B, H, S, Dh], as `gpt_neo.init_cache(per_layer=True)`.
+    masks: (global, local) boolean [B, 1, 1, S] from `gpt_neo.attention_masks` for this step.
+    cache_index: int32 scalar, the column the new token is written at.
+    dtype: compute dtype.
+
+  Returns:
+    (final hidden states [D, B] after `ln_f`, the updated per-layer caches).
+  """
+  heads, head_dim = config.num_heads, config.head_dim
+  norm = lambda params, h: nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=dtype,
+                                        reduction_axes=0, feature_axes=0).apply(
+                                            {"params": params}, h)
+  dense = lambda params, h: (jnp.dot(params["kernel"].astype(dtype), h)
+                             + (params["bias"].astype(dtype)[:, None] if "bias" in params else 0))
+  x = x.astype(dtype).T
+  new_caches = []
+  for layer, (cached_k, cached_v), kind in zip(weights, layer_caches, config.attention_layers):
+    attn = layer["attn"]
+    h = norm(layer["ln_1"], x)
+    # [D, B] -> [B, H, Dh]: the Flax path's layout, so the cache is written and read as there.
+    query, key, value = (dense(attn[name], h).reshape(heads, head_dim, -1).transpose(2, 0, 1)
+                         for name in ("q_proj", "k_proj", "v_proj"))
+    cached_k = jax.lax.dynamic_update_slice(cached_k, key[:, :, None].astype(cached_k.dtype),
+                                            (0, 0, cache_index, 0))
+    cached_v = jax.lax.dynamic_update_slice(cached_v, value[:, :, None].astype(cached_v.dtype),
+                                            (0, 0, cache_index, 0))
+    new_caches.append((cached_k, cached_v))
+    mask = masks[1 if kind == "local" else 0][:, :, 0]  # [B, 1, S]
+    logits = jnp.einsum("bhd,bhsd->bhs", query, cached_k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    out = jnp.einsum("bhs,bhsd->bhd", probs.astype(dtype), cached_v.astype(dtype))
+    x = x + dense(attn["out_proj"], out.reshape(-1, heads * head_dim).T)
+    h = jax.nn.gelu(dense(layer["mlp"]["c_fc"], norm(layer["ln_2"], x)), approximate=True)
+    x = x + dense(layer["mlp"]["c_proj"], h)
+  return norm(final_norm, x), new_caches
+
+
 # A decoding step streams every weight once; above this many bytes of float32 weights (they no
 # longer stay in the CPU's caches) the feature-major step is faster on XLA:CPU. Measured at batch
 # 8 on a 2-core AMD EPYC: GPT-Neo 125M (500 MB) 35.2 -> 26.9 ms per step; a tiny shape (1.5 MB)
@@ -161,7 +244,7 @@ FEATURE_MAJOR_MIN_BYTES = 64 * 2**20
 
 
 def default_feature_major(model: gpt_neo.GPTNeo) -> bool:
-  """Whether `generate` decodes with `gpt_neo.feature_major_step` by default: on CPU, in float32,
+  """Whether `generate` decodes with `feature_major_step` by default: on CPU, in float32,
   for a model whose weights exceed `FEATURE_MAJOR_MIN_BYTES`."""
   return (jax.default_backend() == "cpu" and jnp.dtype(model.dtype) == jnp.float32
           and 4 * model.config.num_params > FEATURE_MAJOR_MIN_BYTES)
@@ -187,7 +270,7 @@ def generate(model: gpt_neo.GPTNeo, params, prompt_ids: Array, prompt_mask: Arra
       On CPU the Flax step's tied LM head is also transposed once per call ([D, V]), with or
       without the layer loop: XLA:CPU's per-step matmul against the [V, D] embedding costs ~1.5x
       more (tiny shape: 19.7 of a step's ~110 us).
-    feature_major: decode with `gpt_neo.feature_major_step` (block weights transposed once per
+    feature_major: decode with `feature_major_step` (block weights transposed once per
       call, activations [D, B], the LM head as [V, D] x [D, B]); the prompt's prefill stays on
       the Flax path. Same computation, rounding aside. None: `default_feature_major(model)`.
   Returns:
@@ -205,7 +288,7 @@ def generate(model: gpt_neo.GPTNeo, params, prompt_ids: Array, prompt_mask: Arra
   head = params["wte"]["embedding"].astype(model.dtype)  # [V, D]; the tied LM head.
   head = head.T if transposed_head else head  # [D, V] on CPU: one copy per call.
   if feature_major:
-    block_weights = gpt_neo.feature_major_weights(params)
+    block_weights = feature_major_weights(params)
 
   def next_logits(out) -> Array:
     """float32 [B, V] next-token logits from the last column's final hidden state."""
@@ -235,7 +318,7 @@ def generate(model: gpt_neo.GPTNeo, params, prompt_ids: Array, prompt_mask: Arra
     masks = gpt_neo.attention_masks(index[None], jnp.arange(key_segments.shape[1]),
                                      live.astype(jnp.int32)[:, None], key_segments,
                                      model.config.window_size)
-    hidden, layer_caches = gpt_neo.feature_major_step(
+    hidden, layer_caches = feature_major_step(
         model.config, block_weights, params["ln_f"], x, list(zip(cache["k"], cache["v"])),
         masks, index, model.dtype)
     # [V, D] x [D, B]; the barrier keeps XLA from folding the transpose into the matmul, which
@@ -278,3 +361,87 @@ def generate(model: gpt_neo.GPTNeo, params, prompt_ids: Array, prompt_mask: Arra
   lengths = jnp.minimum(first_eos + 1, steps).astype(jnp.int32)
   mask = (jnp.arange(steps)[None, :] < lengths[:, None]).astype(jnp.float32)
   return Samples(tokens=tokens, logprobs=logprobs * mask, mask=mask, lengths=lengths, ended=ended)
+
+
+@dataclasses.dataclass
+class Responses:
+  """Decoded responses to `n` prompts, in prompt order.
+
+  texts: the responses, decoded without the EOS that ended them (`decode_response`).
+  token_ids: int32 arrays of each response's real tokens, the ending EOS included.
+  logprobs: float32 arrays of their logprobs (see the module docstring).
+  lengths: int32 [n], the number of real tokens (EOS included).
+  ended: bool [n], whether the response ended with EOS (False: it hit `max_new_tokens`).
+  extras: the per-row values of `generate_responses`' `per_batch`, each [n].
+  """
+  texts: list[str]
+  token_ids: list[np.ndarray]
+  logprobs: list[np.ndarray]
+  lengths: np.ndarray
+  ended: np.ndarray
+  extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+def decode_response(tokenizer, tokens: np.ndarray, length: int, ended: bool) -> str:
+  """The one decoding rule of a sampled response: its first `length` tokens without the EOS
+  that ended it, special tokens kept (an EOS-like token the model wrote mid-response stays)."""
+  return tokenizer.decode(tokens[:length - int(ended)], skip_special_tokens=False)
+
+
+def generate_responses(model: gpt_neo.GPTNeo, params, tokenizer, prompts: Sequence[str], *,
+                       settings: SamplingSettings, batch_size: int, max_prompt_length: int,
+                       rng: jax.Array,
+                       per_batch: Callable[[Array, Array, Samples], dict[str, Array]] | None = None
+                       ) -> Responses:
+  """Samples one response per prompt through `generate`, in fixed-shape batches (one compilation).
+
+  Every batch has `batch_size` rows and every prompt the width min(`max_prompt_length`, longest
+  prompt in tokens), left-padded (a longer prompt keeps its last tokens); the last batch is
+  filled up with copies of its last prompt, whose results are dropped: no prompt is ever left
+  out. Batch i samples with the i-th key of `rng, key_i = split(rng)`. With params on a mesh,
+  each batch is split over its data x fsdp devices and the samples gathered, so every process
+  runs the same calls and returns the same responses.
+
+  Args:
+    model, params: the policy.
+    tokenizer: its tokenizer (prompts are encoded without special tokens).
+    prompts: formatted prompt texts (non-empty).
+    settings: sampling settings.
+    batch_size: rows per call.
+    max_prompt_length: the widest prompt kept, in tokens.
+    rng: PRNG key.
+    per_batch: optional `(prompt_ids [B, P], prompt_mask [B, P], samples) -> {name: [B]}`, run on
+      each batch's device arrays (jit it: it is called once per batch), e.g. reward scores or
+      the KL to a reference; its values for the real rows land in `Responses.extras`.
+
+  Returns:
+    `Responses` aligned with `prompts`.
+  """
+  if not prompts:
+    raise ValueError("generate_responses: no prompts")
+  mesh = sharding.mesh_of(params)
+  longest = max(len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"])
+  width = min(max_prompt_length, longest)
+  texts, token_ids, logprobs, lengths, ended = [], [], [], [], []
+  extras: dict[str, list[np.ndarray]] = {}
+  for start in range(0, len(prompts), batch_size):
+    chunk = list(prompts[start:start + batch_size])
+    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    ids, mask = batching.prompt_batch(tokenizer, padded, width)
+    if mesh is not None:
+      ids, mask = sharding.global_batch((ids, mask), mesh)
+    rng, batch_rng = jax.random.split(rng)
+    samples = generate(model, params, ids, mask, batch_rng, settings)
+    if per_batch is not None:
+      for name, values in sharding.to_host(per_batch(ids, mask, samples)).items():
+        extras.setdefault(name, []).append(np.asarray(values)[:len(chunk)])
+    host = sharding.to_host(samples)
+    for i in range(len(chunk)):
+      n, eos = int(host.lengths[i]), bool(host.ended[i])
+      texts.append(decode_response(tokenizer, host.tokens[i], n, eos))
+      token_ids.append(np.asarray(host.tokens[i, :n]))
+      logprobs.append(np.asarray(host.logprobs[i, :n]))
+      lengths.append(n)
+      ended.append(eos)
+  return Responses(texts, token_ids, logprobs, np.array(lengths, np.int32), np.array(ended, bool),
+                   {name: np.concatenate(parts) for name, parts in extras.items()})

@@ -18,10 +18,8 @@ Choices of this port:
   on CPU uses a plain loop over unstacked layers instead (`scan_layers=False`, see its docstring).
 - Parameters carry logical axis names (`vocab`, `embed`, `heads`, `mlp`, `layers`) that
   `rlhf_jax.sharding` maps onto the device mesh.
-- A preallocated KV cache (`init_cache`) gives the incremental decoding path used by the sampler.
-  On CPU, for models too big to stay in cache, the sampler's decoding steps use
-  `feature_major_step` instead: the same computation with weights as [out, in] and activations as
-  [D, B], the matmul layout XLA:CPU streams weights fastest in at a few rows.
+- A preallocated KV cache (`init_cache`) gives the incremental decoding path used by the sampler
+  (`rlhf_jax.models.decode`, which also holds the CPU feature-major decoding step).
 - An optional `score` head (Dense to 1, no bias: the layout of HF `GPTNeoForSequenceClassification`)
   gives a scalar per token: read at the last real token it is the reward model; per token it is the
   PPO value head.
@@ -134,77 +132,6 @@ def unstack_layers(params: dict) -> dict:
   num_layers = jax.tree.leaves(params["h"])[0].shape[0]
   layers = {f"h_{i}": jax.tree.map(lambda x, i=i: x[i], params["h"]) for i in range(num_layers)}
   return {**{name: value for name, value in params.items() if name != "h"}, **layers}
-
-
-def feature_major_weights(params: dict) -> list[dict]:
-  """Per-layer block weights for `feature_major_step`: every Dense kernel as [out, in].
-
-  Args:
-    params: unstacked parameters (`h_0`, `h_1`, ...; see `unstack_layers`).
-
-  Returns:
-    One dict per layer, the block's parameter tree with each `kernel` transposed. The copies are
-    made once (inside a jitted sampler: once per call) and kept behind an optimization barrier,
-    without which XLA folds the transposes back into the step's matmuls.
-  """
-  count = sum(1 for name in params if name.startswith("h_"))
-  transpose = lambda path, x: x.T if path[-1].key == "kernel" else x
-  return jax.lax.optimization_barrier(
-      [jax.tree_util.tree_map_with_path(transpose, params[f"h_{i}"]) for i in range(count)])
-
-
-def feature_major_step(config: GPTNeoConfig, weights: Sequence[dict], final_norm: dict, x: Array,
-                       layer_caches: Sequence[tuple[Array, Array]], masks: tuple[Array, Array],
-                       cache_index: Array, dtype=jnp.float32
-                       ) -> tuple[Array, list[tuple[Array, Array]]]:
-  """One decoding step of the blocks and `ln_f` with activations laid out [D, B].
-
-  The same computation as `GPTNeo.__call__` for one new token with a cache (no dropout), written
-  for XLA:CPU at batch sizes of a few rows: a [B, K] x [K, N] matmul there runs at ~7 GB/s of
-  weights, while [N, K] x [K, B] (weights as [out, in], activations feature-major) runs at
-  ~13-21 GB/s, and a decoding step mostly streams weights. The attention keeps the cache layout
-  of the Flax path ([B, H, S, Dh]); only the small per-step activations are transposed.
-
-  Args:
-    config: the architecture.
-    weights: from `feature_major_weights`.
-    final_norm: the `ln_f` parameters.
-    x: [B, D] token + position embeddings of the new token.
-    layer_caches: per layer (k, v) [B, H, S, Dh], as `init_cache(per_layer=True)`.
-    masks: (global, local) boolean [B, 1, 1, S] from `attention_masks` for this step.
-    cache_index: int32 scalar, the column the new token is written at.
-    dtype: compute dtype.
-
-  Returns:
-    (final hidden states [D, B] after `ln_f`, the updated per-layer caches).
-  """
-  heads, head_dim = config.num_heads, config.head_dim
-  norm = lambda params, h: nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=dtype,
-                                        reduction_axes=0, feature_axes=0).apply(
-                                            {"params": params}, h)
-  dense = lambda params, h: (jnp.dot(params["kernel"].astype(dtype), h)
-                             + (params["bias"].astype(dtype)[:, None] if "bias" in params else 0))
-  x = x.astype(dtype).T
-  new_caches = []
-  for layer, (cached_k, cached_v), kind in zip(weights, layer_caches, config.attention_layers):
-    attn = layer["attn"]
-    h = norm(layer["ln_1"], x)
-    # [D, B] -> [B, H, Dh]: the Flax path's layout, so the cache is written and read as there.
-    query, key, value = (dense(attn[name], h).reshape(heads, head_dim, -1).transpose(2, 0, 1)
-                         for name in ("q_proj", "k_proj", "v_proj"))
-    cached_k = jax.lax.dynamic_update_slice(cached_k, key[:, :, None].astype(cached_k.dtype),
-                                            (0, 0, cache_index, 0))
-    cached_v = jax.lax.dynamic_update_slice(cached_v, value[:, :, None].astype(cached_v.dtype),
-                                            (0, 0, cache_index, 0))
-    new_caches.append((cached_k, cached_v))
-    mask = masks[1 if kind == "local" else 0][:, :, 0]  # [B, 1, S]
-    logits = jnp.einsum("bhd,bhsd->bhs", query, cached_k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
-    out = jnp.einsum("bhs,bhsd->bhd", probs.astype(dtype), cached_v.astype(dtype))
-    x = x + dense(attn["out_proj"], out.reshape(-1, heads * head_dim).T)
-    h = jax.nn.gelu(dense(layer["mlp"]["c_fc"], norm(layer["ln_2"], x)), approximate=True)
-    x = x + dense(layer["mlp"]["c_proj"], h)
-  return norm(final_norm, x), new_caches
 
 
 def default_positions(segment_ids: Array) -> Array:
@@ -443,15 +370,22 @@ class GPTNeo(nn.Module):
     return out
 
 
-def last_token_index(segment_ids: Array) -> Array:
-  """Column of the last real (non-padding) token of each row: int32 [B] (0 for an empty row)."""
-  columns = jnp.arange(segment_ids.shape[1])
-  return jnp.max(jnp.where(segment_ids > 0, columns, 0), axis=1)
+def last_token_index(mask: Array) -> Array:
+  """Column of the last real token of each row: int32 [B], -1 for a row with no real token.
+
+  Args:
+    mask: [B, T] segment ids or a response mask; > 0 marks a real token. An empty row has no
+      last token: callers that read a value there clamp the -1 (see `sequence_scores`), those
+      that mark a position match none.
+  """
+  columns = jnp.arange(mask.shape[-1], dtype=jnp.int32)
+  return jnp.max(jnp.where(mask > 0, columns, -1), axis=-1)
 
 
 def sequence_scores(per_token_scores: Array, segment_ids: Array) -> Array:
-  """The score read at each row's last real token: float32 [B] (HF sequence-classification rule)."""
-  index = last_token_index(segment_ids)
+  """The score read at each row's last real token: float32 [B] (HF sequence-classification rule;
+  an empty row reads column 0)."""
+  index = jnp.maximum(last_token_index(segment_ids), 0)
   return jnp.take_along_axis(per_token_scores, index[:, None], axis=1)[:, 0]
 
 
@@ -506,3 +440,13 @@ def build(config: GPTNeoConfig, model_settings=None, *, score_head: bool = False
   return GPTNeo(config, dtype=dtype_from_name(get("dtype", "float32")),
                 param_dtype=dtype_from_name(get("param_dtype", "float32")),
                 remat=bool(get("remat", False)), score_head=score_head)
+
+
+def with_dropout(config: GPTNeoConfig, model_settings) -> GPTNeoConfig:
+  """Applies a config's `model.dropout` (>= 0; < 0 or absent keeps the checkpoint's) to the
+  embed/attention/resid dropout rates."""
+  rate = float(model_settings.get("dropout", -1.0))
+  if rate < 0:
+    return config
+  return dataclasses.replace(config, embed_dropout=rate, attention_dropout=rate,
+                             resid_dropout=rate)

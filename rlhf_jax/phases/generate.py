@@ -1,5 +1,5 @@
 """The `generate` phase: responses from a policy (Orbax or HF checkpoint) for prompts from the command
-line or a file, batched with left padding through the one compiled sampler."""
+line or a file, through the one host-side generation path (`decode.generate_responses`)."""
 
 import json
 import pathlib
@@ -9,10 +9,10 @@ import jax
 import numpy as np
 
 from rlhf_jax import checkpoints
-from rlhf_jax import sampling
 from rlhf_jax import sharding
 from rlhf_jax.data import batching
 from rlhf_jax.errors import UserError, where
+from rlhf_jax.models import decode
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
 
@@ -57,38 +57,9 @@ def read_prompts(spec: str, use_template: bool) -> list[str]:
   return prompts
 
 
-def generate_texts(model: gpt_neo.GPTNeo, params, tokenizer, prompts: list[str], *,
-                   settings: sampling.SamplingSettings, batch_size: int, max_prompt_length: int,
-                   rng: jax.Array) -> list[dict]:
-  """Generates for every prompt in fixed-shape batches (one compilation), returning dicts with
-  `prompt`, `response`, `num_tokens`, `ended_with_eos`.
-
-  With params on a mesh, each batch is split over its data x fsdp devices and the samples are
-  gathered before decoding, so every process runs the same calls and returns the same texts."""
-  mesh = sharding.mesh_of(params)
-  encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-  width = min(max_prompt_length, max(len(e) for e in encoded))
-  results = []
-  for start in range(0, len(prompts), batch_size):
-    chunk = prompts[start:start + batch_size]
-    # A fixed batch shape compiles once; the filler rows of the last batch are dropped.
-    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-    ids, mask = batching.prompt_batch(tokenizer, padded, width)
-    rng, batch_rng = jax.random.split(rng)
-    if mesh is not None:
-      ids, mask = sharding.global_batch((ids, mask), mesh)
-    samples = sharding.to_host(sampling.generate(model, params, ids, mask, batch_rng, settings))
-    for i, prompt in enumerate(chunk):
-      n = int(samples.lengths[i])
-      tokens = samples.tokens[i, :n]
-      ended = bool(samples.ended[i])
-      text = tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=False)
-      results.append(dict(prompt=prompt, response=text, num_tokens=n, ended_with_eos=ended))
-  return results
-
-
 def run(config, workdir: pathlib.Path) -> None:
-  source = config.checkpoint or checkpoints.find_phase_checkpoint(workdir, checkpoints.POLICY_PHASES)
+  source = checkpoints.resolve_checkpoint(config.checkpoint, workdir, checkpoints.POLICY_PHASES,
+                                          key="checkpoint")
   loaded = checkpoints.load_model(source, sharding.mesh_from_config(config.mesh))
   tokenizer_dir = loaded["tokenizer_dir"]
   if tokenizer_dir is None:
@@ -96,11 +67,15 @@ def run(config, workdir: pathlib.Path) -> None:
   tokenizer = hf.load_tokenizer(tokenizer_dir)
   prompts = read_prompts(config.prompts, config.use_template)
   model = gpt_neo.build(loaded["config"], config.model, score_head=loaded["score_head"])
-  settings = sampling.SamplingSettings.from_config(config, tokenizer.eos_token_id,
-                                                   tokenizer.pad_token_id)
-  results = generate_texts(model, loaded["params"], tokenizer, prompts, settings=settings,
-                           batch_size=config.batch_size, max_prompt_length=config.max_prompt_length,
-                           rng=jax.random.key(config.seed))
+  settings = decode.SamplingSettings.from_config(config, tokenizer.eos_token_id,
+                                                 tokenizer.pad_token_id)
+  responses = decode.generate_responses(
+      model, loaded["params"], tokenizer, prompts, settings=settings,
+      batch_size=config.batch_size, max_prompt_length=config.max_prompt_length,
+      rng=jax.random.key(config.seed))
+  results = [dict(prompt=prompt, response=text, num_tokens=int(n), ended_with_eos=bool(ended))
+             for prompt, text, n, ended in zip(prompts, responses.texts, responses.lengths,
+                                               responses.ended)]
   out_dir = workdir / "generate"
   if jax.process_index() == 0:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,4 +85,4 @@ def run(config, workdir: pathlib.Path) -> None:
     for r in results:
       print(f"--- prompt ---\n{r['prompt']}\n--- response ---\n{r['response']}\n")
     print(f"generate: {len(results)} responses -> {out_dir / 'generations.jsonl'}")
-  logging.info("mean response length %.1f tokens", np.mean([r["num_tokens"] for r in results]))
+  logging.info("mean response length %.1f tokens", np.mean(responses.lengths))

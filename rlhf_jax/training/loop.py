@@ -1,6 +1,7 @@
 """The one training loop every phase runs (SFT, reward, PPO).
 
-A phase supplies pure pieces and the loop does the rest:
+A phase supplies pure pieces, grouped as `Run` (where, how long, what is logged), `Trainable`
+(state and step), `Data` (batches) and `Evaluation`, and the loop does the rest:
   step_fn(state, batch[, frozen]) -> (state, metrics)   compiled once here (jit, donated state, fixed shapes);
                                               `make_train_step(loss_fn, tx, accum)` builds it from a
                                               `loss_fn(params, batch, rng) -> (loss, metrics)`;
@@ -12,6 +13,7 @@ optimizer state, step, RNG; the step is the data position), saves and stops on S
 with a clear message on a NaN/inf loss, keeping the last good checkpoint.
 """
 
+import contextlib
 import dataclasses
 import pathlib
 import signal
@@ -234,155 +236,250 @@ class Evaluator:
     return {f"eval/{k}": v for k, v in self.summarize(totals).items()}
 
 
-def train(*, phase: str, phase_dir: pathlib.Path, config, mesh, abstract_state: TrainState,
-          init_state: Callable[[], TrainState], step_fn: Callable,
-          batches: Callable[[int], Iterator[Batch]], manifest: dict,
-          evaluator: Evaluator | None = None, count_items: Callable[[Batch], float] | None = None,
-          unit: str = "tok", progress_keys: tuple[str, ...] = ("loss",),
-          tokenizer_dir: str | pathlib.Path | None = None,
-          milestone_eval: Callable[[Any], dict] | None = None,
-          frozen: Any = None,
-          widest_batch: Callable[[Batch], Batch] | None = None) -> TrainState | None:
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """Where a phase trains and for how long.
+
+  phase: name for messages ("sft", ...); outputs go to `phase_dir` (checkpoint/, metrics.jsonl,
+    TensorBoard events).
+  config: the phase's `train` section: steps, log_every, eval_every, save_every,
+    keep_checkpoints, eval_at_start.
+  mesh: the device mesh.
+  manifest: saved with every checkpoint (`finished` and `step` are set here).
+  tokenizer_dir: copied into the checkpoint so it is self-contained.
+  progress_keys: metrics shown on the console line; `unit` names the items `Data.count_items`
+    counts (throughput).
+  final_manifest: `final evaluation metrics -> entries` added to the finished checkpoint's
+    manifest (the reward model's statistics for PPO), so nothing changes `manifest` behind the
+    loop's back.
+  """
+  phase: str
+  phase_dir: pathlib.Path
+  config: Any
+  mesh: Any
+  manifest: dict
+  tokenizer_dir: str | pathlib.Path | None = None
+  progress_keys: tuple[str, ...] = ("loss",)
+  unit: str = "tok"
+  final_manifest: Callable[[dict[str, float]], dict] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+  """What is trained and how one step changes it.
+
+  abstract_state: TrainState of ShapeDtypeStructs carrying the target shardings.
+  init_state: builds the fresh state (only called when there is nothing to resume); it is then
+    placed on the shardings of `abstract_state`. It must return arrays the caller does not keep
+    (load or copy them): the first step donates them, which deletes them.
+  step_fn: `(state, batch[, frozen]) -> (state, metrics)`; compiled here with the state donated.
+  frozen: arrays the step reads but never updates (PPO's reference and reward models), passed as
+    `step_fn(state, batch, frozen)`: arguments, not closure constants, so they are neither baked
+    into the compiled program nor copied per step.
+  """
+  abstract_state: TrainState
+  init_state: Callable[[], TrainState]
+  step_fn: Callable
+  frozen: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """The training batches.
+
+  batches: `start_step -> iterator` of host-local batches.
+  count_items: items (tokens, pairs, ...) in a host batch, for throughput (`Run.unit`).
+  widest_batch: for phases whose batches vary in length (length-grouped reward pairs): maps the
+    first batch to one of the longest shape, for which the memory report is compiled, so it states
+    the peak rather than the first step's need.
+  """
+  batches: Callable[[int], Iterator[Batch]]
+  count_items: Callable[[Batch], float] | None = None
+  widest_batch: Callable[[Batch], Batch] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """What is measured besides the training metrics (both optional).
+
+  evaluator: every `eval_every` steps and at the end.
+  milestone: an expensive evaluation (e.g. generation-based), `params -> metrics`, run only before
+    training (fresh start) and at the end; logged with an "eval/" prefix.
+  """
+  evaluator: Evaluator | None = None
+  milestone: Callable[[Any], dict] | None = None
+
+  def __bool__(self) -> bool:
+    return self.evaluator is not None or self.milestone is not None
+
+
+def restore_or_init(ckpts: checkpoints.Checkpoints, run: Run,
+                    trainable: Trainable) -> tuple[TrainState | None, int, bool]:
+  """The state to train from: the newest checkpoint's (params, optimizer state, step, RNG, extra)
+  or a fresh one placed on the abstract state's shardings.
+
+  Returns:
+    (state, start step, resumed); state None when the newest checkpoint is a finished run.
+  """
+  abstract = trainable.abstract_state
+  start = ckpts.latest_step()
+  if start is None:
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    return jax.device_put(trainable.init_state(), shardings), 0, False
+  if ckpts.manifest(start).get("finished"):
+    print(f"{run.phase}: {ckpts.directory} holds a finished run (step {start}); skipping. Delete "
+          "it or use another --workdir to train again.")
+    return None, start, True
+  print(f"{run.phase}: resuming from step {start} in {ckpts.directory}")
+  restored = ckpts.restore(start, params=abstract.params, train_state=dict(
+      step=abstract.step, opt_state=abstract.opt_state, rng=abstract.rng, extra=abstract.extra))
+  return TrainState(params=restored["params"], **restored["train_state"]), start, True
+
+
+@contextlib.contextmanager
+def sigterm_guard() -> Iterator[Callable[[], bool]]:
+  """Within the block, SIGTERM (preemption) only sets a flag, read by the yielded function, so
+  the loop can finish its step, save and exit; the previous handler is restored afterwards.
+  (Handlers only work in the main thread; elsewhere the flag never rises.)"""
+  requested = threading.Event()
+  in_main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.getsignal(signal.SIGTERM)
+  if in_main_thread:
+    signal.signal(signal.SIGTERM, lambda *_: requested.set())
+  try:
+    yield requested.is_set
+  finally:
+    if in_main_thread:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def report_memory(run: Run, trainable: Trainable, compiled_step, first_inputs: tuple) -> None:
+  """Logs and prints `memory_report` of the step compiled for `first_inputs` (after the first
+  call, so this lowering finds it compiled unless `widest_batch` asked for another shape)."""
+  report = memory_report(trainable.abstract_state, trainable.frozen,
+                         compiled_step.lower(*first_inputs).compile())
+  logging.info("%s: %s", run.phase, report)
+  if jax.process_index() == 0:
+    print(f"{run.phase}: {format_memory(report, run.mesh.size)}", flush=True)
+
+
+class LogWindow:
+  """The metrics of the steps since the last log line: fetched in one transfer, checked for a
+  non-finite loss, averaged and written with the window's throughput."""
+
+  def __init__(self, run: Run, writer: progress.MetricsWriter, bar: progress.Progress):
+    self.run, self.writer, self.bar = run, writer, bar
+    self.pending: list[tuple[int, dict]] = []
+    self.items, self.start = 0.0, time.time()
+
+  def add(self, step: int, metrics: dict, items: float) -> None:
+    self.pending.append((step, metrics))
+    self.items += items
+
+  def flush(self, step: int, last_good: int, checkpoint_dir: pathlib.Path) -> None:
+    """Writes the window's mean metrics at `step`.
+
+    Raises:
+      UserError: a logged loss is NaN/inf (naming the last good checkpoint `last_good`).
+    """
+    logged = _host_metrics(self.pending)
+    self.pending = []
+    for logged_step, values in logged:
+      if not np.isfinite(values.get("loss", 0.0)):
+        kept = (f"The last good checkpoint (step {last_good}) is kept in {checkpoint_dir}"
+                if last_good else "No checkpoint was saved before it")
+        raise UserError(
+            f"{self.run.phase}: the loss became {values['loss']} at step {logged_step}; "
+            f"stopped. {kept}; lower --config.optim.lr or check the data")
+    elapsed = time.time() - self.start
+    rate = self.items / elapsed if self.items and elapsed > 0 else None
+    mean = {k: float(np.mean([v[k] for _, v in logged])) for k in logged[-1][1]}
+    self.writer.write(step, {**mean, **({f"{self.run.unit}_per_second": rate} if rate else {})})
+    self.bar.update(step, {k: mean[k] for k in self.run.progress_keys if k in mean}, rate)
+    self.items, self.start = 0.0, time.time()
+
+
+def train(run: Run, trainable: Trainable, data: Data,
+          evaluation: Evaluation = Evaluation()) -> TrainState | None:
   """Runs (or resumes) a phase's training and returns the final state (None if already finished).
 
-  Args:
-    phase: name for messages ("sft", ...); outputs go to `phase_dir`.
-    config: the phase's `train` section: steps, log_every, eval_every, save_every, keep_checkpoints,
-      eval_at_start.
-    mesh: the device mesh.
-    abstract_state: TrainState of ShapeDtypeStructs carrying the target shardings.
-    init_state: builds the fresh state (only called when there is nothing to resume); it is then
-      placed on the shardings of `abstract_state`. It must return arrays the caller does not keep
-      (load or copy them): the first step donates them, which deletes them.
-    step_fn: `(state, batch) -> (state, metrics)`; compiled here with the state donated.
-    batches: `start_step -> iterator` of host-local batches.
-    manifest: saved with every checkpoint (`finished` is set here).
-    evaluator: optional evaluation every `eval_every` steps and at the end.
-    count_items: items (tokens, pairs, ...) in a host batch, for throughput; `unit` names them.
-    progress_keys: metrics shown on the console line.
-    tokenizer_dir: copied into the checkpoint so it is self-contained.
-    milestone_eval: an expensive evaluation (e.g. generation-based), `params -> metrics`, run only
-      before training (fresh start) and at the end; logged with an "eval/" prefix.
-    frozen: arrays the step reads but never updates (PPO's reference and reward models), passed
-      as `step_fn(state, batch, frozen)`: arguments, not closure constants, so they are neither
-      baked into the compiled program nor copied per step.
-    widest_batch: for phases whose batches vary in length (length-grouped reward pairs): maps
-      the first batch to one of the longest shape, for which the memory report is compiled, so
-      it states the peak rather than the first step's need.
+  Evaluates at step 0 (fresh start, `eval_at_start`), every `eval_every` steps and at the end;
+  saves every `save_every` steps and, finished, at the end; on SIGTERM saves and stops; on a
+  NaN/inf loss stops, keeping the last good checkpoint.
   """
-  ckpts = checkpoints.Checkpoints(phase_dir / "checkpoint", keep=int(config.keep_checkpoints))
-  if tokenizer_dir is not None and jax.process_index() == 0 and not ckpts.tokenizer_dir.exists():
+  config, mesh = run.config, run.mesh
+  ckpts = checkpoints.Checkpoints(run.phase_dir / "checkpoint", keep=int(config.keep_checkpoints))
+  if run.tokenizer_dir is not None and jax.process_index() == 0 and not ckpts.tokenizer_dir.exists():
     from rlhf_jax.models import hf
-    hf.copy_tokenizer(tokenizer_dir, ckpts.tokenizer_dir)
-  shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
-  start = ckpts.latest_step()
-  resumed = start is not None
-  if resumed:
-    saved = ckpts.manifest(start)
-    if saved.get("finished"):
-      print(f"{phase}: {ckpts.directory} holds a finished run (step {start}); skipping. Delete it "
-            "or use another --workdir to train again.")
-      ckpts.close()
-      return None
-    print(f"{phase}: resuming from step {start} in {ckpts.directory}")
-    restored = ckpts.restore(start, params=abstract_state.params, train_state=dict(
-        step=abstract_state.step, opt_state=abstract_state.opt_state, rng=abstract_state.rng,
-        extra=abstract_state.extra))
-    state = TrainState(params=restored["params"], **restored["train_state"])
-  else:
-    start = 0
-    state = jax.device_put(init_state(), shardings)
-
+    hf.copy_tokenizer(run.tokenizer_dir, ckpts.tokenizer_dir)
+  state, start, resumed = restore_or_init(ckpts, run, trainable)
+  if state is None:
+    ckpts.close()
+    return None
+  shardings = jax.tree.map(lambda x: x.sharding, trainable.abstract_state)
   total = int(config.steps)
-  compiled_step = jax.jit(step_fn, out_shardings=(shardings, sharding.replicated(mesh)),
+  compiled_step = jax.jit(trainable.step_fn, out_shardings=(shardings, sharding.replicated(mesh)),
                           donate_argnums=0)
+  evaluator = evaluation.evaluator
   # Replicated sums: every process reads the same totals, whatever its share of the mesh.
   compiled_eval = (jax.jit(evaluator.step, out_shardings=sharding.replicated(mesh))
                    if evaluator else None)
   # Lines after the restored step are logged again; a fresh start (nothing to resume, e.g. after
   # a run that failed before its first checkpoint) replaces all of them, step 0 included.
-  writer = progress.MetricsWriter(phase_dir, resume_step=start if resumed else -1)
-  bar = progress.Progress(phase, total, start, unit)
-  stop_requested = []
-  # Preemption sends SIGTERM: finish the step, save, exit. (Handlers only work in the main thread.)
-  in_main_thread = threading.current_thread() is threading.main_thread()
-  previous_handler = signal.getsignal(signal.SIGTERM)
-  if in_main_thread:
-    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+  writer = progress.MetricsWriter(run.phase_dir, resume_step=start if resumed else -1)
+  window = LogWindow(run, writer, progress.Progress(run.phase, total, start, run.unit))
+  frozen = () if trainable.frozen is None else (trainable.frozen,)
 
-  def save(step: int, finished: bool = False) -> None:
-    ckpts.save(step, params=state.params, manifest={**manifest, "finished": finished, "step": step},
+  def save(step: int, finished: bool = False, extra: dict | None = None) -> None:
+    ckpts.save(step, params=state.params,
+               manifest={**run.manifest, **(extra or {}), "finished": finished, "step": step},
                train_state=dict(step=state.step, opt_state=state.opt_state, rng=state.rng,
                                 extra=state.extra))
-    logging.info("%s: saved checkpoint at step %d", phase, step)
+    logging.info("%s: saved checkpoint at step %d", run.phase, step)
 
-  def evaluate(step: int, milestone: bool = False) -> None:
+  def evaluate(step: int, milestone: bool = False) -> dict[str, float]:
     metrics = evaluator.run(compiled_eval, state.params, mesh) if evaluator else {}
-    if milestone and milestone_eval:
-      metrics.update({f"eval/{k}": v for k, v in milestone_eval(state.params).items()})
+    if milestone and evaluation.milestone:
+      metrics.update({f"eval/{k}": v for k, v in evaluation.milestone(state.params).items()})
     writer.write(step, metrics)
     if jax.process_index() == 0:
-      print(f"{phase} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+      print(f"{run.phase} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
             flush=True)
+    return metrics
 
   try:
-    if (evaluator or milestone_eval) and start == 0 and config.get("eval_at_start", True):
-      evaluate(0, milestone=True)
-    pending: list[tuple[int, dict]] = []
-    items, window_start, last_good = 0.0, time.time(), start
-    data = batches(start)
-    for step in range(start + 1, total + 1):
-      batch = next(data)
-      items += count_items(batch) * jax.process_count() if count_items else 0.0
-      inputs = (state, sharding.shard_batch(batch, mesh)) + (() if frozen is None else (frozen,))
-      first_inputs = None
-      if step == start + 1:
-        widest = batch if widest_batch is None else widest_batch(batch)
-        first_inputs = _abstract((inputs[0], sharding.shard_batch(widest, mesh)) + inputs[2:])
-      state, metrics = compiled_step(*inputs)
-      if first_inputs is not None:
-        # After the first call, so this lowering finds the step already compiled (unless
-        # `widest_batch` asked for another shape).
-        report = memory_report(abstract_state, frozen,
-                               compiled_step.lower(*first_inputs).compile())
-        logging.info("%s: %s", phase, report)
-        if jax.process_index() == 0:
-          print(f"{phase}: {format_memory(report, mesh.size)}", flush=True)
-      pending.append((step, metrics))
-      boundary = step == total or step % int(config.log_every) == 0
-      saving = step == total or (config.save_every and step % int(config.save_every) == 0)
-      if boundary or saving or stop_requested:
-        logged = _host_metrics(pending)
-        pending = []
-        for logged_step, values in logged:
-          if not np.isfinite(values.get("loss", 0.0)):
-            kept = (f"The last good checkpoint (step {last_good}) is kept in {ckpts.directory}"
-                    if last_good else "No checkpoint was saved before it")
-            raise UserError(
-                f"{phase}: the loss became {values['loss']} at step {logged_step}; stopped. {kept}; "
-                "lower --config.optim.lr or check the data")
-        elapsed = time.time() - window_start
-        rate = items / elapsed if items and elapsed > 0 else None
-        mean = {k: float(np.mean([v[k] for _, v in logged])) for k in logged[-1][1]}
-        writer.write(step, {**mean, **({f"{unit}_per_second": rate} if rate else {})})
-        bar.update(step, {k: mean[k] for k in progress_keys if k in mean}, rate)
-        items, window_start = 0.0, time.time()
-      if evaluator and config.eval_every and step % int(config.eval_every) == 0 and step != total:
-        evaluate(step)
-      if stop_requested:
-        save(step)
-        raise UserError(f"{phase}: stopped by SIGTERM at step {step}; checkpoint saved, rerun the "
-                        "same command to resume")
-      if saving and step != total:
-        save(step)
-        last_good = step
-    bar.done()
-    if evaluator or milestone_eval:
-      evaluate(total, milestone=True)
-    save(total, finished=True)
-    return state
+    with sigterm_guard() as stop_requested:
+      if evaluation and start == 0 and config.get("eval_at_start", True):
+        evaluate(0, milestone=True)
+      last_good = start
+      batches = data.batches(start)
+      for step in range(start + 1, total + 1):
+        batch = next(batches)
+        inputs = (state, sharding.shard_batch(batch, mesh)) + frozen
+        if step == start + 1:
+          widest = batch if data.widest_batch is None else data.widest_batch(batch)
+          first_inputs = _abstract((state, sharding.shard_batch(widest, mesh)) + frozen)
+        state, metrics = compiled_step(*inputs)
+        if step == start + 1:
+          report_memory(run, trainable, compiled_step, first_inputs)
+        items = data.count_items(batch) * jax.process_count() if data.count_items else 0.0
+        window.add(step, metrics, items)
+        saving = step == total or (config.save_every and step % int(config.save_every) == 0)
+        if step == total or step % int(config.log_every) == 0 or saving or stop_requested():
+          window.flush(step, last_good, ckpts.directory)
+        if evaluator and config.eval_every and step % int(config.eval_every) == 0 and step != total:
+          evaluate(step)
+        if stop_requested():
+          save(step)
+          raise UserError(f"{run.phase}: stopped by SIGTERM at step {step}; checkpoint saved, "
+                          "rerun the same command to resume")
+        if saving and step != total:
+          save(step)
+          last_good = step
+      window.bar.done()
+      final = evaluate(total, milestone=True) if evaluation else {}
+      save(total, finished=True, extra=run.final_manifest(final) if run.final_manifest else None)
+      return state
   finally:
-    if in_main_thread:
-      signal.signal(signal.SIGTERM, previous_handler)
     writer.close()
     ckpts.close()

@@ -1,6 +1,5 @@
-"""The PPO phase: RLHF against the reward model with a KL penalty to the SFT reference.
-
-  python -m rlhf_jax.main --phase=ppo --config=configs/ppo.py --workdir=runs/default
+"""PPO: RLHF against the reward model with a KL penalty to the SFT reference (the phase that
+runs it is `rlhf_jax.phases.ppo`).
 
 The recipe is Ziegler et al. 2019 (OpenAI lm-human-preferences) as dissected in "The N
 Implementation Details of RLHF with PPO" (Huang et al.); every choice is a config field (see
@@ -23,32 +22,26 @@ frozen ones are passed to the compiled step as arguments, so each exists once on
 """
 
 import dataclasses
-import pathlib
-from typing import Any, Iterator
+import functools
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import checkpoints
-from rlhf_jax import sampling
-from rlhf_jax import sharding
 from rlhf_jax.data import batching
-from rlhf_jax.data import builtin
-from rlhf_jax.data import records
 from rlhf_jax.errors import UserError
+from rlhf_jax.models import decode
 from rlhf_jax.models import gpt_neo
-from rlhf_jax.models import hf
 from rlhf_jax.training import loop
-from rlhf_jax.training import optim
 from rlhf_jax.training import ppo_core as core
 
 
 @dataclasses.dataclass(frozen=True)
 class PPOSettings:
   """The static (compile-time) settings of one PPO iteration; see configs/ppo.py."""
-  sampling: sampling.SamplingSettings
+  sampling: decode.SamplingSettings
   samples_per_prompt: int = 1
   advantage_estimator: str = "gae"  # "gae" (value model) | "rloo" (leave-one-out, no value model)
   num_epochs: int = 4
@@ -91,7 +84,7 @@ class Models:
   reward: gpt_neo.GPTNeo
 
 
-def _response_outputs(model: gpt_neo.GPTNeo, params, sequences: dict, prompt_length: int,
+def response_outputs(model: gpt_neo.GPTNeo, params, sequences: dict, prompt_length: int,
                       response_length: int, *, lm_head: bool, temperature: float = 1.0,
                       tokens=None, entropy: bool = False) -> dict:
   """Logprobs (and, if asked, entropy) of the response tokens and/or values before each of them.
@@ -113,7 +106,7 @@ def _response_outputs(model: gpt_neo.GPTNeo, params, sequences: dict, prompt_len
   return result
 
 
-def _sequences(prompt_ids, prompt_mask, tokens, response_mask) -> dict:
+def sequences(prompt_ids, prompt_mask, tokens, response_mask) -> dict:
   """prompt + response as one LM input: int32 [B, P+N] ids, segment ids and positions."""
   segment_ids = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
   return dict(input_ids=jnp.concatenate([prompt_ids, tokens], axis=1).astype(jnp.int32),
@@ -128,10 +121,30 @@ def score_responses(reward_model: gpt_neo.GPTNeo, reward_params, prompt_ids, pro
   EOS that ends a sampled response is masked out before scoring.
   """
   without_eos = response_mask * (tokens != eos_token_id)
-  sequences = _sequences(prompt_ids, prompt_mask, tokens, without_eos)
+  sequences = sequences(prompt_ids, prompt_mask, tokens, without_eos)
   out = reward_model.apply({"params": reward_params}, sequences["input_ids"],
                            sequences["segment_ids"], sequences["positions"], lm_head=False)
   return gpt_neo.sequence_scores(out["scores"], sequences["segment_ids"])
+
+
+@functools.partial(jax.jit, static_argnames=("reference_model", "temperature"))
+def reference_kl(reference_model: gpt_neo.GPTNeo, reference_params, prompt_ids, prompt_mask,
+                 samples: decode.Samples, temperature: float = 1.0) -> jax.Array:
+  """THE KL of sampled responses to a reference model: float32 [B], per response the sum over
+  its real tokens of log p_policy - log p_reference (k1, an unbiased estimate of the sequence
+  KL; `core.kl_estimates`), both at the sampling temperature.
+
+  Args:
+    reference_model, reference_params: the reference (e.g. the SFT policy), same tokenizer.
+    prompt_ids, prompt_mask: [B, P] the left-padded prompts the samples answer.
+    samples: `decode.generate`'s output (its logprobs are the policy's).
+    temperature: the sampling temperature (1 for greedy).
+  """
+  seqs = sequences(prompt_ids, prompt_mask, samples.tokens, samples.mask)
+  ref_logprobs = response_outputs(reference_model, reference_params, seqs, prompt_ids.shape[1],
+                                  samples.tokens.shape[1], lm_head=True, temperature=temperature,
+                                  tokens=samples.tokens)["logprobs"]
+  return core.kl_estimates(samples.logprobs, ref_logprobs, samples.mask)["k1"]
 
 
 def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: Models,
@@ -159,11 +172,11 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
   response_length = settings.sampling.max_new_tokens
 
   # 1. Rollout with behaviour logprobs log_softmax(logits / T).
-  samples = sampling.generate(models.policy, state.params, prompt_ids, prompt_mask, sample_rng,
+  samples = decode.generate(models.policy, state.params, prompt_ids, prompt_mask, sample_rng,
                               settings.sampling)
   mask = samples.mask
-  sequences = _sequences(prompt_ids, prompt_mask, samples.tokens, mask)
-  response_outputs = lambda model, params, **kw: _response_outputs(
+  sequences = sequences(prompt_ids, prompt_mask, samples.tokens, mask)
+  response_outputs = lambda model, params, **kw: response_outputs(
       model, params, sequences, prompt_length, response_length, temperature=settings.temperature,
       tokens=samples.tokens, **kw)
 
@@ -178,7 +191,7 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
   # normalised scores' units, like the returns it regresses on (Stiennon et al. 2020 initialise
   # the value function from a reward model normalised this way). Raw, its first estimates would be
   # off by the reward's scale and offset, and those errors would swamp the early advantages.
-  value_outputs = lambda params, seqs: normalize(_response_outputs(
+  value_outputs = lambda params, seqs: normalize(response_outputs(
       models.value, params, seqs, prompt_length, response_length, lm_head=False)["values"])
 
   # 2. Frozen models and rollout-time values.
@@ -218,7 +231,7 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
   def loss_fn(learner, minibatch, rng):
     del rng  # Dropout stays off in PPO: behaviour and learner logprobs must agree.
     seqs = {k: minibatch[k] for k in ("input_ids", "segment_ids", "positions")}
-    policy_out = _response_outputs(models.policy, learner["policy"], seqs, prompt_length,
+    policy_out = response_outputs(models.policy, learner["policy"], seqs, prompt_length,
                                    response_length, lm_head=True, temperature=settings.temperature,
                                    tokens=minibatch["tokens"], entropy=bool(settings.entropy_coef))
     m = minibatch["mask"]
@@ -329,74 +342,6 @@ def prompt_batches(prompts: list[str], tokenizer, *, batch_size: int, max_prompt
     step += 1
 
 
-def held_out_eval(models: Models, tokenizer, prompts: list[str], eval_records: list[dict], *,
-                  reference, reward_params, settings: PPOSettings, batch_size: int,
-                  max_prompt_length: int, seed: int):
-  """`params -> metrics` on held-out prompts: mean reward-model score and KL to the reference of
-  samples (rollout settings), and greedy exact match where answers are verifiable.
-
-  The frozen models are arguments of the compiled calls (not constants baked into them); with
-  params on a mesh, prompt batches are split over its data x fsdp devices and results gathered,
-  so every process runs the same calls and computes the same metrics."""
-  ids, mask = batching.prompt_batch(tokenizer, prompts, max_prompt_length)
-  mesh = sharding.mesh_of(reference)
-  n = (len(prompts) // batch_size) * batch_size
-  if n == 0:
-    raise UserError(f"ppo: {len(prompts)} held-out prompts are fewer than batch_size {batch_size}")
-  greedy = dataclasses.replace(settings.sampling, temperature=0.0)
-
-  @jax.jit
-  def sample_stats(params, reference, reward_params, ids, mask, rng):
-    samples = sampling.generate(models.policy, params, ids, mask, rng, settings.sampling)
-    seqs = _sequences(ids, mask, samples.tokens, samples.mask)
-    ref = _response_outputs(models.reference, reference, seqs, ids.shape[1],
-                            settings.sampling.max_new_tokens, lm_head=True,
-                            temperature=settings.temperature, tokens=samples.tokens)["logprobs"]
-    kl = core.kl_estimates(samples.logprobs, ref, samples.mask)["k1"]
-    scores = score_responses(models.reward, reward_params, ids, mask, samples.tokens,
-                             samples.mask, settings.sampling.eos_token_id)
-    return scores, kl, samples.lengths
-
-  @jax.jit
-  def greedy_tokens(params, ids, mask):
-    return sampling.generate(models.policy, params, ids, mask, jax.random.key(0), greedy)
-
-  def evaluate(params) -> dict:
-    scores, kls, correct = [], [], []
-    rng = jax.random.key(seed)
-    for start in range(0, n, batch_size):
-      rng, batch_rng = jax.random.split(rng)
-      batch = (ids[start:start + batch_size], mask[start:start + batch_size])
-      if mesh is not None:
-        batch = sharding.global_batch(batch, mesh)
-      s, k, _ = sharding.to_host(sample_stats(params, reference, reward_params, *batch,
-                                              batch_rng))
-      scores.append(s)
-      kls.append(k)
-      if eval_records:
-        out = sharding.to_host(greedy_tokens(params, *batch))
-        for i in range(batch_size):
-          record = eval_records[start + i]
-          n_tokens = int(out.lengths[i])
-          tokens = out.tokens[i, :n_tokens - int(out.ended[i])]
-          correct.append(builtin.check_answer(record, tokenizer.decode(tokens)))
-    metrics = {"score": float(np.mean(np.concatenate(scores))),
-               "kl": float(np.mean(np.concatenate(kls)))}
-    if correct:
-      metrics["exact_match"] = float(np.mean(correct))
-    return metrics
-
-  return evaluate
-
-
-def _checkpoint(path: str, workdir: pathlib.Path, phase: str, what: str) -> dict:
-  source = path or (workdir / phase)
-  if checkpoints.find_checkpoint_dir(source) is None and not path:
-    raise UserError(f"ppo: no {what} checkpoint in {workdir / phase}; run --phase={phase} first or "
-                    f"set --config.{what}_checkpoint")
-  return checkpoints.describe_model(source)
-
-
 def settings_from_config(config, tokenizer) -> PPOSettings:
   p = config.ppo
   if p.kl_estimator not in ("k1", "k3"):
@@ -413,7 +358,7 @@ def settings_from_config(config, tokenizer) -> PPOSettings:
                     f"set --config.rollout.samples_per_prompt to 2 or more (it is "
                     f"{config.rollout.samples_per_prompt})")
   return PPOSettings(
-      sampling=sampling.SamplingSettings.from_config(config.rollout, tokenizer.eos_token_id,
+      sampling=decode.SamplingSettings.from_config(config.rollout, tokenizer.eos_token_id,
                                                      tokenizer.pad_token_id),
       samples_per_prompt=int(config.rollout.samples_per_prompt),
       advantage_estimator=p.advantage_estimator, num_epochs=p.num_epochs,
@@ -424,107 +369,3 @@ def settings_from_config(config, tokenizer) -> PPOSettings:
       whiten_rewards=p.whiten_rewards, normalize_scores=p.normalize_scores,
       missing_eos_penalty=p.missing_eos_penalty, approx_kl_stop=p.approx_kl_stop,
       shared_value_head=config.value_model == "policy_head" and p.advantage_estimator == "gae")
-
-
-def run(config, workdir: pathlib.Path) -> None:
-  phase_dir = workdir / "ppo"
-  mesh = sharding.mesh_from_config(config.mesh)
-  sft = _checkpoint(config.sft_checkpoint, workdir, "sft", "sft")
-  reward = _checkpoint(config.reward_checkpoint, workdir, "reward", "reward")
-  if not reward["score_head"]:
-    raise UserError(f"{reward['source']}: not a reward model (no score head)")
-  if reward["config"].vocab_size != sft["config"].vocab_size:
-    raise UserError(f"{reward['source']}: the reward model's vocabulary ({reward['config'].vocab_size}) "
-                    f"differs from the policy's ({sft['config'].vocab_size}); they must share a tokenizer")
-  if sft["tokenizer_dir"] is None:
-    raise UserError(f"{sft['source']}: the SFT checkpoint has no tokenizer files")
-  tokenizer = hf.load_tokenizer(sft["tokenizer_dir"])
-  settings = settings_from_config(config, tokenizer)
-  shared = settings.shared_value_head
-  # A separate value model: GAE with value_model=reward (RLOO and a policy value head need none).
-  separate_value = settings.uses_critic and not shared
-
-  policy = gpt_neo.build(sft["config"], config.model, score_head=shared)
-  reward_model = gpt_neo.build(reward["config"], config.model, score_head=True)
-  models = Models(policy=policy, reference=gpt_neo.build(sft["config"], config.model),
-                  value=reward_model if separate_value else None, reward=reward_model)
-  shard = lambda model: sharding.param_shardings(gpt_neo.logical_axes(model),
-                                                 gpt_neo.param_shapes(model), mesh)
-  policy_shardings, reward_shardings = shard(policy), shard(reward_model)
-  sft_shardings = shard(gpt_neo.build(sft["config"], score_head=sft["score_head"]))
-
-  splits = records.load_splits(config.data)
-  prompt_of = lambda r: batching.format_prompt(r["instruction"], r.get("context", ""))
-  train_prompts = [prompt_of(r) for r in splits["train"]]
-  eval_records = splits["validation"][:config.eval_prompts]
-  eval_prompts = [prompt_of(r) for r in eval_records]
-  verifiable = eval_records if all(r.get("answer") for r in eval_records) else []
-
-  tx = optim.make_optimizer(config.optim, config.train.steps)
-  reward_stats = reward["manifest"].get("reward_stats", {"mean": 0.0, "std": 1.0})
-  if settings.normalize_scores and "reward_stats" not in reward["manifest"]:
-    print("ppo: the reward checkpoint has no reward_stats; scores are not normalised")
-
-  def load_policy():
-    params = checkpoints.load_params(sft, sft_shardings)
-    params = {k: v for k, v in params.items() if k != "score"}
-    if shared:  # A fresh value head on the policy trunk.
-      head = gpt_neo.init_params(policy, jax.random.key(config.train.seed))["score"]
-      params["score"] = sharding.global_from_host(np.asarray(head), policy_shardings["score"])
-    return params
-
-  reference = load_policy()
-  reference = {k: v for k, v in reference.items() if k != "score"}
-  reward_params = checkpoints.load_params(reward, reward_shardings)
-  frozen = {"reference": reference, "reward": reward_params,
-            "reward_stats": {k: sharding.global_from_host(np.float32(reward_stats[k]),
-                                                          sharding.replicated(mesh))
-                             for k in ("mean", "std")}}
-
-  rng = jax.random.key(config.train.seed)
-
-  def make_state(policy_params, value_params):
-    state = loop.create_train_state({"policy": policy_params, "value": value_params}, tx, rng,
-                                    extra={"kl_coef": jnp.float32(config.ppo.init_kl_coef)})
-    learner = state.params
-    return state.replace(params=learner["policy"],
-                         extra={**state.extra, "value": learner["value"]})
-
-  value_shapes = gpt_neo.param_shapes(reward_model) if separate_value else {}
-  abstract = jax.eval_shape(make_state, gpt_neo.param_shapes(policy), value_shapes)
-  param_shardings = policy_shardings
-  # The value model and its Adam moments are laid out like the reward model it starts from.
-  shardings = loop.state_shardings(abstract, param_shardings, mesh,
-                                   extra_shardings={"value": reward_shardings}
-                                   if separate_value else None)
-  abstract = loop.with_shardings(abstract, shardings)
-
-  def init_state():
-    value = jax.tree.map(jnp.copy, reward_params) if separate_value else {}
-    return make_state(load_policy(), value)
-
-  def step_fn(state, batch, frozen):
-    return ppo_iteration(state, batch, frozen, models=models, settings=settings, tx=tx)
-
-  evaluate = held_out_eval(models, tokenizer, eval_prompts, verifiable, reference=reference,
-                           reward_params=reward_params, settings=settings,
-                           batch_size=config.train.batch_size,
-                           max_prompt_length=config.rollout.max_prompt_length,
-                           seed=config.train.seed) if eval_prompts else None
-  manifest = checkpoints.make_manifest(sft["config"], kind=hf.CAUSAL_LM, score_head=shared,
-                                       phase="ppo")
-  state = loop.train(
-      phase="ppo", phase_dir=phase_dir, config=config.train, mesh=mesh, abstract_state=abstract,
-      init_state=init_state, step_fn=step_fn, frozen=frozen,
-      batches=lambda start: prompt_batches(
-          train_prompts, tokenizer, batch_size=config.train.batch_size,
-          max_prompt_length=config.rollout.max_prompt_length, seed=config.train.seed,
-          start_step=start, process_index=jax.process_index(),
-          process_count=jax.process_count()),
-      manifest=manifest, unit="episode",
-      count_items=lambda b: float(len(b["prompt_ids"]) * settings.samples_per_prompt),
-      progress_keys=("score", "kl", "kl_coef", "response_length", "eos_fraction"),
-      tokenizer_dir=sft["tokenizer_dir"], milestone_eval=evaluate)
-  if state is not None:
-    print(f"ppo: done; policy checkpoint in {phase_dir / 'checkpoint'}, metrics in "
-          f"{phase_dir / 'metrics.jsonl'}")

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.errors import UserError
+from rlhf_jax.models import gpt_neo
 
 Array = jax.Array
 
@@ -128,16 +129,6 @@ def whiten(x: Array, mask: Optional[Array] = None, shift_mean: bool = True, eps:
   return whitened
 
 
-def last_token_index(mask: Array) -> Array:
-  """Index of the last real token of each row: int32 [B], -1 for a row with no real token.
-
-  Args:
-    mask: float32 [B, N] response mask.
-  """
-  positions = jnp.arange(mask.shape[-1], dtype=jnp.int32)
-  return jnp.max(jnp.where(_f32(mask) > 0, positions, -1), axis=-1)
-
-
 def ended_with_eos(tokens: Array, mask: Array, eos_token_id: int) -> Array:
   """Whether each response's last real token is EOS: bool [B].
 
@@ -149,7 +140,7 @@ def ended_with_eos(tokens: Array, mask: Array, eos_token_id: int) -> Array:
     mask: float32 [B, N] response mask.
     eos_token_id: the EOS token id.
   """
-  last = last_token_index(mask)
+  last = gpt_neo.last_token_index(_f32(mask))
   last_token = jnp.take_along_axis(tokens, jnp.maximum(last, 0)[:, None], axis=-1)[:, 0]
   return (last >= 0) & (last_token == eos_token_id)
 
@@ -249,7 +240,7 @@ def kl_penalty_rewards(scores: Array, logprobs: Array, ref_logprobs: Array, mask
   kl = per_token_kl(logprobs, ref_logprobs, mask, kl_estimator)
   non_score_reward = -_f32(kl_coef) * kl
   positions = jnp.arange(mask.shape[-1], dtype=jnp.int32)
-  is_last = positions[None, :] == last_token_index(mask)[:, None]
+  is_last = positions[None, :] == gpt_neo.last_token_index(_f32(mask))[:, None]
   rewards = non_score_reward + jnp.where(is_last, _f32(scores)[:, None], 0.0)
   return rewards, non_score_reward, kl
 

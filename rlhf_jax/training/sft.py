@@ -1,30 +1,14 @@
-"""The SFT phase: next-token loss on response tokens, through the shared training loop.
+"""SFT: the next-token loss on response tokens (training step) and its held-out sums.
 
-  python -m rlhf_jax.main --phase=sft --config=configs/sft.py --workdir=runs/default
-
-Starts from `config.init_checkpoint` (an Orbax or HF checkpoint), by default the `import` or
-`init` phase of the same workdir (running `init` first when the built-in data is used and neither
-exists). Writes WORKDIR/sft/{checkpoint/, metrics.jsonl, TensorBoard events}.
+The phase that runs it through the shared loop is `rlhf_jax.phases.sft`.
 """
 
-import dataclasses
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import checkpoints
-from rlhf_jax import sampling
-from rlhf_jax import sharding
-from rlhf_jax.data import batching
-from rlhf_jax.data import builtin
-from rlhf_jax.data import records
-from rlhf_jax.errors import UserError
 from rlhf_jax.models import gpt_neo
-from rlhf_jax.models import hf
-from rlhf_jax.training import loop
-from rlhf_jax.training import optim
 
 
 # Tokens whose vocabulary logits exist at once: ~64 MB of float32 logits (320 tokens for GPT-2's
@@ -224,115 +208,3 @@ def summarize_eval(sums: dict) -> dict:
   tokens = max(sums["tokens"], 1.0)
   loss = sums["nll"] / tokens
   return {"loss": loss, "perplexity": float(jnp.exp(loss)), "token_accuracy": sums["correct"] / tokens}
-
-
-def policy_checkpoint(config, workdir: pathlib.Path) -> str:
-  """The checkpoint SFT starts from: the config's, else this workdir's import/init phase, creating
-  the built-in `init` checkpoint when the built-in data is used and nothing else exists."""
-  if config.init_checkpoint:
-    return config.init_checkpoint
-  for phase in ("import", "init"):
-    if checkpoints.find_checkpoint_dir(workdir / phase) is not None:
-      return str(workdir / phase)
-  if config.data.source != "builtin":
-    raise UserError("--config.init_checkpoint: name the model to fine-tune (an HF directory, a hub "
-                    "id or an Orbax checkpoint), or run --phase=import first")
-  from rlhf_jax import convert
-  from rlhf_jax.configs import init as init_config
-  print("sft: no initial model in the workdir; creating the built-in one (phase init)")
-  init = init_config.get_config()
-  init.data = config.data
-  convert.run_init(init, workdir)
-  return str(workdir / "init")
-
-
-def with_dropout(model_config: gpt_neo.GPTNeoConfig, model_settings) -> gpt_neo.GPTNeoConfig:
-  """Applies `model.dropout` (>= 0) to the embed/attention/resid dropout rates."""
-  rate = float(model_settings.get("dropout", -1.0))
-  if rate < 0:
-    return model_config
-  return dataclasses.replace(model_config, embed_dropout=rate, attention_dropout=rate,
-                             resid_dropout=rate)
-
-
-def exact_match(model, params, tokenizer, eval_records: list[dict], *, max_new_tokens: int,
-                batch_size: int) -> float:
-  """Greedy answers to verifiable questions, scored by the built-in checker (fraction correct)."""
-  from rlhf_jax import generate
-  prompts = [batching.format_prompt(r["instruction"], r["context"]) for r in eval_records]
-  settings = sampling.SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0,
-                                       eos_token_id=tokenizer.eos_token_id,
-                                       pad_token_id=tokenizer.pad_token_id)
-  results = generate.generate_texts(model, params, tokenizer, prompts, settings=settings,
-                                    batch_size=batch_size, max_prompt_length=256,
-                                    rng=jax.random.key(0))
-  correct = [builtin.check_answer(r, out["response"]) for r, out in zip(eval_records, results)]
-  return sum(correct) / max(len(correct), 1)
-
-
-def run(config, workdir: pathlib.Path) -> None:
-  phase_dir = workdir / "sft"
-  mesh = sharding.mesh_from_config(config.mesh)
-  info = checkpoints.describe_model(policy_checkpoint(config, workdir))
-  if info["tokenizer_dir"] is None:
-    raise UserError(f"{info['source']}: the initial checkpoint has no tokenizer files")
-  tokenizer = hf.load_tokenizer(info["tokenizer_dir"])
-  model_config = with_dropout(info["config"], config.model)
-  model = gpt_neo.build(model_config, config.model)
-
-  splits = records.load_splits(config.data)
-  tokenize = lambda split: batching.tokenize_sft_examples(
-      tokenizer, splits[split], max_length=config.max_length,
-      skip_bad_records=config.data.skip_bad_records, source=f"{config.data.source}:{split}")
-  train_examples, stats = tokenize("train")
-  eval_examples, _ = tokenize("validation")
-  print(f"sft: {stats['examples']} training examples ({stats['truncated_responses']} responses "
-        f"truncated, skipped {stats['skipped'] or 'none'}), {len(eval_examples)} validation")
-
-  param_shapes = gpt_neo.param_shapes(model)
-  param_shardings = sharding.param_shardings(gpt_neo.logical_axes(model), param_shapes, mesh)
-  tx = optim.make_optimizer(config.optim, config.train.steps)
-  rng = jax.random.key(config.train.seed)
-  abstract = loop.abstract_train_state(param_shapes, param_shardings, tx, rng, mesh)
-
-  def init_state():
-    params = checkpoints.load_params(info, _matching(param_shardings, info["score_head"], mesh))
-    params = {k: v for k, v in params.items() if k != "score"}  # A policy has no score head.
-    return loop.create_train_state(params, tx, rng)
-
-  pad_id = tokenizer.pad_token_id
-  # The loss sorts each batch shard's own positions (see `_loss_chunks`).
-  groups = math.prod(mesh.shape[axis] for axis in sharding.BATCH_AXES)
-  batch_args = dict(batch_size=config.train.batch_size, max_length=config.max_length, pad_id=pad_id,
-                    process_index=jax.process_index(), process_count=jax.process_count())
-  evaluator = loop.Evaluator(
-      step=lambda params, batch: sft_eval_sums(model, params, batch, groups=groups),
-      batches=lambda: batching.eval_batches(eval_examples, **batch_args),
-      summarize=summarize_eval)
-  verifiable = [r for r in splits.get("test", []) if r.get("answer")][:config.exact_match_samples]
-  milestone_eval = None
-  if verifiable:
-    milestone_eval = lambda params: {"exact_match": exact_match(
-        model, params, tokenizer, verifiable, max_new_tokens=config.exact_match_max_new_tokens,
-        batch_size=config.eval_batch_size)}
-  state = loop.train(
-      phase="sft", phase_dir=phase_dir, config=config.train, mesh=mesh, abstract_state=abstract,
-      init_state=init_state,
-      step_fn=loop.make_train_step(lambda p, b, r: sft_loss(model, p, b, r, groups=groups), tx,
-                                   config.train.accum_steps),
-      batches=lambda start: batching.sft_batches(train_examples, seed=config.train.seed,
-                                                 pack=config.pack, start_step=start, **batch_args),
-      manifest=checkpoints.make_manifest(model_config, kind=hf.CAUSAL_LM, score_head=False,
-                                         phase="sft"),
-      evaluator=evaluator, count_items=lambda b: float((b["segment_ids"] > 0).sum()),
-      tokenizer_dir=info["tokenizer_dir"], milestone_eval=milestone_eval)
-  if state is not None:
-    print(f"sft: done; checkpoint in {phase_dir / 'checkpoint'}, metrics in "
-          f"{phase_dir / 'metrics.jsonl'}")
-
-
-def _matching(param_shardings, score_head: bool, mesh):
-  """Shardings for a checkpoint's params: the policy's, plus a replicated score head if it has one."""
-  if not score_head:
-    return param_shardings
-  return {**param_shardings, "score": {"kernel": sharding.replicated(mesh)}}

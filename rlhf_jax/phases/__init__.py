@@ -1,0 +1,35 @@
+"""The phases: each module's `run(config, workdir)` wires library code into one phase.
+
+The phase table is kept apart from `main.py` so that code which runs phases (the pipeline, tests)
+never imports the binary's module a second time: `python -m rlhf_jax.main` runs it as `__main__`,
+and importing `rlhf_jax.main` again would define its absl flags twice. Phase modules are imported
+when their phase runs, so `--phase=export` never loads the PPO code.
+"""
+
+import importlib
+import pathlib
+
+# phase -> "module:function" under rlhf_jax.phases; each takes (config, workdir: pathlib.Path).
+PHASES = {
+    "pipeline": "pipeline:run",
+    "init": "init:run",
+    "import": "hf_io:run_import",
+    "export": "hf_io:run_export",
+    "generate": "generate:run",
+    "sft": "sft:run",
+    "reward": "reward:run",
+    "ppo": "ppo:run",
+    "eval": "eval:run",
+}
+ALIASES = {"test": "eval"}
+
+
+def canonical(phase: str) -> str:
+  """The phase's name in PHASES (resolves aliases such as test = eval)."""
+  return ALIASES.get(phase, phase)
+
+
+def run_phase(phase: str, config, workdir: pathlib.Path) -> None:
+  """Runs one phase (or the pipeline) by name with its config, writing under `workdir`."""
+  module_name, function = PHASES[canonical(phase)].split(":")
+  getattr(importlib.import_module(f"{__name__}.{module_name}"), function)(config, workdir)

@@ -1,0 +1,106 @@
+"""The `sft` phase: next-token loss on response tokens (`training.sft`), through the shared loop.
+
+  python -m rlhf_jax.main --phase=sft --config=configs/sft.py --workdir=runs/default
+
+Starts from `config.init_checkpoint` (an Orbax or HF checkpoint), by default the `import` or `init`
+phase of the same workdir (run one of them first). On the built-in set, greedy exact match on the
+test split's verifiable questions is measured before and after training. Writes
+WORKDIR/sft/{checkpoint/, metrics.jsonl, TensorBoard events}.
+"""
+
+import math
+import pathlib
+
+import jax
+
+from rlhf_jax import checkpoints
+from rlhf_jax import sharding
+from rlhf_jax.data import batching
+from rlhf_jax.data import builtin
+from rlhf_jax.data import records
+from rlhf_jax.errors import UserError
+from rlhf_jax.evaluation import metrics
+from rlhf_jax.models import decode
+from rlhf_jax.models import gpt_neo
+from rlhf_jax.models import hf
+from rlhf_jax.training import loop
+from rlhf_jax.training import optim
+from rlhf_jax.training import sft
+
+
+def run(config, workdir: pathlib.Path) -> None:
+  phase_dir = workdir / "sft"
+  mesh = sharding.mesh_from_config(config.mesh)
+  info = checkpoints.describe_model(checkpoints.resolve_checkpoint(
+      config.init_checkpoint, workdir, ("import", "init"), key="init_checkpoint"))
+  if info["tokenizer_dir"] is None:
+    raise UserError(f"{info['source']}: the initial checkpoint has no tokenizer files")
+  tokenizer = hf.load_tokenizer(info["tokenizer_dir"])
+  model_config = gpt_neo.with_dropout(info["config"], config.model)
+  model = gpt_neo.build(model_config, config.model)
+
+  splits = records.load_splits(config.data)
+  tokenize = lambda split: batching.tokenize_sft_examples(
+      tokenizer, splits[split], max_length=config.max_length,
+      min_response_tokens=config.get("min_response_tokens", 1),
+      skip_bad_records=config.data.skip_bad_records, source=f"{config.data.source}:{split}")
+  train_examples, stats = tokenize("train")
+  eval_examples, _ = tokenize("validation")
+  print(f"sft: {stats['examples']} training examples ({stats['truncated_contexts']} contexts "
+        f"truncated, {stats['truncated_responses']} responses truncated, skipped "
+        f"{stats['skipped'] or 'none'}), {len(eval_examples)} validation")
+
+  param_shapes = gpt_neo.param_shapes(model)
+  param_shardings = sharding.param_shardings(gpt_neo.logical_axes(model), param_shapes, mesh)
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  rng = jax.random.key(config.train.seed)
+
+  def init_state():
+    # A checkpoint with a score head (an imported reward model) loads it replicated; a policy
+    # has none, so it is dropped.
+    shardings = ({**param_shardings, "score": {"kernel": sharding.replicated(mesh)}}
+                 if info["score_head"] else param_shardings)
+    params = checkpoints.load_params(info, shardings)
+    return loop.create_train_state({k: v for k, v in params.items() if k != "score"}, tx, rng)
+
+  pad_id = tokenizer.pad_token_id
+  # The loss sorts each batch shard's own positions (see `sft._loss_chunks`).
+  groups = math.prod(mesh.shape[axis] for axis in sharding.BATCH_AXES)
+  batch_args = dict(batch_size=config.train.batch_size, max_length=config.max_length, pad_id=pad_id,
+                    process_index=jax.process_index(), process_count=jax.process_count())
+  evaluator = loop.Evaluator(
+      step=lambda params, batch: sft.sft_eval_sums(model, params, batch, groups=groups),
+      batches=lambda: batching.eval_batches(eval_examples, **batch_args),
+      summarize=sft.summarize_eval)
+  verifiable = [r for r in splits.get("test", []) if r.get("answer")][:config.eval_prompts]
+  greedy = decode.SamplingSettings(max_new_tokens=config.exact_match_max_new_tokens,
+                                   temperature=0.0, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id)
+  prompts = [batching.format_prompt(r["instruction"], r["context"]) for r in verifiable]
+
+  def exact_match(params) -> dict:
+    """Greedy answers to the verifiable test questions, scored by the built-in checker."""
+    responses = decode.generate_responses(
+        model, params, tokenizer, prompts, settings=greedy, batch_size=config.eval_batch_size,
+        max_prompt_length=config.max_length, rng=jax.random.key(0))
+    return {"exact_match": metrics.exact_match(verifiable, responses.texts, builtin.check_answer)}
+
+  state = loop.train(
+      loop.Run(phase="sft", phase_dir=phase_dir, config=config.train, mesh=mesh,
+               manifest=checkpoints.make_manifest(model_config, kind=hf.CAUSAL_LM,
+                                                  score_head=False, phase="sft"),
+               tokenizer_dir=info["tokenizer_dir"]),
+      loop.Trainable(abstract_state=loop.abstract_train_state(param_shapes, param_shardings, tx,
+                                                              rng, mesh),
+                     init_state=init_state,
+                     step_fn=loop.make_train_step(
+                         lambda p, b, r: sft.sft_loss(model, p, b, r, groups=groups), tx,
+                         config.train.accum_steps)),
+      loop.Data(batches=lambda start: batching.sft_batches(
+                    train_examples, seed=config.train.seed, pack=config.pack, start_step=start,
+                    **batch_args),
+                count_items=lambda b: float((b["segment_ids"] > 0).sum())),
+      loop.Evaluation(evaluator=evaluator, milestone=exact_match if verifiable else None))
+  if state is not None:
+    print(f"sft: done; checkpoint in {phase_dir / 'checkpoint'}, metrics in "
+          f"{phase_dir / 'metrics.jsonl'}")
