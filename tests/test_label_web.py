@@ -244,6 +244,8 @@ def test_annotator_judges_with_the_keyboard_and_resumes_after_sigkill(server, br
 
   _wait_text(browser, "progress", f"Pair 6 of {len(PAIRS)}")
   assert len(server.rows()) == 5
+  # Nothing failed in the page so far: no script error, no Content-Security-Policy violation.
+  assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
 
   # Kill the server mid-round; a judgement tried while it is down is not saved and the page
   # stays on pair 6.

@@ -813,6 +813,10 @@ def create_app(pairs: Sequence[Mapping[str, Any]], out_path: str | os.PathLike, 
       return problem(404, f"no static file {name!r}")
     return Response(static[name], media_type=_STATIC_FILES[name], headers=_SECURITY_HEADERS)
 
+  async def favicon(request):
+    # Browsers ask for it on their own; an empty answer keeps their consoles free of 404s.
+    return allowed(request) or Response(status_code=204, headers=_SECURITY_HEADERS)
+
   def endpoint(fields: set[str], action: Callable[[dict], dict]):
     async def handle(request):
       if (refusal := allowed(request)) is not None:
@@ -864,6 +868,7 @@ def create_app(pairs: Sequence[Mapping[str, Any]], out_path: str | os.PathLike, 
   app = Starlette(routes=[
       Route("/", index, methods=["GET"]),
       Route("/static/{name}", static_file, methods=["GET"]),
+      Route("/favicon.ico", favicon, methods=["GET"]),
       Route("/api/next", endpoint({"annotator", "retry_skipped"}, do_next), methods=["POST"]),
       Route("/api/judge", endpoint({"annotator", "pair_id", "choice", "note"}, do_judge),
             methods=["POST"]),
