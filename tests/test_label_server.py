@@ -172,6 +172,19 @@ def test_resumes_after_restart_and_cuts_a_torn_line(out):
   assert out.read_bytes().endswith(b"\n")
 
 
+def test_a_rewrite_killed_before_its_rename_leaves_the_judgements_in_force(out):
+  with _client(_pairs(3), out) as client:
+    _next(client, "ann")
+    _judge(client, "ann", "p1", "a")
+  # An undo killed after writing its temp copy and before the atomic rename.
+  out.with_name("pairs.jsonl.tmp").write_text("")
+  with _client(_pairs(3), out) as client:
+    view = _next(client, "ann")
+    assert view["pair"]["pair_id"] == "p2" and view["undo_pair_id"] == "p1"
+  assert [r["pair_id"] for r in _rows(out)] == ["p1"]
+  assert not out.with_name("pairs.jsonl.tmp").exists()
+
+
 def test_a_bad_line_inside_the_file_is_an_error_naming_it(out):
   out.parent.mkdir(parents=True)
   out.write_text('{"pair_id": "p1", "annotator": "a", "judgement": "a"}\nnot json\n')
