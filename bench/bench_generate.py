@@ -1,4 +1,4 @@
-"""Generation throughput: `rlhf_jax.sampling.generate` against Hugging Face `generate`.
+"""Generation throughput: `rlhf_jax.models.decode.generate` against Hugging Face `generate`.
 
 Same weights (a random `transformers.GPTNeoForCausalLM` converted to Flax), same prompts, same batch,
 same machine, one process. Both produce exactly `--new_tokens` tokens per row (ours: an EOS id that
@@ -16,16 +16,15 @@ tokens per second. Results: bench/RESULTS.md.
 import argparse
 import functools
 import os
-import platform
 import statistics
-import time
 
 import jax
 import numpy as np
 import torch
 import transformers
 
-from rlhf_jax import sampling
+from common import machine_description, timed
+from rlhf_jax.models import decode
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
 
@@ -51,13 +50,6 @@ def build_models(shape: str, seed: int = 0):
   return torch_model, gpt_neo.GPTNeo(config), params
 
 
-def _timed(fn) -> float:
-  """Wall seconds of one call."""
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
 def bench_shape(shape: str, *, batch: int, prompt_length: int, new_tokens: int, reps: int) -> list[dict]:
   """Times greedy and sampled generation for one shape; prints and returns one row per mode."""
   torch_model, model, params = build_models(shape)
@@ -70,7 +62,7 @@ def bench_shape(shape: str, *, batch: int, prompt_length: int, new_tokens: int, 
 
   rows = []
   for mode in ("greedy", "sampled"):
-    settings = sampling.SamplingSettings(
+    settings = decode.SamplingSettings(
         max_new_tokens=new_tokens, temperature=0.0 if mode == "greedy" else 1.0,
         eos_token_id=-1, pad_token_id=eos)  # -1: never matches, so all rows run to the end.
     key = jax.random.key(0)
@@ -78,7 +70,7 @@ def bench_shape(shape: str, *, batch: int, prompt_length: int, new_tokens: int, 
     # with the Flax decoding step, and with the scanned layers (the default on accelerators), to
     # show what those choices are worth here.
     def ours(layer_loop, feature_major):
-      return jax.block_until_ready(sampling.generate(
+      return jax.block_until_ready(decode.generate(
           model, params, prompts, mask, key, settings, layer_loop=layer_loop,
           feature_major=feature_major))
 
@@ -96,7 +88,7 @@ def bench_shape(shape: str, *, batch: int, prompt_length: int, new_tokens: int, 
             min_new_tokens=new_tokens, pad_token_id=eos, eos_token_id=eos, use_cache=True,
             **sampling_flags)
 
-    compile_s = {name: _timed(fn) for name, fn in variants.items()}  # The first call compiles.
+    compile_s = {name: timed(fn) for name, fn in variants.items()}  # The first call compiles.
     our_tokens = np.asarray(variants["ours"]().tokens)
     hf_tokens = theirs()[:, prompt_length:].numpy()
     assert our_tokens.shape == hf_tokens.shape == (batch, new_tokens)
@@ -109,7 +101,7 @@ def bench_shape(shape: str, *, batch: int, prompt_length: int, new_tokens: int, 
     times = {name: [] for name in runs}
     for _ in range(reps):  # Alternate, so a burst of load from elsewhere hits all alike.
       for name, fn in runs.items():
-        times[name].append(_timed(fn))
+        times[name].append(timed(fn))
     tokens = batch * new_tokens
     median = {name: statistics.median(t) for name, t in times.items()}
     best = {name: min(t) for name, t in times.items()}
@@ -140,16 +132,6 @@ def _format_row(r: dict) -> str:
           f"{compile_s['ours']:.1f} / {compile_s['scan']:.1f} | {agreement} |")
 
 
-def machine() -> str:
-  cpu = "unknown CPU"
-  if os.path.exists("/proc/cpuinfo"):
-    with open("/proc/cpuinfo") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-  return (f"{cpu}, {os.cpu_count()} cores visible; Python {platform.python_version()}, "
-          f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", default="tiny,125m", help="comma-separated: " + ", ".join(SHAPES))
@@ -163,7 +145,7 @@ def main() -> None:
   if unknown := set(shapes) - set(SHAPES):
     parser.error(f"--shapes: unknown {sorted(unknown)}; choose from {', '.join(SHAPES)}")
   torch.set_num_threads(args.torch_threads)
-  print(machine())
+  print(machine_description())
   print(f"batch {args.batch}, prompt {args.prompt_length} tokens, {args.new_tokens} new tokens, "
         f"median of {args.reps} alternating repetitions; load average before: "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")

@@ -36,11 +36,7 @@ import copy
 import dataclasses
 import functools
 import logging
-import os
-import pathlib
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from typing import Any
@@ -53,10 +49,11 @@ import numpy as np
 import torch
 import transformers
 
-from rlhf_jax import sampling
+from common import data_dir, machine_description, uptime
 from rlhf_jax.configs import common
 from rlhf_jax.data import batching
 from rlhf_jax.data import records as records_lib
+from rlhf_jax.models import decode
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
 from rlhf_jax.training import loop
@@ -67,7 +64,7 @@ _SETUP = flags.DEFINE_enum("setup", "all", ["all", "synthetic", "dolly"], "Which
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds (medians reported).")
 _ITERATIONS = flags.DEFINE_integer("iterations", 3, "Timed PPO iterations per side and round.")
 
-_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+_DATA = data_dir()  # $RLHF_JAX_DATA, or the shared folder beside the repository.
 # TRL is timed with 1 and with 2 torch threads: on this 2-core machine shared with other jobs, 2
 # threads can be much slower (OpenMP workers wait for busy cores); the comparison takes the faster.
 _TORCH_THREADS = (1, 2)
@@ -75,18 +72,6 @@ BATCH, NEW_TOKENS, EPOCHS, MINIBATCHES = 16, 32, 4, 1
 TEMPERATURE, LR, KL_COEF = 0.7, 1e-5, 0.05
 HIDDEN, LAYERS, HEADS = 64, 2, 4
 DOLLY_MAX_PROMPT = 128
-
-
-def machine_description() -> str:
-  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-              if line.startswith("model name")), platform.processor())
-  import trl
-  return (f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, trl {trl.__version__}")
-
-
-def uptime() -> str:
-  return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +164,7 @@ class Ours:
     _, reward_params = to_flax(models.reward)
     policy, reward = gpt_neo.GPTNeo(config), gpt_neo.GPTNeo(config, score_head=True)
     settings = ppo.PPOSettings(
-        sampling=sampling.SamplingSettings(
+        sampling=decode.SamplingSettings(
             max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE,
             eos_token_id=setup.never_sampled, pad_token_id=setup.tokenizer.pad_token_id),
         num_epochs=EPOCHS, num_minibatches=MINIBATCHES, adaptive_kl=False,

@@ -23,11 +23,7 @@ Needs bench/requirements.txt (trl).
 """
 
 import math
-import os
-import pathlib
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 
@@ -37,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import data_dir, machine_description, uptime
 from rlhf_jax.configs import common
 from rlhf_jax.data import batching
 from rlhf_jax.data import preferences
@@ -52,7 +49,7 @@ _GROUP = flags.DEFINE_integer(
     "group_by_length", 0, "Ours: length-grouped batches (reward config's group_by_length; each "
     "batch padded to a multiple of 16, one compile per multiple); 0 pads all to MAX_LENGTH.")
 _TORCH_THREADS = 2
-_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+_DATA = data_dir()  # $RLHF_JAX_DATA, or the shared folder beside the repository.
 PAIRS_FILE = _DATA / "preferences" / "hh_rlhf_helpful_base_test.jsonl.gz"
 MAX_LENGTH = 256
 BATCH = 16
@@ -61,20 +58,6 @@ EVAL_FRACTION = 0.1
 ARCH = dict(hidden_size=128, num_layers=4, num_heads=4,
             attention_layers=("global", "local", "global", "local"), window_size=256,
             max_position_embeddings=MAX_LENGTH)
-
-
-def machine_description() -> str:
-  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-              if line.startswith("model name")), platform.processor())
-  import torch
-  import transformers
-  import trl
-  return (f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, trl {trl.__version__}")
-
-
-def uptime() -> str:
-  return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def load_data(tokenizer) -> tuple[list[dict], list[dict], dict]:

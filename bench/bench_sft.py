@@ -40,11 +40,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dataclasses
 import math
-import pathlib
-import platform
-import resource
 import statistics
-import subprocess
 import tempfile
 import time
 
@@ -54,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import cpu_seconds, data_dir, machine_description, uptime
 from rlhf_jax.configs import common
 from rlhf_jax.configs import init as init_config
 from rlhf_jax.data import batching
@@ -70,26 +67,7 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Timed optimizer steps per side and ro
 _TRAIN_RECORDS = flags.DEFINE_integer("train_records", 384, "Dolly training records (part dolly).")
 _EVAL_RECORDS = flags.DEFINE_integer("eval_records", 64, "Dolly validation records (part dolly).")
 _TORCH_THREADS = 2
-_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def machine_description() -> str:
-  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-              if line.startswith("model name")), platform.processor())
-  import torch
-  import transformers
-  versions = (f"jax {jax.__version__}, torch {torch.__version__}, transformers "
-              f"{transformers.__version__}")
-  try:
-    import trl
-    versions += f", trl {trl.__version__}"
-  except ImportError:
-    pass
-  return f"{cpu}, {os.cpu_count()} cores; {versions}"
-
-
-def uptime() -> str:
-  return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+_DATA = data_dir()  # $RLHF_JAX_DATA, or the shared folder beside the repository.
 
 
 def matmul_peak(size: int = 4096, repeats: int = 5) -> float:
@@ -198,12 +176,6 @@ class TorchStep:
       self.optimizer.step()
       self.optimizer.zero_grad(set_to_none=True)
     return loss.item()
-
-
-def cpu_seconds() -> float:
-  """CPU time of this process (all threads, user + system)."""
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
 
 
 def time_steps(side, steps: int) -> tuple[float, float]:

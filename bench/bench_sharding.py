@@ -29,9 +29,7 @@ The machine is shared (2 cores); `uptime` is printed before and after.
 """
 
 import json
-import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,6 +42,7 @@ from absl import flags
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # For `launch.local`.
 
+from common import machine_description, uptime  # noqa: E402
 from launch import local  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed train steps per mesh (after one warm-up step).")
@@ -56,17 +55,6 @@ _WORKER_OUT = flags.DEFINE_string("worker_out", None, "Internal: the worker's JS
 
 MiB, GiB = 2 ** 20, 2 ** 30
 BATCH, LENGTH = 32, 96
-
-
-def uptime() -> str:
-  return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-
-def machine_description() -> str:
-  import jax
-  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-              if line.startswith("model name")), platform.processor())
-  return f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__}"
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -290,7 +278,7 @@ def main(argv):
     result = worker(parse_mesh(_WORKER.value), _STEPS.value)
     pathlib.Path(_WORKER_OUT.value).write_text(json.dumps(result))
     return
-  print(machine_description())
+  print(machine_description(libraries=()))
   print("load before:", uptime(), flush=True)
   results = []
   for text in _MESHES.value.split(";"):
