@@ -25,7 +25,7 @@ repeat, medians are printed, with `uptime` before and after. Needs bench/require
 
 Environment: XLA:CPU allocates each execution's temporaries as one large block, which glibc maps
 afresh every call (page faults and zeroing: ~75k faults per tiny step, ~640k per 125M step). The
-binary preloads tcmalloc when it is installed (rlhf_jax/host_malloc.py), which reuses the block;
+local launcher preloads tcmalloc when it is installed (launch/local.py), which reuses the block;
 this benchmark runs as started, so run it with and without
 `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4` (applies to both sides, which
 share the process), or with glibc's transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`);
