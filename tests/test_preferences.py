@@ -134,6 +134,18 @@ def test_a_file_without_pairs_is_an_error_naming_it(tmp_path):
     preferences.load_pairs(str(path), skip_bad_records=True)
 
 
+def test_held_out_split_of_too_few_prompts_is_an_error_naming_the_file():
+  pairs = [{"prompt": f"Q{i}?", "chosen": "Yes.", "rejected": "No.", "strategy": "human",
+            "location": f"pairs.jsonl:{i + 1}"} for i in range(3)]
+  # 10% of 3 prompts rounds to none held out; 90% to none left for training.
+  with pytest.raises(UserError, match=r"pairs\.jsonl: 3 distinct prompts leave the held-out part empty"):
+    preferences.split_by_prompt(pairs, 0.1, seed=0)
+  with pytest.raises(UserError, match=r"pairs\.jsonl: 3 distinct prompts leave the training part empty"):
+    preferences.split_by_prompt(pairs, 0.9, seed=0)
+  train, held_out = preferences.split_by_prompt(pairs, 0.5, seed=0)
+  assert (len(train), len(held_out)) == (1, 2)
+
+
 def _dolly_records():
   if not DOLLY_1K.exists():
     pytest.skip(f"shared test data not found at {DATA}")
