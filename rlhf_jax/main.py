@@ -24,7 +24,9 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.phases import PHASES, canonical, run_phase  # noqa: F401 (run_phase: the API)
 
 
-_PHASE = flags.DEFINE_string(
+# Defined for absl's parsing and --help; the phase is read from argv before absl parses it (it
+# picks the default config file), so the flag's value is never read.
+flags.DEFINE_string(
     "phase", None, f"One of {', '.join(p for p in PHASES if p != 'pipeline')} (alias: test = eval). "
     "Default: the whole pipeline.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Everything a run writes goes under it.")

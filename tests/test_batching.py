@@ -100,10 +100,12 @@ def test_loss_mask_covers_exactly_the_response_and_eos(tokenizer, dolly):
 def test_long_responses_are_cut_without_eos_and_long_prompts_rejected(tokenizer):
   record = {"instruction": "Count.", "context": "", "response": " ".join(["one"] * 50)}
   prompt_len = len(tokenizer(batching.format_prompt("Count."))["input_ids"])
-  example = batching.tokenize_sft_example(tokenizer, record, prompt_len + 10)
+  tokenize_one = lambda record, max_length: batching.tokenize_sft_examples(
+      tokenizer, [record], max_length=max_length)[0][0]
+  example = tokenize_one(record, prompt_len + 10)
   assert example["truncated"]
   assert len(example["response_ids"]) == 10 and EOS not in example["response_ids"]
-  fits = batching.tokenize_sft_example(tokenizer, dict(record, response="one"), prompt_len + 2)
+  fits = tokenize_one(dict(record, response="one"), prompt_len + 2)
   assert not fits["truncated"] and list(fits["response_ids"]) == [505, EOS]  # "one", EOS
   long = {"instruction": "word " * 40, "context": "", "response": "yes"}
   with pytest.raises(UserError, match=r"dolly.jsonl record 1: prompt is \d+ tokens"):

@@ -700,3 +700,28 @@ def test_early_stop_applies_the_crossing_update_then_stops():
 
     _, applied = jax.lax.scan(step, jnp.zeros((), bool), kls)
     np.testing.assert_array_equal(applied, ppo_core.early_stop_applied(kls, bound))
+
+
+def test_kl_estimates_k1_hand_computed_and_masked():
+  """The one KL to a reference (moved from evaluation's mean_kl tests): k1 per sequence is the
+  sum of log p_policy - log p_reference over real tokens; padding, even NaN/inf, is ignored."""
+  logprobs_policy = np.array([[-1.0, -2.0, -0.5, 7.0], [-0.1, -3.0, np.nan, -np.inf]])
+  logprobs_ref = np.array([[-1.5, -1.0, -0.5, 0.0], [-0.4, -2.0, 0.0, 0.0]])
+  mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.float32)
+  for kl in (ppo_core.kl_estimates(logprobs_policy, logprobs_ref, mask),
+             jax.jit(ppo_core.kl_estimates)(logprobs_policy, logprobs_ref, mask)):
+    # Row 0: 0.5 - 1.0 + 0.0 = -0.5 ; row 1: 0.3 - 1.0 = -0.7.
+    np.testing.assert_allclose(np.asarray(kl["k1"]), [-0.5, -0.7], rtol=1e-6)
+    assert float(kl["k1_mean"]) == pytest.approx(-0.6, rel=1e-6)
+
+
+def test_kl_estimates_k1_matches_numpy_loop():
+  rng = np.random.default_rng(5)
+  policy = rng.normal(-2.0, 1.0, size=(4, 9))
+  reference = rng.normal(-2.0, 1.0, size=(4, 9))
+  lengths = [9, 3, 0, 6]
+  mask = np.array([[t < n for t in range(9)] for n in lengths], np.float32)
+  kl = ppo_core.kl_estimates(policy, reference, mask)
+  expected = [sum(policy[b, t] - reference[b, t] for t in range(lengths[b])) for b in range(4)]
+  np.testing.assert_allclose(np.asarray(kl["k1"]), expected, rtol=1e-5, atol=1e-5)
+  assert float(kl["k1_mean"]) == pytest.approx(np.mean(expected), rel=1e-5, abs=1e-5)

@@ -357,14 +357,6 @@ def tokenize_sft_examples(tokenizer: Any, records: Sequence[dict], *, max_length
   return examples, stats
 
 
-def tokenize_sft_example(tokenizer: Any, record: dict, max_length: int,
-                         min_response_tokens: int = 1) -> dict:
-  """Tokenises one record; see `tokenize_sft_examples` (raises `UserError` if it cannot fit)."""
-  examples, _ = tokenize_sft_examples(tokenizer, [record], max_length=max_length,
-                                      min_response_tokens=min_response_tokens)
-  return examples[0]
-
-
 # What `tokenize_pairs` does with a pair longer than `max_length` (see its docstring).
 TOO_LONG_POLICIES = ("truncate", "truncate_prompt", "error")
 

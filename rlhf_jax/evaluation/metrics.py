@@ -1,5 +1,5 @@
 """Model-free evaluation metrics: BLEU, bootstrap CIs, paired differences and win-rates, exact
-match, best-of-N, KL, length stats.
+match, best-of-N, length stats (the KL to a reference is `training.ppo.reference_kl`).
 
 Everything here works on per-sample arrays and strings that the eval phase has already produced
 (responses, reward-model scores, log-probabilities); no model is called. The functions return
@@ -238,57 +238,6 @@ def best_of_n_indices(scores: jnp.ndarray) -> jnp.ndarray:
   return jnp.argmax(finite_or_floor, axis=-1).astype(jnp.int32)
 
 
-def best_of_n(scores, candidates) -> tuple[Any, Any]:
-  """Best-of-N ("RO" system): picks the argmax-reward candidate for each prompt.
-
-  Args:
-    scores: float [num_prompts, n].
-    candidates: either an array [num_prompts, n, ...] (e.g. int32 token ids
-      [num_prompts, n, seq]; works inside `jax.jit`), or a sequence of `num_prompts` sequences of
-      `n` Python objects (e.g. response strings; outside jit only).
-
-  Returns:
-    `(indices, choices)`: int32 [num_prompts] and either an array [num_prompts, ...] or a list of
-    `num_prompts` chosen objects.
-  """
-  indices = best_of_n_indices(scores)
-  if isinstance(candidates, (np.ndarray, jnp.ndarray)):
-    chosen = jnp.take_along_axis(
-        jnp.asarray(candidates),
-        indices.reshape((-1, 1) + (1,) * (candidates.ndim - 2)),
-        axis=1,
-    )
-    return indices, jnp.squeeze(chosen, axis=1)
-  if len(candidates) != indices.shape[0]:
-    raise ValueError(
-        f"best_of_n: {indices.shape[0]} prompts of scores but {len(candidates)} of candidates")
-  host_indices = np.asarray(indices)
-  return indices, [per_prompt[i] for per_prompt, i in zip(candidates, host_indices)]
-
-
-def mean_kl(logprobs_policy, logprobs_sft, mask) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Sequence-level KL(policy || SFT) estimate from tokens sampled from the policy; jit-safe.
-
-  For a response y ~ policy, sum_t log p_policy(y_t) - log p_sft(y_t) is an unbiased estimate
-  of the sequence KL; its mean over prompts estimates the expected KL.
-
-  Args:
-    logprobs_policy: float [batch, num_tokens], log-prob of each sampled response token under
-      the policy.
-    logprobs_sft: float [batch, num_tokens], the same tokens under the SFT model.
-    mask: bool or float [batch, num_tokens], 1 on response tokens, 0 on padding (whose
-      log-probs are ignored, even if they are inf/NaN).
-
-  Returns:
-    `(per_sequence, mean)`: float32 [batch] KL sums and their float32 scalar mean.
-  """
-  mask = jnp.asarray(mask).astype(bool)
-  per_token = jnp.where(
-      mask, jnp.asarray(logprobs_policy, jnp.float32) - jnp.asarray(logprobs_sft, jnp.float32), 0.0)
-  per_sequence = jnp.sum(per_token, axis=-1)
-  return per_sequence, jnp.mean(per_sequence)
-
-
 def response_stats(lengths, ended_with_eos) -> dict[str, float]:
   """Mean response length and the fraction of responses that ended with EOS.
 
@@ -338,7 +287,7 @@ def system_metrics(
     responses: `num_samples` generated responses.
     references: `num_samples` reference responses.
     rewards: float [num_samples] reward-model scores, or None if not scored.
-    kl: float [num_samples] per-sequence KL to SFT (`mean_kl`'s first output), or None where it
+    kl: float [num_samples] per-sequence KL to SFT (`training.ppo.reference_kl`), or None where it
       does not apply (RR, whose responses are not sampled from a policy; SFT itself).
     lengths: int [num_samples] response lengths in tokens, or None (then also
       `ended_with_eos`).

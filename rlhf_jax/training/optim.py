@@ -218,8 +218,3 @@ def make_optimizer(optim_config, total_steps: int,
   if clip_subtrees:
     return optax.chain(clip_by_subtree_norm(clip, tuple(clip_subtrees)), adamw)
   return optax.chain(optax.clip_by_global_norm(clip), adamw)
-
-
-def current_lr(optim_config, total_steps: int, step: jax.Array) -> jax.Array:
-  """The learning rate applied at `step` (for logging)."""
-  return learning_rate_schedule(optim_config, total_steps)(step)
