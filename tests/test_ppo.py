@@ -547,9 +547,10 @@ def test_config_defaults_are_the_documented_recipe(variant):
   assert not settings.shared_value_head
 
 
-def test_the_iteration_uses_the_configured_values(toy, monkeypatch):
-  """Traces one iteration with settings made from a config (every value changed from its default,
-  so a constant left in ppo.py would show) and records what the PPO maths receives."""
+def test_the_iteration_uses_the_configured_values(toy):
+  """Runs the pieces of one iteration with settings made from a config (every value changed from
+  its default, so a constant left in ppo.py would show) and checks each against the PPO maths
+  called with the config's values."""
   config = ppo_config.get_config()
   config.ppo.update(dict(gamma=0.97, lam=0.9, clip_range=0.3, clip_range_value=0.4,
                          kl_estimator="k3", kl_target=2.5, kl_horizon=500.0, num_epochs=3,
@@ -558,55 +559,63 @@ def test_the_iteration_uses_the_configured_values(toy, monkeypatch):
   config.rollout.samples_per_prompt = 2
   settings = ppo.settings_from_config(config, types.SimpleNamespace(eos_token_id=EOS,
                                                                     pad_token_id=EOS))
-  seen = {}
-
-  def spy(name, keys):
-    original = getattr(ppo_core, name)
-
-    def recording(*args, **kwargs):
-      bound = dict(zip(keys, args), **kwargs)
-      seen[name] = {k: bound[k] for k in keys if k in bound and not hasattr(bound[k], "shape")}
-      return original(*args, **kwargs)
-    monkeypatch.setattr(ppo_core, name, recording)
-
-  spy("gae", ("rewards", "values", "mask", "gamma", "lam"))
-  spy("ppo_policy_loss", ("new_logprobs", "old_logprobs", "advantages", "mask", "clip_range"))
-  spy("ppo_value_loss", ("new_values", "old_values", "returns", "mask", "clip_range_value"))
-  spy("kl_penalty_rewards", ("scores", "logprobs", "ref_logprobs", "mask", "kl_coef",
-                             "kl_estimator"))
-  spy("adaptive_kl_update", ("kl_coef", "current_kl", "n_steps", "target", "horizon"))
-  spy("minibatch_permutations", ("rng", "batch_size", "num_minibatches", "num_epochs"))
-  spy("missing_eos_penalty", ("scores", "has_eos", "penalty"))
-  sample, outputs = decode.generate, ppo.response_outputs
-  temperatures = {"sampler": [], "logprobs": []}
-  sampled_prompts = []
-
-  def spy_generate(model, params, prompt_ids, prompt_mask, rng, settings):
-    temperatures["sampler"].append(settings.temperature)
-    sampled_prompts.append(prompt_ids)
-    return sample(model, params, prompt_ids, prompt_mask, rng, settings)
-
-  def spy_outputs(*args, **kwargs):
-    if kwargs["lm_head"]:
-      temperatures["logprobs"].append(kwargs["temperature"])
-    return outputs(*args, **kwargs)
-  monkeypatch.setattr(sampling, "generate", spy_generate)
-  monkeypatch.setattr(ppo, "_response_outputs", spy_outputs)
-
-  batch = {"prompt_ids": np.zeros((4, 3), np.int32), "prompt_mask": np.ones((4, 3), np.float32)}
-  jax.eval_shape(functools.partial(ppo.ppo_iteration, models=toy.models, settings=settings,
-                                   tx=toy.tx), toy.fresh_state(), batch, toy.frozen)
   p = config.ppo
-  assert seen["gae"] == {"gamma": p.gamma, "lam": p.lam}
-  assert seen["ppo_policy_loss"] == {"clip_range": p.clip_range}
-  assert seen["ppo_value_loss"] == {"clip_range_value": p.clip_range_value}
-  assert seen["kl_penalty_rewards"] == {"kl_estimator": p.kl_estimator}
-  # 4 prompts x samples_per_prompt 2 = 8 episodes, each prompt's two side by side.
-  assert seen["adaptive_kl_update"] == {"n_steps": 8, "target": p.kl_target,
-                                        "horizon": p.kl_horizon}
-  assert seen["minibatch_permutations"] == {"batch_size": 8, "num_minibatches": p.num_minibatches,
-                                            "num_epochs": p.num_epochs}
-  assert sampled_prompts[0].shape == (8, 3)
-  assert seen["missing_eos_penalty"] == {"penalty": p.missing_eos_penalty}
-  # Rollout, reference and learner logprobs all at the sampling temperature.
-  assert temperatures == {"sampler": [0.9], "logprobs": [0.9, 0.9]}
+  models, frozen, state = toy.models, toy.frozen, toy.fresh_state()
+  batch = {k: v[:4] for k, v in toy.batch.items()}
+
+  # 1. Rollout: 4 prompts x samples_per_prompt 2 = 8 episodes, each prompt's two side by side,
+  # sampled at the configured temperature.
+  rolled = jax.jit(ppo.rollout, static_argnums=(0, 1))(models, settings, state.params, batch,
+                                                       jax.random.key(1))
+  samples = jax.device_get(rolled["samples"])
+  np.testing.assert_array_equal(rolled["prompt_ids"], np.repeat(batch["prompt_ids"], 2, axis=0))
+  again = decode.generate(models.policy, state.params, rolled["prompt_ids"],
+                          rolled["prompt_mask"], jax.random.key(1),
+                          dataclasses.replace(toy.settings.sampling, temperature=0.9))
+  np.testing.assert_array_equal(samples.tokens, again.tokens)
+
+  # 2. Scoring: the reference's logprobs at the sampling temperature; the missing-EOS penalty.
+  scored = jax.jit(ppo.score_rollout, static_argnums=(0, 1))(
+      models, settings, state.params, state.extra["value"], frozen, rolled)
+  seqs = rolled["sequences"]
+  reference = _response_outputs(models.reference, frozen["reference"], seqs,
+                                rolled["prompt_ids"].shape[1], NEW_TOKENS, lm_head=True,
+                                temperature=0.9, tokens=rolled["samples"].tokens)["logprobs"]
+  np.testing.assert_allclose(scored["ref_logprobs"], reference, atol=1e-5)
+  raw = np.asarray(scored["raw_scores"])
+  np.testing.assert_allclose(scored["scores"],
+                             np.where(samples.ended, raw, raw - p.missing_eos_penalty), atol=1e-6)
+
+  # 3. Advantages: the k3 KL penalty, GAE with the configured gamma and lambda.
+  out = ppo.compute_advantages(settings, rolled["samples"], scored, jnp.float32(KL_COEF))
+  rewards, _, _ = ppo_core.kl_penalty_rewards(scored["scores"], samples.logprobs,
+                                              scored["ref_logprobs"], samples.mask, KL_COEF,
+                                              kl_estimator="k3")
+  advantages, returns = ppo_core.gae(rewards, scored["old_values"], samples.mask, gamma=p.gamma,
+                                     lam=p.lam)
+  np.testing.assert_allclose(out["rewards"], rewards, atol=1e-6)
+  np.testing.assert_allclose(out["returns"], returns, atol=1e-5)
+  np.testing.assert_allclose(out["advantages"], ppo_core.whiten(advantages, samples.mask),
+                             atol=1e-5)
+
+  # 4. Update: num_epochs x num_minibatches steps; the learner's logprobs are at the sampling
+  # temperature, so before its first step the learner equals the behaviour policy (ratio 1).
+  data = dict(seqs, tokens=samples.tokens, mask=samples.mask, old_logprobs=samples.logprobs,
+              advantages=out["advantages"], old_values=scored["old_values"],
+              returns=out["returns"])
+  learner = {"policy": state.params, "value": state.extra["value"]}
+  _, _, metrics = jax.jit(ppo.update, static_argnums=(0, 1, 2, 8))(
+      models, settings, toy.tx, learner, state.opt_state, data, jax.random.key(2),
+      jax.random.key(3), rolled["prompt_ids"].shape[1], frozen["reward_stats"])
+  assert metrics["approx_kl"].shape == (p.num_epochs * p.num_minibatches,)
+  assert float(metrics["approx_kl"][0]) < 1e-8 and float(metrics["ratio_mean"][0]) == \
+      pytest.approx(1.0, abs=1e-5)
+
+  # 5. KL control: the adaptive controller with the configured target and horizon, 8 episodes.
+  new_coef, kl = ppo.kl_control(settings, jnp.float32(KL_COEF), rolled["samples"],
+                                scored["ref_logprobs"])
+  expected = ppo_core.adaptive_kl_update(KL_COEF, kl["k1_mean"], 8, target=p.kl_target,
+                                         horizon=p.kl_horizon)
+  np.testing.assert_allclose(new_coef, expected, rtol=1e-6)
+  assert new_coef != pytest.approx(ppo_core.adaptive_kl_update(
+      KL_COEF, kl["k1_mean"], 8, target=6.0, horizon=10000.0))

@@ -6,15 +6,17 @@ Implementation Details of RLHF with PPO" (Huang et al.); every choice is a confi
 configs/ppo.py for the defaults and their sources). The math lives in `ppo_core.py`; this module
 wires it to the models.
 
-One PPO iteration is ONE compiled function (`ppo_iteration`), run by the shared training loop:
-  1. rollout: the project's sampler (KV cache, `lax.while_loop`) answers a batch of prompts and
+One PPO iteration is ONE compiled function (`ppo_iteration`), run by the shared training loop, a
+composition of small pure functions that tests call on their own:
+  1. `rollout`: the project's sampler (KV cache, `lax.while_loop`) answers a batch of prompts and
      returns the behaviour logprobs, so they are not recomputed;
-  2. scoring: the frozen reward model scores prompt+response (normalised with the reward phase's
-     statistics), the frozen reference gives its logprobs, the value model its values;
-  3. rewards: per-token KL penalty plus the score on the last response token, GAE, whitening;
-  4. update: `lax.scan` over epochs x shuffled minibatches (each with gradient accumulation), the
+  2. `score_rollout`: the frozen reward model scores prompt+response (normalised with the reward
+     phase's statistics), the frozen reference gives its logprobs, the value model its values;
+  3. `compute_advantages`: per-token KL penalty plus the score on the last response token, GAE,
+     whitening;
+  4. `update`: `lax.scan` over epochs x shuffled minibatches (each with gradient accumulation), the
      clipped policy and value losses, optional early stop when approx-KL exceeds a bound;
-  5. the KL coefficient's adaptive update.
+  5. `kl_control`: the KL coefficient's adaptive update.
 
 Four models: the policy (trained), its value model (trained: a copy of the reward model, or a value
 head on the policy trunk, `value_model`), and the frozen reference (SFT) and reward models. The
@@ -23,7 +25,7 @@ frozen ones are passed to the compiled step as arguments, so each exists once on
 
 import dataclasses
 import functools
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -121,10 +123,10 @@ def score_responses(reward_model: gpt_neo.GPTNeo, reward_params, prompt_ids, pro
   EOS that ends a sampled response is masked out before scoring.
   """
   without_eos = response_mask * (tokens != eos_token_id)
-  sequences = sequences(prompt_ids, prompt_mask, tokens, without_eos)
-  out = reward_model.apply({"params": reward_params}, sequences["input_ids"],
-                           sequences["segment_ids"], sequences["positions"], lm_head=False)
-  return gpt_neo.sequence_scores(out["scores"], sequences["segment_ids"])
+  seqs = sequences(prompt_ids, prompt_mask, tokens, without_eos)
+  out = reward_model.apply({"params": reward_params}, seqs["input_ids"], seqs["segment_ids"],
+                           seqs["positions"], lm_head=False)
+  return gpt_neo.sequence_scores(out["scores"], seqs["segment_ids"])
 
 
 @functools.partial(jax.jit, static_argnames=("reference_model", "temperature"))
@@ -147,125 +149,171 @@ def reference_kl(reference_model: gpt_neo.GPTNeo, reference_params, prompt_ids, 
   return core.kl_estimates(samples.logprobs, ref_logprobs, samples.mask)["k1"]
 
 
-def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: Models,
-                  settings: PPOSettings, tx: optax.GradientTransformation) -> tuple:
-  """One PPO iteration (rollout, scoring, GAE, epochs of minibatch updates, KL control).
+def normalize_scores(scores: jax.Array, reward_stats: dict, settings: PPOSettings) -> jax.Array:
+  """Reward-model units -> the units PPO optimises (mean 0, std 1 on reference responses)."""
+  if not settings.normalize_scores:
+    return scores
+  return (scores - reward_stats["mean"]) / jnp.maximum(reward_stats["std"], 1e-6)
 
-  Args:
-    state: `params` = the policy; `extra` = {"value": value params or {}, "kl_coef": scalar}.
-      `opt_state` covers (policy, value) jointly, as TRL's policy-and-value wrapper.
-    batch: {"prompt_ids": int32 [B, P] left-padded, "prompt_mask": [B, P]}; each prompt is
-      answered `settings.samples_per_prompt` (k) times, so an iteration has B * k episodes.
-    frozen: {"reference": params, "reward": params, "reward_stats": {"mean", "std"}}.
-  Returns:
-    (new state, metrics dict of scalars).
+
+def value_estimates(models: Models, settings: PPOSettings, policy_params, value_params,
+                    seqs: dict, prompt_length: int, reward_stats: dict) -> jax.Array:
+  """Values [B, N] before each response token: the policy's value head, or the separate value
+  model read in normalised score units.
+
+  The separate value model starts as a copy of the reward model, so its outputs are read in the
+  normalised scores' units, like the returns it regresses on (Stiennon et al. 2020 initialise the
+  value function from a reward model normalised this way). Raw, its first estimates would be off
+  by the reward's scale and offset, and those errors would swamp the early advantages.
   """
-  rng = jax.random.wrap_key_data(state.rng)
-  rng, sample_rng, permutation_rng, update_rng = jax.random.split(rng, 4)
-  # k samples of each prompt side by side: rows b*k .. b*k+k-1 answer prompt b. Every episode is
-  # scored, valued and updated on its own, as with k distinct prompts, but the k draws of one
-  # prompt let the update contrast answers to the same question (OpenRLHF's
-  # n_samples_per_prompt), which a single draw per prompt leaves to the value model's estimate.
+  response_length = settings.sampling.max_new_tokens
+  if settings.shared_value_head:
+    return response_outputs(models.policy, policy_params, seqs, prompt_length, response_length,
+                            lm_head=False)["values"]
+  values = response_outputs(models.value, value_params, seqs, prompt_length, response_length,
+                            lm_head=False)["values"]
+  return normalize_scores(values, reward_stats, settings)
+
+
+def rollout(models: Models, settings: PPOSettings, policy_params, batch: dict,
+            rng: jax.Array) -> dict:
+  """1. Rollout: `samples_per_prompt` (k) samples of each prompt, with behaviour logprobs
+  log_softmax(logits / T) from the sampler (not recomputed).
+
+  k samples of each prompt side by side: rows b*k .. b*k+k-1 answer prompt b. Every episode is
+  scored, valued and updated on its own, as with k distinct prompts, but the k draws of one prompt
+  let the update contrast answers to the same question (OpenRLHF's n_samples_per_prompt), which a
+  single draw per prompt leaves to the value model's estimate.
+
+  Returns:
+    {"prompt_ids", "prompt_mask": [B*k, P], "samples": `decode.Samples` [B*k, N],
+     "sequences": prompt+response LM inputs [B*k, P+N]}.
+  """
   repeat = lambda x: jnp.repeat(x, settings.samples_per_prompt, axis=0)
   prompt_ids, prompt_mask = repeat(batch["prompt_ids"]), repeat(batch["prompt_mask"])
-  batch_size, prompt_length = prompt_ids.shape
-  response_length = settings.sampling.max_new_tokens
+  samples = decode.generate(models.policy, policy_params, prompt_ids, prompt_mask, rng,
+                            settings.sampling)
+  return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, samples=samples,
+              sequences=sequences(prompt_ids, prompt_mask, samples.tokens, samples.mask))
 
-  # 1. Rollout with behaviour logprobs log_softmax(logits / T).
-  samples = decode.generate(models.policy, state.params, prompt_ids, prompt_mask, sample_rng,
-                              settings.sampling)
-  mask = samples.mask
-  sequences = sequences(prompt_ids, prompt_mask, samples.tokens, mask)
-  response_outputs = lambda model, params, **kw: response_outputs(
-      model, params, sequences, prompt_length, response_length, temperature=settings.temperature,
-      tokens=samples.tokens, **kw)
 
-  def normalize(scores):
-    """Reward-model units -> the units PPO optimises (mean 0, std 1 on reference responses)."""
-    if not settings.normalize_scores:
-      return scores
-    stats = frozen["reward_stats"]
-    return (scores - stats["mean"]) / jnp.maximum(stats["std"], 1e-6)
+def score_rollout(models: Models, settings: PPOSettings, policy_params, value_params,
+                  frozen: dict, rolled: dict) -> dict:
+  """2. Scoring by the frozen models and the rollout-time values.
 
-  # The separate value model starts as a copy of the reward model, so its outputs are read in the
-  # normalised scores' units, like the returns it regresses on (Stiennon et al. 2020 initialise
-  # the value function from a reward model normalised this way). Raw, its first estimates would be
-  # off by the reward's scale and offset, and those errors would swamp the early advantages.
-  value_outputs = lambda params, seqs: normalize(response_outputs(
-      models.value, params, seqs, prompt_length, response_length, lm_head=False)["values"])
-
-  # 2. Frozen models and rollout-time values.
-  ref_logprobs = response_outputs(models.reference, frozen["reference"], lm_head=True)["logprobs"]
-  if not settings.uses_critic:
-    old_values = None
-  elif settings.shared_value_head:
-    old_values = response_outputs(models.policy, state.params, lm_head=False)["values"]
-  else:
-    old_values = value_outputs(state.extra["value"], sequences)
-  raw_scores = score_responses(models.reward, frozen["reward"], prompt_ids, prompt_mask,
-                               samples.tokens, mask, settings.sampling.eos_token_id)
-  scores = normalize(raw_scores)
+  Returns:
+    {"ref_logprobs": [B, N] the reference's logprobs at the sampling temperature,
+     "old_values": [B, N] or None (RLOO), "raw_scores": [B] reward-model units,
+     "scores": [B] normalised, minus `missing_eos_penalty` where no EOS ended the response}.
+  """
+  samples, seqs = rolled["samples"], rolled["sequences"]
+  prompt_length = rolled["prompt_ids"].shape[1]
+  ref_logprobs = response_outputs(models.reference, frozen["reference"], seqs, prompt_length,
+                                  settings.sampling.max_new_tokens, lm_head=True,
+                                  temperature=settings.temperature,
+                                  tokens=samples.tokens)["logprobs"]
+  old_values = None
+  if settings.uses_critic:
+    old_values = value_estimates(models, settings, policy_params, value_params, seqs,
+                                 prompt_length, frozen["reward_stats"])
+  raw_scores = score_responses(models.reward, frozen["reward"], rolled["prompt_ids"],
+                               rolled["prompt_mask"], samples.tokens, samples.mask,
+                               settings.sampling.eos_token_id)
+  scores = normalize_scores(raw_scores, frozen["reward_stats"], settings)
   if settings.missing_eos_penalty:
     scores = core.missing_eos_penalty(scores, samples.ended, settings.missing_eos_penalty)
+  return dict(ref_logprobs=ref_logprobs, old_values=old_values, raw_scores=raw_scores,
+              scores=scores)
 
-  # 3. Rewards, advantages, returns.
-  kl_coef = state.extra["kl_coef"]
+
+def compute_advantages(settings: PPOSettings, samples: decode.Samples, scored: dict,
+                       kl_coef) -> dict:
+  """3. Per-token rewards (KL penalty plus the score on the last token), advantages and returns.
+
+  Returns:
+    {"rewards", "non_score_reward", "raw_advantages", "advantages" (whitened), and with a value
+     model "returns"}: all [B, N].
+  """
+  mask = samples.mask
   rewards, non_score_reward, _ = core.kl_penalty_rewards(
-      scores, samples.logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator)
+      scored["scores"], samples.logprobs, scored["ref_logprobs"], mask, kl_coef,
+      settings.kl_estimator)
   if settings.whiten_rewards:
     rewards = core.whiten(rewards, mask, shift_mean=False)
-  rollout = dict(input_ids=sequences["input_ids"], segment_ids=sequences["segment_ids"],
-                 positions=sequences["positions"], tokens=samples.tokens, mask=mask,
-                 old_logprobs=samples.logprobs)
+  out = dict(rewards=rewards, non_score_reward=non_score_reward)
   if settings.uses_critic:
-    raw_advantages, returns = core.gae(rewards, old_values, mask, settings.gamma, settings.lam)
-    rollout.update(old_values=old_values, returns=returns)
+    out["raw_advantages"], out["returns"] = core.gae(rewards, scored["old_values"], mask,
+                                                     settings.gamma, settings.lam)
   else:
     # The k answers to each prompt are each other's baseline: the prompt's difficulty (most of
     # the score's variance between episodes) cancels exactly instead of through a value model.
-    raw_advantages = core.rloo_advantages(rewards, mask, settings.samples_per_prompt)
-  advantages = core.whiten(raw_advantages, mask)
-  rollout["advantages"] = advantages
+    out["raw_advantages"] = core.rloo_advantages(rewards, mask, settings.samples_per_prompt)
+  out["advantages"] = core.whiten(out["raw_advantages"], mask)
+  return out
 
-  # 4. Epochs x minibatches, each a (possibly accumulated) gradient step on policy and value.
-  def loss_fn(learner, minibatch, rng):
-    del rng  # Dropout stays off in PPO: behaviour and learner logprobs must agree.
-    seqs = {k: minibatch[k] for k in ("input_ids", "segment_ids", "positions")}
-    policy_out = response_outputs(models.policy, learner["policy"], seqs, prompt_length,
-                                   response_length, lm_head=True, temperature=settings.temperature,
-                                   tokens=minibatch["tokens"], entropy=bool(settings.entropy_coef))
-    m = minibatch["mask"]
-    pg_loss, pg_metrics = core.ppo_policy_loss(policy_out["logprobs"], minibatch["old_logprobs"],
-                                               minibatch["advantages"], m, settings.clip_range)
-    loss = pg_loss
-    metrics = {"weight": jnp.sum(m), "policy_loss": pg_loss, **pg_metrics}
-    if settings.uses_critic:
-      if settings.shared_value_head:
-        values = policy_out["values"]
-      else:
-        values = value_outputs(learner["value"], seqs)
-      vf_loss, vf_metrics = core.ppo_value_loss(values, minibatch["old_values"],
-                                                minibatch["returns"], m, settings.clip_range_value)
-      loss = loss + settings.vf_coef * vf_loss
-      metrics.update(value_loss=vf_loss, **vf_metrics)
-    # The exact entropy of the learner costs passes over the [B, N, V] logits (and, in the loss,
-    # their backward): computed only for an entropy bonus. The `entropy` metric is the rollout's.
-    if settings.entropy_coef:
-      entropy = core.masked_mean(policy_out["entropy"], m)
-      loss = loss - settings.entropy_coef * entropy
-      metrics["entropy_exact"] = entropy
-    return loss, metrics
 
-  learner = {"policy": state.params, "value": state.extra["value"]}
+def ppo_loss(models: Models, settings: PPOSettings, learner: dict, minibatch: dict,
+             prompt_length: int, reward_stats: dict) -> tuple[jax.Array, dict]:
+  """The clipped policy loss (+ vf_coef x the clipped value loss, - entropy_coef x entropy) of
+  one minibatch of rollout rows; dropout stays off (behaviour and learner logprobs must agree)."""
+  seqs = {k: minibatch[k] for k in ("input_ids", "segment_ids", "positions")}
+  policy_out = response_outputs(models.policy, learner["policy"], seqs, prompt_length,
+                                settings.sampling.max_new_tokens, lm_head=True,
+                                temperature=settings.temperature, tokens=minibatch["tokens"],
+                                entropy=bool(settings.entropy_coef))
+  m = minibatch["mask"]
+  pg_loss, pg_metrics = core.ppo_policy_loss(policy_out["logprobs"], minibatch["old_logprobs"],
+                                             minibatch["advantages"], m, settings.clip_range)
+  loss = pg_loss
+  metrics = {"weight": jnp.sum(m), "policy_loss": pg_loss, **pg_metrics}
+  if settings.uses_critic:
+    if settings.shared_value_head:
+      values = policy_out["values"]
+    else:
+      values = value_estimates(models, settings, None, learner["value"], seqs, prompt_length,
+                               reward_stats)
+    vf_loss, vf_metrics = core.ppo_value_loss(values, minibatch["old_values"],
+                                              minibatch["returns"], m, settings.clip_range_value)
+    loss = loss + settings.vf_coef * vf_loss
+    metrics.update(value_loss=vf_loss, **vf_metrics)
+  # The exact entropy of the learner costs passes over the [B, N, V] logits (and, in the loss,
+  # their backward): computed only for an entropy bonus. The `entropy` metric is the rollout's.
+  if settings.entropy_coef:
+    entropy = core.masked_mean(policy_out["entropy"], m)
+    loss = loss - settings.entropy_coef * entropy
+    metrics["entropy_exact"] = entropy
+  return loss, metrics
+
+
+def update(models: Models, settings: PPOSettings, tx: optax.GradientTransformation,
+           learner: dict, opt_state, data: dict, permutation_rng: jax.Array,
+           update_rng: jax.Array, prompt_length: int,
+           reward_stats: dict) -> tuple[dict, Any, dict]:
+  """4. `lax.scan` over epochs x shuffled minibatches, each a (possibly accumulated) gradient
+  step on policy and value; optional early stop once approx-KL exceeds `approx_kl_stop`.
+
+  Args:
+    learner: {"policy": params, "value": params or {}}; `opt_state` covers both.
+    data: rollout rows [B, ...]: `input_ids`, `segment_ids`, `positions`, `tokens`, `mask`,
+      `old_logprobs`, `advantages` (and with a value model `old_values`, `returns`).
+    permutation_rng: shuffles the rows into minibatches, per epoch.
+    update_rng: one key per minibatch step (unused by the loss: dropout stays off).
+  Returns:
+    (learner, opt_state, metrics: each [epochs * minibatches], with `applied` 1.0 for a
+    minibatch that changed the learner).
+  """
+  batch_size = data["mask"].shape[0]
   permutations = core.minibatch_permutations(permutation_rng, batch_size, settings.num_minibatches,
                                              settings.num_epochs)
   permutations = permutations.reshape(-1, permutations.shape[-1])  # [epochs * minibatches, mb]
   update_rngs = jax.random.split(update_rng, permutations.shape[0])
+  loss_fn = lambda learner, minibatch, rng: ppo_loss(models, settings, learner, minibatch,
+                                                     prompt_length, reward_stats)
 
-  def update(carry, inputs):
+  def step(carry, inputs):
     learner, opt_state, stopped = carry
     indices, step_rng = inputs
-    minibatch = jax.tree.map(lambda x: x[indices], rollout)
+    minibatch = jax.tree.map(lambda x: x[indices], data)
     grads, loss, metrics = loop.accumulate_gradients(loss_fn, learner, minibatch, step_rng,
                                                      settings.accum_steps)
     # Early stop (approx-KL bound): once exceeded, the remaining minibatches change nothing.
@@ -279,39 +327,80 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
                "applied": 1.0 - stopped.astype(jnp.float32)}
     return (learner, opt_state, stopped), metrics
 
-  (learner, opt_state, _), update_metrics = jax.lax.scan(
-      update, (learner, state.opt_state, jnp.zeros((), bool)), (permutations, update_rngs))
+  (learner, opt_state, _), metrics = jax.lax.scan(
+      step, (learner, opt_state, jnp.zeros((), bool)), (permutations, update_rngs))
+  return learner, opt_state, metrics
 
-  # 5. KL control, measured on this rollout (k1 summed per sequence, as Ziegler et al.).
-  kl = core.kl_estimates(samples.logprobs, ref_logprobs, mask)
+
+def kl_control(settings: PPOSettings, kl_coef, samples: decode.Samples,
+               ref_logprobs: jax.Array) -> tuple[jax.Array, dict]:
+  """5. KL control, measured on this rollout (k1 summed per sequence, as Ziegler et al.).
+
+  Returns:
+    (the next iteration's KL coefficient, `core.kl_estimates` of the rollout).
+  """
+  kl = core.kl_estimates(samples.logprobs, ref_logprobs, samples.mask)
+  episodes = samples.mask.shape[0]
   if settings.adaptive_kl:
-    new_kl_coef = core.adaptive_kl_update(kl_coef, kl["k1_mean"], batch_size,
-                                          target=settings.kl_target, horizon=settings.kl_horizon)
-  else:
-    new_kl_coef = core.fixed_kl_update(kl_coef, kl["k1_mean"], batch_size)
+    return core.adaptive_kl_update(kl_coef, kl["k1_mean"], episodes, target=settings.kl_target,
+                                   horizon=settings.kl_horizon), kl
+  return core.fixed_kl_update(kl_coef, kl["k1_mean"], episodes), kl
 
+
+def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: Models,
+                  settings: PPOSettings, tx: optax.GradientTransformation) -> tuple:
+  """One PPO iteration: `rollout`, `score_rollout`, `compute_advantages`, `update`, `kl_control`.
+
+  Args:
+    state: `params` = the policy; `extra` = {"value": value params or {}, "kl_coef": scalar}.
+      `opt_state` covers (policy, value) jointly, as TRL's policy-and-value wrapper.
+    batch: {"prompt_ids": int32 [B, P] left-padded, "prompt_mask": [B, P]}; each prompt is
+      answered `settings.samples_per_prompt` (k) times, so an iteration has B * k episodes.
+    frozen: {"reference": params, "reward": params, "reward_stats": {"mean", "std"}}.
+  Returns:
+    (new state, metrics dict of scalars).
+  """
+  rng = jax.random.wrap_key_data(state.rng)
+  rng, sample_rng, permutation_rng, update_rng = jax.random.split(rng, 4)
+  rolled = rollout(models, settings, state.params, batch, sample_rng)
+  samples, seqs = rolled["samples"], rolled["sequences"]
+  scored = score_rollout(models, settings, state.params, state.extra["value"], frozen, rolled)
+  kl_coef = state.extra["kl_coef"]
+  advantages = compute_advantages(settings, samples, scored, kl_coef)
+  data = dict(seqs, tokens=samples.tokens, mask=samples.mask, old_logprobs=samples.logprobs,
+              advantages=advantages["advantages"])
+  if settings.uses_critic:
+    data.update(old_values=scored["old_values"], returns=advantages["returns"])
+  learner, opt_state, update_metrics = update(
+      models, settings, tx, {"policy": state.params, "value": state.extra["value"]},
+      state.opt_state, data, permutation_rng, update_rng, rolled["prompt_ids"].shape[1],
+      frozen["reward_stats"])
+  new_kl_coef, kl = kl_control(settings, kl_coef, samples, scored["ref_logprobs"])
+
+  mask = samples.mask
   applied = update_metrics.pop("applied")
   update_means = {k: jnp.sum(v * applied) / jnp.maximum(jnp.sum(applied), 1.0)
                   for k, v in update_metrics.items() if k != "weight"}
   metrics = {
       **update_means,
-      "score": jnp.mean(raw_scores),
-      "score_normalized": jnp.mean(scores),
+      "score": jnp.mean(scored["raw_scores"]),
+      "score_normalized": jnp.mean(scored["scores"]),
       "kl": kl["k1_mean"], "kl_k3": kl["k3_mean"],
       "kl_coef": kl_coef,
-      "non_score_reward": jnp.mean(jnp.sum(non_score_reward, axis=1)),
-      "return": jnp.mean(jnp.sum(rewards, axis=1)),
+      "non_score_reward": jnp.mean(jnp.sum(advantages["non_score_reward"], axis=1)),
+      "return": jnp.mean(jnp.sum(advantages["rewards"], axis=1)),
       # Per-token entropy of the rollout policy (at the sampling temperature), estimated by the
       # mean -log pi of its sampled tokens (lm-human-preferences' and TRL's objective/entropy are
       # the same estimate summed per response).
       "entropy": core.masked_mean(-samples.logprobs, mask),
       "response_length": jnp.mean(samples.lengths.astype(jnp.float32)),
       "eos_fraction": jnp.mean(samples.ended.astype(jnp.float32)),
-      "advantage_std_before_whitening": jnp.std(jnp.sum(raw_advantages * mask, axis=1)),
+      "advantage_std_before_whitening": jnp.std(jnp.sum(advantages["raw_advantages"] * mask,
+                                                        axis=1)),
       "minibatches_applied": jnp.sum(applied),
   }
   if settings.uses_critic:
-    metrics["value_mean"] = core.masked_mean(old_values, mask)
+    metrics["value_mean"] = core.masked_mean(scored["old_values"], mask)
   extra = {"value": learner["value"], "kl_coef": new_kl_coef}
   new_state = state.replace(step=state.step + 1, params=learner["policy"], opt_state=opt_state,
                             rng=jax.random.key_data(rng), extra=extra)
