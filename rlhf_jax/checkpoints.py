@@ -196,8 +196,9 @@ def resolve_checkpoint(given: str | os.PathLike | None, workdir: str | os.PathLi
   for phase in phases:
     if find_checkpoint_dir(pathlib.Path(workdir) / phase) is not None:
       return str(pathlib.Path(workdir) / phase)
+  looked = " or ".join(str(pathlib.Path(workdir) / phase) for phase in phases)
   run = " or ".join(f"--phase={phase}" for phase in phases)
-  raise UserError(f"no {' / '.join(phases)} checkpoint in {workdir}; run {run} first or set "
+  raise UserError(f"no {' / '.join(phases)} checkpoint in {looked}; run {run} first or set "
                   f"--config.{key}")
 
 

@@ -1,6 +1,6 @@
-"""Tests of the SFT phase (rlhf_jax/training/sft.py): the loss is on response tokens only,
-packing gives the unpacked loss, a small set is overfitted, and the phase end to end: through
-the phase table in process (files, export, skip when finished, Dolly records) and the binary in
+"""Tests of SFT (rlhf_jax/training/sft.py and the phase, rlhf_jax/phases/sft.py): the loss is on
+response tokens only, packing gives the unpacked loss, a small set is overfitted, and the phase end
+to end: through the phase table in process (files, export, skip when finished, Dolly records) and the binary in
 a subprocess (SIGTERM then resume, a malformed records file)."""
 
 import json
