@@ -14,8 +14,9 @@ Files (`load_pairs`): JSON Lines, optionally gzipped, one pair per line, in one 
     that prompt (the dialogues differ in an earlier turn, so they answer different prompts).
 
 Built pairs (`build_pairs`; with policy samples and copies `build_instruction_pairs`; the
-whole reward config's train and held-out pairs `load_preference_pairs`): for each instruction record, `chosen` is the reference response
-and `rejected` a negative made by one strategy, drawn with the given shares:
+whole reward config's train and held-out pairs `load_preference_pairs`): for each instruction
+record, `chosen` is the reference response and `rejected` a negative made by one strategy, drawn
+with the given shares:
   * `other_response`: the response of another, randomly picked record: fluent and on some
     topic, but not an answer to this prompt.
   * `corrupted`: a factually wrong answer from `corrupt_fn(record, rng)` (the built-in

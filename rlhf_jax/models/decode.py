@@ -5,11 +5,11 @@ rollouts and its held-out evaluation, the reward phase's policy negatives); `gen
 is the one host-side path around it: prompts -> fixed-shape padded batches -> `generate` ->
 decoded responses with their token ids, logprobs and EOS flags.
 
-Prompts arrive left-padded to a common width P, so every row's next token goes to the same cache column.
-One prefill pass fills a preallocated KV cache of width P + max_new_tokens and yields the first
-next-token logits (LM head on the last column only); then a `lax.while_loop` samples one token per
-iteration until every row has produced EOS or `max_new_tokens` are out. The whole thing is one jitted
-function: no Python per token. On CPU, for models too big to stay in cache, its decoding steps use
+Prompts arrive left-padded to a common width P, so every row's next token goes to the same cache
+column. One prefill pass fills a preallocated KV cache of width P + max_new_tokens and yields the
+first next-token logits (LM head on the last column only); then a `lax.while_loop` samples one
+token per iteration until every row has produced EOS or `max_new_tokens` are out. The whole thing
+is one jitted function: no Python per token. On CPU, for models too big to stay in cache, its decoding steps use
 `feature_major_step`: the same computation with weights as [out, in] and activations as [D, B],
 the matmul layout XLA:CPU streams weights fastest in at a few rows.
 

@@ -33,7 +33,8 @@ def run(config, workdir: pathlib.Path) -> None:
   mesh = sharding.mesh_from_config(config.mesh)
   checkpoint = lambda given, phase: checkpoints.describe_model(checkpoints.resolve_checkpoint(
       given, workdir, phase, key=f"{phase}_checkpoint"))
-  sft, reward = checkpoint(config.sft_checkpoint, "sft"), checkpoint(config.reward_checkpoint, "reward")
+  sft = checkpoint(config.sft_checkpoint, "sft")
+  reward = checkpoint(config.reward_checkpoint, "reward")
   if not reward["score_head"]:
     raise UserError(f"{reward['source']}: not a reward model (no score head)")
   if reward["config"].vocab_size != sft["config"].vocab_size:
@@ -50,7 +51,7 @@ def run(config, workdir: pathlib.Path) -> None:
   policy = gpt_neo.build(sft["config"], config.model, score_head=shared)
   reward_model = gpt_neo.build(reward["config"], config.model, score_head=True)
   models = ppo.Models(policy=policy, reference=gpt_neo.build(sft["config"], config.model),
-                  value=reward_model if separate_value else None, reward=reward_model)
+                      value=reward_model if separate_value else None, reward=reward_model)
   shard = lambda model: sharding.param_shardings(gpt_neo.logical_axes(model),
                                                  gpt_neo.param_shapes(model), mesh)
   policy_shardings, reward_shardings = shard(policy), shard(reward_model)
