@@ -171,6 +171,11 @@ def format_prompt(instruction: str, context: str = "") -> str:
   return PROMPT_TEMPLATE.format(instruction=instruction)
 
 
+def record_prompt(record: dict) -> str:
+  """The prompt of an instruction record: `format_prompt` of its instruction and context."""
+  return format_prompt(record["instruction"], record.get("context", "") or "")
+
+
 def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
   """Tokenises texts without special tokens (batched: the fast tokenizer runs in parallel)."""
   if not texts:

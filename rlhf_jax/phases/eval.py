@@ -62,7 +62,7 @@ def run(config, workdir: pathlib.Path) -> None:
   rng = jax.random.key(config.seed)
 
   for split, split_records in splits.items():
-    prompts = [batching.format_prompt(r["instruction"], r.get("context", "")) for r in split_records]
+    prompts = [batching.record_prompt(r) for r in split_records]
     references = [r["response"] for r in split_records]
     print(f"eval: {split} ({len(prompts)} prompts)", flush=True)
     # RR: prompt order[k] gets the reference of prompt order[k + 1], never its own.

@@ -58,10 +58,9 @@ def run(config, workdir: pathlib.Path) -> None:
   sft_shardings = shard(gpt_neo.build(sft["config"], score_head=sft["score_head"]))
 
   splits = records.load_splits(config.data)
-  prompt_of = lambda r: batching.format_prompt(r["instruction"], r.get("context", ""))
-  train_prompts = [prompt_of(r) for r in splits["train"]]
+  train_prompts = [batching.record_prompt(r) for r in splits["train"]]
   eval_records = splits["validation"][:config.eval_prompts]
-  eval_prompts = [prompt_of(r) for r in eval_records]
+  eval_prompts = [batching.record_prompt(r) for r in eval_records]
   verifiable = eval_records if all(r.get("answer") for r in eval_records) else []
 
   tx = optim.make_optimizer(config.optim, config.train.steps)

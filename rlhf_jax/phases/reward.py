@@ -91,7 +91,7 @@ def policy_sampler(model: gpt_neo.GPTNeo, params, tokenizer, pairs_config, *,
       pad_token_id=tokenizer.pad_token_id)
 
   def sample(records: list[dict], call_seed: int) -> list[str]:
-    prompts = [batching.format_prompt(r["instruction"], r.get("context", "")) for r in records]
+    prompts = [batching.record_prompt(r) for r in records]
     return decode.generate_responses(
         model, params, tokenizer, prompts, settings=settings,
         batch_size=min(pairs_config.policy_batch_size, len(prompts)),

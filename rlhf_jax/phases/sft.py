@@ -76,7 +76,7 @@ def run(config, workdir: pathlib.Path) -> None:
   greedy = decode.SamplingSettings(max_new_tokens=config.exact_match_max_new_tokens,
                                    temperature=0.0, eos_token_id=tokenizer.eos_token_id,
                                    pad_token_id=tokenizer.pad_token_id)
-  prompts = [batching.format_prompt(r["instruction"], r["context"]) for r in verifiable]
+  prompts = [batching.record_prompt(r) for r in verifiable]
 
   def exact_match(params) -> dict:
     """Greedy answers to the verifiable test questions, scored by the built-in checker."""
