@@ -17,6 +17,7 @@ PHASES = {
     "export": "hf_io:run_export",
     "generate": "generate:run",
     "sft": "sft:run",
+    "label": "label:run",
     "reward": "reward:run",
     "ppo": "ppo:run",
     "eval": "eval:run",
@@ -27,6 +28,12 @@ ALIASES = {"test": "eval"}
 def canonical(phase: str) -> str:
   """The phase's name in PHASES (resolves aliases such as test = eval)."""
   return ALIASES.get(phase, phase)
+
+
+def output_dir(config, workdir: pathlib.Path, phase: str) -> pathlib.Path:
+  """WORKDIR/NAME, where a phase writes: NAME is the config's `name` (default: the phase's own
+  name), so one phase can run twice in a workdir (the pipeline's `ppo` and `ppo_gold`)."""
+  return pathlib.Path(workdir) / (config.get("name") or phase)
 
 
 def run_phase(phase: str, config, workdir: pathlib.Path) -> None:
