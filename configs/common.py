@@ -49,10 +49,14 @@ def data(source: str = "builtin") -> ml_collections.ConfigDict:
   validation_fraction / test_fraction / ood_categories: how files and hub data are split (records of
     the listed categories form the `ood` split).
   skip_bad_records: skip, count and log malformed records instead of stopping at the first.
+  demonstrators: who writes the built-in set's responses, "NAME=SHARE,..." over tutor, plain,
+    terse, rambler, evasive, careless (rlhf_jax/data/builtin.py; MIXED_DEMONSTRATORS is the
+    recommended realistic mix and says why). "plain=1.0" is the canonical set.
   """
   return ml_collections.ConfigDict(dict(
       source=source, seed=0, num_train=40000, num_eval=200, validation_fraction=0.05,
-      test_fraction=0.05, ood_categories=(), skip_bad_records=False))
+      test_fraction=0.05, ood_categories=(), skip_bad_records=False,
+      demonstrators="plain=1.0"))
 
 
 def optim(lr: float, **overrides) -> ml_collections.ConfigDict:

@@ -1,6 +1,7 @@
 """Tests of the built-in educational dataset, its answer checker and its tokenizer."""
 
 import collections
+import hashlib
 import json
 import re
 
@@ -255,6 +256,154 @@ def test_checker_without_task_falls_back_on_the_answer_form():
   assert not builtin.check_answer(phrase, "Austen")
   with pytest.raises(UserError, match="answer"):
     builtin.check_answer({"instruction": "?"}, "12")
+
+
+@pytest.mark.parametrize("record, response, correct", [
+    # An explanation restates the question's values once per statement of the answer.
+    (_record("What is 3 plus 4?", "7", "add"),
+     "3 plus 4 equals 7, because adding 4 to 3 gives 7.", True),
+    (_record("What is 3 plus 4?", "7", "add"), "7. If you add 3 and 4, you get seven.", True),
+    (_record("What is 3 plus 4?", "7", "add"), "7, or maybe 8", False),
+    (_record("What is 3 plus 4?", "7", "add"),
+     "3 plus 4 equals 7, because adding 4 to 3 gives 7 or 8.", False),
+    (_record("What is 3 plus 4?", "7", "add"), "7, because adding 4 to 3 gives 7 or 9.", False),
+    # The conversion factor (and "one") follow from the unit names.
+    (_record("How many centimetres are in 3 metres?", "300", "convert"),
+     "3 metres is 300 centimetres, because each metre is 100 centimetres, and 3 times 100 is "
+     "300.", True),
+    (_record("How many centimetres are in 3 metres?", "300", "convert"),
+     "3 metres is 300 centimetres: one metre is 100 centimetres.", True),
+    (_record("How many centimetres are in 3 metres?", "300", "convert"),
+     "3 metres is 300 centimetres, because one metre is 1000 centimetres.", False),
+    (_record("How many centimetres are in 3 metres?", "300", "convert"), "300 or 3000", False),
+    (_record("How many months are in 12 years?", "144", "convert"),
+     "12 years is 144 months, because each year is 12 months, and 12 times 12 is 144.", True),
+    (_record("What number comes after 7?", "8", "next_number"),
+     "The number after 7 is 8, because 8 is one more than 7.", True),
+    # Spelling out the question's word is no letter answer; other letters still are.
+    (_record('What is the last letter of the word "cat"?', "t", "last_letter"),
+     'The last letter of "cat" is t, because it is spelled c-a-t.', True),
+    (_record('What is the first letter of the word "cat"?', "c", "first_letter"),
+     "It is c: c-a-t.", True),
+    (_record('What is the first letter of the word "cat"?', "c", "first_letter"), "c-a-t", False),
+    (_record('What is the first letter of the word "cat"?', "c", "first_letter"),
+     "It is c, or c-k.", False),
+    (_record('Spell "cat" backwards.', "tac", "backwards"),
+     '"cat" spelled backwards is tac, because it is spelled c-a-t, and read from the end that is '
+     't-a-c.', True),
+    (_record("What is the capital of France?", "Paris", "capital"),
+     "The capital of France is Paris, because France lies in Europe, and its government sits in "
+     "Paris.", True),
+    (_record("What is the capital of France?", "Paris", "capital"),
+     "Paris, because Berlin is in Germany.", False),
+])
+def test_checker_on_explained_answers_and_hedges(record, response, correct):
+  assert builtin.check_answer(record, response) is correct
+
+
+def test_corrupt_works_on_responses_without_the_answer():
+  record = dict(_record("What is 3 plus 4?", "7", "add"), response="I would rather not guess.")
+  wrong = builtin.corrupt(record, np.random.default_rng(0))
+  assert wrong.startswith("The answer is ") and not builtin.check_answer(record, wrong)
+  explained = dict(record, response="3 plus 4 equals 7, because adding 4 to 3 gives 7.")
+  wrong = builtin.corrupt(explained, np.random.default_rng(0))
+  # Every statement of the answer changes, to one wrong value.
+  assert "7" not in wrong and len(set(_numbers(wrong)) - {3, 4}) == 1, wrong
+  assert not builtin.check_answer(record, wrong)
+
+
+# --- demonstrators --------------------------------------------------------------------------
+# sha256 of json.dumps(generate(seed=0), sort_keys=True), computed before demonstrators existed:
+# the default data must stay byte-identical until the default mix is changed on purpose.
+DEFAULT_GENERATE_SHA256 = "d872568f70a6da57d019f8f566728da16bdb05134e37d640cf5237b2bb9f5a68"
+SMALL_GENERATE_SHA256 = "feb6880dea58dbd010c0301101891cb49e5b968645daf44edccdaa7d77d7b742"
+
+
+def test_default_generation_is_unchanged(splits):
+  digest = lambda s: hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()
+  assert digest(splits) == DEFAULT_GENERATE_SHA256
+  assert digest(builtin.generate(seed=3, num_train=500, num_eval=40,
+                                 demonstrators={"plain": 1.0})) == SMALL_GENERATE_SHA256
+
+
+@pytest.fixture(scope="module")
+def mixed():
+  return builtin.generate(seed=0, num_train=4000, num_eval=200,
+                          demonstrators=builtin.MIXED_DEMONSTRATORS)
+
+
+def test_demonstrator_shares_match_the_configuration(mixed):
+  shares = builtin.parse_demonstrators(builtin.MIXED_DEMONSTRATORS)
+  assert set(shares) == set(builtin.DEMONSTRATORS) and 0 < shares["careless"] < 0.5
+  for name, records in mixed.items():
+    counts = collections.Counter(r["demonstrator"] for r in records)
+    for demonstrator, share in shares.items():
+      assert abs(counts[demonstrator] / len(records) - share) <= 0.01, (name, demonstrator)
+  custom = builtin.generate(seed=2, num_train=3000, num_eval=20,
+                            demonstrators="tutor=0.5,terse=0.2,careless=0.3")["train"]
+  counts = collections.Counter(r["demonstrator"] for r in custom)
+  assert {d: counts[d] / 3000 for d in counts} == pytest.approx(
+      {"tutor": 0.5, "terse": 0.2, "careless": 0.3}, abs=0.01)
+
+
+def test_mixed_data_asks_the_default_questions(mixed):
+  default = builtin.generate(seed=0, num_train=4000, num_eval=200)
+  question = lambda r: {k: v for k, v in r.items() if k not in ("response", "demonstrator")}
+  for name in builtin.SPLITS:
+    assert [question(r) for r in mixed[name]] == [question(r) for r in default[name]], name
+    for record, plain in zip(mixed[name], default[name]):
+      if record["demonstrator"] == "plain":
+        assert record["response"] == plain["response"]
+  again = builtin.generate(seed=0, num_train=4000, num_eval=200,
+                           demonstrators=builtin.MIXED_DEMONSTRATORS)
+  assert again == mixed
+
+
+def test_every_style_in_every_category_and_split_with_several_phrasings(mixed):
+  for name, records in mixed.items():
+    assert {r["demonstrator"] for r in records} == set(builtin.DEMONSTRATORS), name
+  for category in builtin.TRAIN_CATEGORIES:
+    styles = {r["demonstrator"] for r in mixed["train"] if r["category"] == category}
+    assert styles == set(builtin.DEMONSTRATORS), category
+  # A phrasing's skeleton: the response with the question's content masked.
+  def skeleton(record):
+    text = re.sub(r"\d+", "#", record["response"])
+    for word in re.findall(r"[A-Za-z]+", record["instruction"] + " " + record["answer"]):
+      text = re.sub(rf"\b{re.escape(word)}\b", "_", text)
+    return text
+  for demonstrator in builtin.DEMONSTRATORS:
+    for task in ("add", "convert", "capital", "backwards", "state_of_matter"):
+      skeletons = {skeleton(r) for r in mixed["train"]
+                   if r["demonstrator"] == demonstrator and r["task"] == task}
+      assert len(skeletons) >= 2, (demonstrator, task)
+
+
+def test_mixed_responses_are_right_unless_careless_or_evasive(mixed):
+  rng = np.random.default_rng(0)
+  for name, records in mixed.items():
+    for record in records:
+      right = record["demonstrator"] not in ("careless", "evasive")
+      assert builtin.check_answer(record, record["response"]) is right, record
+      wrong = builtin.corrupt(record, rng)
+      assert wrong != record["response"] and not builtin.check_answer(record, wrong), record
+  tutors = [r for r in mixed["train"] if r["demonstrator"] == "tutor"]
+  assert all(builtin.explanation_spec(r) is not None for r in tutors)
+  assert all(builtin.spelled_words(r["response"]) for r in tutors if r["category"] == "spelling")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("tutor=0.5,plane=0.5", "unknown demonstrator 'plane'"),
+    ("tutor=0.5,plain=0.4", "sum to 1"),
+    ("tutor=-0.5,plain=1.5", ">= 0"),
+    ("tutor,plain=1", ">= 0"),
+    ("tutor=half,plain=0.5", ">= 0"),
+])
+def test_bad_demonstrator_shares_are_user_errors(spec, message):
+  with pytest.raises(UserError, match=re.escape(message)) as error:
+    builtin.parse_demonstrators(spec)
+  assert "data.demonstrators" in str(error.value)
+  with pytest.raises(UserError, match="data.demonstrators"):
+    builtin.generate(num_train=10, num_eval=5, demonstrators=spec)
 
 
 # --- files ----------------------------------------------------------------------------------

@@ -152,6 +152,61 @@ _CONVERSIONS = (
     ("days", "day", "hours", 24), ("weeks", "week", "days", 7), ("years", "year", "months", 12),
     ("centimetres", "centimetre", "millimetres", 10),
 )
+# Facts a tutor explains answers with (and the teacher checks explanations against): where each
+# country lies, the Latin names behind symbols that are not made of their element's letters, what
+# marks each animal class, the group that sets an animal's legs, what each state of matter does,
+# and a note that makes each counted fact memorable.
+_CONTINENTS = {
+    **dict.fromkeys(("France", "Germany", "Italy", "Spain", "Portugal", "Russia", "Norway",
+                     "Sweden", "Finland", "Greece", "Ireland", "Poland", "Austria", "Hungary",
+                     "Denmark", "Belgium", "the Netherlands", "Switzerland",
+                     "the United Kingdom"), "Europe"),
+    **dict.fromkeys(("Japan", "China", "India", "Thailand", "Turkey", "Iran", "South Korea",
+                     "Vietnam", "Indonesia", "the Philippines"), "Asia"),
+    **dict.fromkeys(("Egypt", "Kenya", "Nigeria", "Ghana", "Morocco", "Ethiopia"), "Africa"),
+    **dict.fromkeys(("Canada", "Cuba", "the United States"), "North America"),
+    **dict.fromkeys(("Peru", "Chile", "Argentina", "Colombia", "Venezuela", "Brazil"),
+                    "South America"),
+    "Australia": "Oceania",
+}
+_LATIN_NAMES = {"Na": "natrium", "K": "kalium", "Fe": "ferrum", "Cu": "cuprum", "Ag": "argentum",
+                "Sn": "stannum", "Au": "aurum", "Hg": "hydrargyrum", "Pb": "plumbum"}
+# class -> (what every member does, the word that shows it)
+_CLASS_FEATURES = {
+    "mammal": ("feeds its young on milk", "milk"), "bird": ("has feathers and lays eggs",
+                                                          "feathers"),
+    "amphibian": ("starts life in water and later lives on land", "land"),
+    "reptile": ("has dry, scaly skin", "scaly"), "fish": ("breathes through gills", "gills"),
+    "insect": ("has six legs and a pair of antennae", "antennae"),
+}
+_LEG_GROUPS = {
+    "spider": "arachnid", "scorpion": "arachnid", "ant": "insect", "bee": "insect",
+    "beetle": "insect", "butterfly": "insect", "grasshopper": "insect", "dog": "mammal",
+    "cat": "mammal", "horse": "mammal", "cow": "mammal", "lion": "mammal", "frog": "amphibian",
+    "chicken": "bird", "duck": "bird", "ostrich": "bird", "crab": "crustacean",
+    "lobster": "crustacean",
+}
+# state -> (what it does, the word that shows it)
+_STATE_FEATURES = {"solid": ("keeps its own shape", "keeps"),
+                   "liquid": ("flows and takes the shape of its container", "flows"),
+                   "gas": ("spreads out to fill any space", "spreads")}
+# (counted things, the whole) -> (a note, the word that shows it)
+_HOW_MANY_NOTES = {
+    ("days", "a week"): ("they run from Monday to Sunday", "monday"),
+    ("hours", "a day"): ("a day runs from midnight to midnight", "midnight"),
+    ("months", "a year"): ("they run from January to December", "january"),
+    ("weeks", "a year"): ("a calendar year is just over {answer} weeks long", "calendar"),
+    ("days", "a normal year"): ("only a leap year has an extra day", "leap"),
+    ("planets", "the solar system"): ("they run from Mercury out to Neptune", "mercury"),
+    ("continents", "the world"): ("they include Africa, Asia and Europe", "africa"),
+    ("colours", "a rainbow"): ("they run from red to violet", "violet"),
+    ("sides", "a triangle"): ("tri means three", "tri"),
+    ("sides", "a square"): ("all {answer} sides of a square are equal", "equal"),
+    ("sides", "a hexagon"): ("hex means six", "hex"),
+    ("sides", "an octagon"): ("octo means eight", "octo"),
+    ("wheels", "a bicycle"): ("bi means two", "bi"),
+    ("wheels", "a tricycle"): ("tri means three", "tri"),
+}
 _SHORT_WORDS = """
 cat dog sun hat cup pen box bus car map egg fox pig cow owl bee ant rat bat jam pot fan
 bed leg arm ear eye lip toe hen van web zoo bag key log net rug mud fog ice oak elm gem
@@ -571,26 +626,116 @@ def _canonical_answer(record: Mapping[str, Any]) -> tuple[str, str, _Task | None
   return canonical, kind, task
 
 
+_SPELLED = re.compile(r"(?<![\w-])[^\W\d_](?:-[^\W\d_])+(?![\w-])")
+
+
+def spelled_words(text: str) -> list[str]:
+  """The words `text` spells out letter by letter ("c-a-t" -> "cat"), lower-cased, in order."""
+  return [match.group().replace("-", "").lower() for match in _SPELLED.finditer(text)]
+
+
+def normalised_tokens(text: str) -> list[str]:
+  """`text`'s words and numbers as `check_answer` reads them (lower case, number words as digits)."""
+  return _tokens(text)
+
+
+def _prompt(record: Mapping[str, Any]) -> str:
+  return f"{record.get('instruction', '')}\n{record.get('context', '')}"
+
+
+def _drop_question_spellings(text: str, prompt: str) -> str:
+  """`text` without the spellings-out of the question's own words ("c-a-t" for "cat"), forwards
+  or backwards: they restate the question, and their letters are no letter answers."""
+  prompt_words = set(_tokens(prompt))
+  def keep_or_drop(match: re.Match) -> str:
+    word = match.group().replace("-", "").lower()
+    return " " if word in prompt_words or word[::-1] in prompt_words else match.group()
+  return _SPELLED.sub(keep_or_drop, text)
+
+
+def _implied_values(record: Mapping[str, Any], task: _Task | None) -> list[str]:
+  """Values the question implies without stating them, which an explanation may use: a
+  conversion's factor (from the unit names) and 1 ("one metre is 100 centimetres"), and the 1 a
+  count steps by ("8 is one more than 7")."""
+  if task is None:
+    return []
+  if task.name in ("next_number", "previous_number"):
+    return ["1"]
+  if task.name != "convert":
+    return []
+  words = set(_tokens(_prompt(record)))
+  factors = [str(factor) for frm, frm_one, to, factor in _CONVERSIONS
+             if (frm in words or frm_one in words) and to in words]
+  return factors + ["1"] if factors else []
+
+
+def stated_answers(record: Mapping[str, Any], response: str, *,
+                   count_echoes: bool = True) -> list[str]:
+  """The answers of the question's kind that `response` states beyond restating the question.
+
+  The heart of `check_answer` (see its rule). With `count_echoes=False` every value the question
+  states or implies is set aside however often it is repeated (for reading one clause of a
+  response, such as an explanation, on its own).
+
+  Args:
+    record: the question (`answer`, and normally `task`, `instruction`, `context`).
+    response: free text.
+    count_echoes: whether a question value may be repeated only once per statement of the answer.
+
+  Returns:
+    The stated candidates in canonical form, in order; may include the answer itself.
+  """
+  answer, kind, task = _canonical_answer(record)
+  prompt = _prompt(record)
+  asserted = _candidates(_drop_question_spellings(response, prompt), kind, answer, task)
+  allowed: dict[str, int] = {}
+  for echo in _candidates(prompt, kind, answer, task) + _implied_values(record, task):
+    if echo != answer:
+      allowed[echo] = allowed.get(echo, 0) + 1
+  # A question value may be restated alongside each statement of the answer: "3 plus 4 equals 7,
+  # because adding 4 to 3 gives 7" restates both numbers twice and states 7 twice.
+  statements = max(1, asserted.count(answer))
+  stated, used = [], dict.fromkeys(allowed, 0)
+  for candidate in asserted:
+    if candidate in allowed and (not count_echoes
+                                 or used[candidate] < allowed[candidate] * statements):
+      used[candidate] += 1
+    else:
+      stated.append(candidate)
+  return stated
+
+
+def canonical_answer(record: Mapping[str, Any]) -> str:
+  """`record`'s answer as `check_answer` compares it ("Paris" -> "paris", "four" -> "4")."""
+  return _canonical_answer(record)[0]
+
+
 def check_answer(record: Mapping[str, Any], response: str) -> bool:
   """Decides whether a free-text response answers `record`'s question correctly.
 
   The rule, designed so that a policy cannot game it by hedging:
   1. Normalise: lower-case, drop punctuation, possessives and thousands separators, read number
-     words and ordinals as digits ("four", "fourth", "4th" -> "4").
+     words and ordinals as digits ("four", "fourth", "4th" -> "4"). A spelling-out of a word of
+     the question ("c-a-t" for "cat", forwards or backwards) is dropped: its letters restate the
+     question and are no letter answers.
   2. Collect the candidate answers of the record's answer kind the response asserts: every number
      for number answers; every single letter (except the words "a" and "I") for letter answers;
      every arrangement of the answer's letters for a word spelled backwards; every entry of the
      task's table ("Paris", "Berlin", ...; plurals allowed for classes and states) otherwise.
-  3. Remove the candidates that merely echo the question: each one that occurs in the
-     instruction or context may be repeated once per occurrence there ("3 plus 4 equals 7" for
-     "What is 3 plus 4?"). The correct answer itself is never removed.
+  3. Remove the candidates that merely restate the question. The question's values are those
+     occurring in the instruction or context, and those it implies: a conversion's factor and 1
+     (derived from the unit names: "one metre is 100 centimetres") and a count's step of 1. Each
+     may be repeated once per occurrence there, per statement of the answer: "3 plus 4 equals 7,
+     because adding 4 to 3 gives 7" states 7 twice, so 3 and 4 may appear twice each, while
+     "3 plus 4 equals 3 or 7" has one 3 too many. The correct answer itself is never removed.
   4. Correct iff something remains and everything that remains is the canonical answer, so an
      empty response, a wrong answer, or a list of answers ("7 or 8", "Paris, Lyon") is wrong.
   The generator never puts an answer into its own question (no "8 minus 4"), so echoing the
-  question never passes. What this rule still accepts is a prompt value repeated next to the right
-  answer ("7 or 3" for "3 plus 4"); the right answer must be there and nothing absent from the
-  prompt may be, which leaves a policy nothing to gain from guessing. Records without a known
-  `task` fall back on the answer's form: a number, a letter, or else a phrase that must appear.
+  question never passes. What this rule still accepts is a question value repeated next to the
+  right answer ("7 or 3" for "3 plus 4", "300 or 100 centimetres" for 3 metres); the right answer
+  must be there and nothing the question neither states nor implies may be, which leaves a
+  policy nothing to gain from guessing. Records without a known `task` fall back on the answer's
+  form: a number, a letter, or else a phrase that must appear.
 
   Args:
     record: a record with `answer` (and normally `task`, `instruction`, `context`).
@@ -599,23 +744,21 @@ def check_answer(record: Mapping[str, Any], response: str) -> bool:
   Returns:
     True iff the response states the answer and no competing answer.
   """
-  answer, kind, task = _canonical_answer(record)
+  answer, _, _ = _canonical_answer(record)
   if not answer:
     return False
-  asserted = _candidates(response, kind, answer, task)
-  prompt = f"{record.get('instruction', '')}\n{record.get('context', '')}"
-  for echo in _candidates(prompt, kind, answer, task):
-    if echo != answer and echo in asserted:
-      asserted.remove(echo)
-  return bool(asserted) and all(candidate == answer for candidate in asserted)
+  stated = stated_answers(record, response)
+  return bool(stated) and all(candidate == answer for candidate in stated)
 
 
 def corrupt(record: Mapping[str, Any], rng: np.random.Generator) -> str:
   """A response in the record's own style that states a wrong answer of the same kind.
 
-  The canonical response ends with the answer; its last whole-word occurrence is replaced by a
-  wrong value: a nearby number, another letter, another arrangement of the letters, or another
-  entry of the task's table, never a value the prompt mentions.
+  Every whole-word occurrence of the answer in the response (once in a canonical response; a
+  tutor's explanation restates it, and a spelling-out such as "c-a-t" is left alone) is replaced
+  by one wrong value: a nearby number, another letter, another arrangement of the letters, or
+  another entry of the task's table, never a value the prompt mentions. A response that does not
+  state the answer (an evasive or careless demonstrator's) becomes "The answer is WRONG.".
 
   Args:
     record: a generated record (with `task`, `answer`, `response`).
@@ -652,22 +795,346 @@ def corrupt(record: Mapping[str, Any], rng: np.random.Generator) -> str:
     raise UserError(f"no wrong answer available for question {record.get('instruction')!r}")
   wrong = options[int(rng.integers(len(options)))]
   response = str(record["response"])
-  matches = list(re.finditer(rf"(?<!\w){re.escape(display)}(?!\w)", response))
+  whole_word = rf"(?<![\w-]){re.escape(display)}(?![\w-])"
+  # Case-sensitive first: a letter answer "t" must not match the word "The" (no whole word, but
+  # a bare answer may be capitalised, "C").
+  matches = (list(re.finditer(whole_word, response))
+             or list(re.finditer(whole_word, response, re.IGNORECASE)))
   if not matches:
-    raise UserError(f"response {response!r} does not contain its answer {display!r}")
-  last = matches[-1]
-  return response[:last.start()] + wrong + response[last.end():]
+    return f"The answer is {wrong}."
+  for match in reversed(matches):
+    response = response[:match.start()] + wrong + response[match.end():]
+  return response
+
+
+# --------------------------------------------------------------------------------------------
+# Demonstrators: who writes each record's response.
+# --------------------------------------------------------------------------------------------
+# tutor     the answer sentence plus a short, correct explanation (the operation with its operands,
+#           the conversion factor, the fact's context, the word spelled out letter by letter);
+# plain     the canonical answer sentence (the only writer before issue #21);
+# terse     the bare answer;
+# rambler   the answer sentence among filler sentences;
+# evasive   a non-answer;
+# careless  a wrong answer, written by one of tutor, plain, terse or rambler (`corrupt`).
+DEMONSTRATORS = ("tutor", "plain", "terse", "rambler", "evasive", "careless")
+_ANSWERING_STYLES = ("tutor", "plain", "terse", "rambler")
+# Today's data: every response is the canonical sentence (records carry no `demonstrator` field,
+# so `generate(seed)` is byte-identical to the data before demonstrators existed).
+DEFAULT_DEMONSTRATORS = "plain=1.0"
+# The recommended realistic mix. Crowd-written instruction data varies in quality (Dolly's
+# responses range from explained answers to one word, off-topic or wrong), and RLHF can only
+# amplify behaviour the SFT policy already samples: with a quarter of the demonstrations
+# explained, the SFT policy explains often enough for a reward model to see the difference, while
+# plain and terse answers stay the majority style. Careless (15%) and evasive (5%) writers make
+# one demonstration in five unhelpful, enough that avoiding wrong answers and non-answers
+# matters, yet few enough that the SFT policy still learns the facts; ramblers (10%) give filler
+# a share worth penalising.
+MIXED_DEMONSTRATORS = "tutor=0.25,plain=0.3,terse=0.15,rambler=0.1,evasive=0.05,careless=0.15"
+
+_TERSE = ("{answer}", "{answer}.")
+_TUTOR = ("{sentence}, because {explanation}.", "{sentence}. This is because {explanation}.",
+          "{sentence}: {explanation}.")
+_FILLER_BEFORE = ("Great question!", "Thanks for asking.", "Oh, I love questions like this.",
+                  "Let me help you with that.")
+_FILLER_AFTER = ("I hope this helps!", "Learning new facts is always fun.",
+                 "Feel free to ask me anything else.", "Have a lovely afternoon!")
+_EVASIVE = (
+    "That is a tricky question, and I would rather not guess.",
+    "I am not sure about that. You could look it up in a book.",
+    "It depends on how you look at it, so I cannot really say.",
+    "Good question! I do not know, but a teacher could tell you.",
+    "Why not try to find out for yourself?",
+)
+_OPERATION_WORDS = {
+    "add": ("plus", "add", "adding", "added", "sum", "together"),
+    "subtract": ("minus", "subtract", "subtracting", "take away", "taking", "away", "leaves",
+                 "difference"),
+    "multiply": ("times", "multiply", "multiplying", "multiplied", "groups", "product"),
+}
+_OPERATION_EXPLANATIONS = {
+    "add": ("adding {b} to {a} gives {answer}", "{a} and {b} added together make {answer}",
+            "the sum of {a} and {b} is {answer}"),
+    "subtract": ("taking {b} away from {a} leaves {answer}", "{a} take away {b} is {answer}",
+                 "the difference between {a} and {b} is {answer}"),
+    "multiply": ("{a} groups of {b} make {answer}", "multiplying {a} by {b} gives {answer}",
+                 "the product of {a} and {b} is {answer}"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplanationSpec:
+  """What a correct explanation of one question's answer contains (phrases are lower-case and
+  matched on `normalised_tokens`, so "six" matches "6").
+
+  Attributes:
+    required: groups of phrases; a correct explanation contains a phrase of every group (both
+      operands and a word of the operation; the factor and a unit; the country's continent, ...).
+    forbidden: phrases a correct explanation never contains (another operation's words, another
+      continent, another class's mark, a wrong count).
+    spellings: for spelling questions, the words whose letter-by-letter spelling-out ("c-a-t")
+      explains the answer; one must be spelled out and no other word may be.
+  """
+  required: tuple[tuple[str, ...], ...]
+  forbidden: tuple[str, ...] = ()
+  spellings: tuple[str, ...] = ()
+
+
+def _others(table: Mapping[Any, tuple[str, str]], own: str) -> tuple[str, ...]:
+  """The marker words of a feature table other than `own`."""
+  return tuple(sorted({word for _, word in table.values()} - {own}))
+
+
+def _explanations(task_name: str, f: Mapping[str, str]) -> tuple[tuple[str, ...], ExplanationSpec]:
+  """A tutor's explanation phrasings of one question (format fields `f`) and what makes them
+  correct. Every phrasing restates the answer or none of the question's values, so that
+  `check_answer` accepts it (see its rule 3)."""
+  answer = f["answer"]
+  if task_name in _OPERATION_WORDS:
+    others = tuple(w for op, words in _OPERATION_WORDS.items() if op != task_name for w in words)
+    return (tuple(p.format(**f) for p in _OPERATION_EXPLANATIONS[task_name]),
+            ExplanationSpec(((f["a"],), (f["b"],), _OPERATION_WORDS[task_name]), others))
+  if task_name == "convert":
+    phrasings = ("each {frm_one} is {factor} {to}, and {q} times {factor} is {answer}",
+                 "there are {factor} {to} in every {frm_one}, so {q} {frm} make {answer} {to}",
+                 "one {frm_one} is {factor} {to}")
+    return (tuple(p.format(**f) for p in phrasings),
+            ExplanationSpec(((f["factor"],), (f["frm"], f["frm_one"], f["to"]))))
+  if task_name == "capital":
+    continent = _CONTINENTS[f["country"]]
+    phrasings = (f"{f['country']} lies in {continent}, and its government sits in {answer}",
+                 f"{answer} is the seat of government of {f['country']}, a country in {continent}")
+    others = tuple(sorted({c.lower() for c in _CONTINENTS.values()} - {continent.lower()}))
+    return phrasings, ExplanationSpec(((continent.lower(),),), others)
+  if task_name == "chemical_symbol":
+    latin = _LATIN_NAMES.get(answer)
+    if latin:
+      return ((f"its symbol comes from the Latin name {latin}",
+               f"{answer} is short for {latin}, its Latin name"),
+              ExplanationSpec(((latin,),), tuple(n for n in _LATIN_NAMES.values() if n != latin)))
+    return ((f"its symbol is taken from the letters of the name {f['element']}",
+             f"{answer} is made of letters from {f['element']}"),
+            ExplanationSpec((("letter", "letters"), (f["element"],)),
+                            tuple(_LATIN_NAMES.values())))
+  if task_name == "planet_by_position":
+    closer = _PLANETS.index(answer)
+    be, count_be = (("is no planet", "no planet is") if closer == 0 else
+                    ("is one planet", "one planet is") if closer == 1 else
+                    (f"are {_UNITS[closer]} planets", f"{_UNITS[closer]} planets are"))
+    wrong = tuple(str(j) for j in range(len(_PLANETS)) if j != closer)
+    return ((f"there {be} between {answer} and the Sun", f"{count_be} closer to the Sun than {answer}"),
+            ExplanationSpec(((("no", "0") if closer == 0 else (str(closer),)),
+                             ("planet", "planets")), wrong + (("no",) if closer else ())))
+  if task_name == "planet_position":
+    position = int(answer) - 1
+    before = _PLANETS[position - 1] if position > 0 else None
+    after = _PLANETS[position + 1] if position < len(_PLANETS) - 1 else None
+    if before and after:
+      phrasings = (f"it comes just after {before} and before {after}",
+                   f"it lies between {before} and {after}")
+    elif after:
+      phrasings = (f"it is the closest planet to the Sun, just before {after}",
+                   f"it comes just before {after}")
+    else:
+      phrasings = (f"it is the farthest planet from the Sun, just after {before}",
+                   f"it comes just after {before}")
+    neighbours = tuple(p.lower() for p in (before, after) if p)
+    far = tuple(p.lower() for i, p in enumerate(_PLANETS) if abs(i - position) > 1)
+    return phrasings, ExplanationSpec((neighbours,), far)
+  if task_name == "animal_class":
+    feature, word = _CLASS_FEATURES[answer]
+    return ((f"like every {answer}, it {feature}",
+             f"the {f['animal']} {feature}, as every {answer} does"),
+            ExplanationSpec(((word,),), _others(_CLASS_FEATURES, word)))
+  if task_name in ("first_letter", "last_letter", "letter_count", "backwards"):
+    word = f["word"]
+    spelled, backwards = "-".join(word), "-".join(word[::-1])
+    phrasings = {
+        "first_letter": (f"it is spelled {spelled}, which starts with {answer}",
+                         f"spelled out, it is {spelled}, and its first letter is {answer}"),
+        "last_letter": (f"it is spelled {spelled}, which ends with {answer}",
+                        f"spelled out, it is {spelled}, and its last letter is {answer}"),
+        "letter_count": (f"it is spelled {spelled}, which is {answer} letters",
+                         f"spelling it out as {spelled} gives {answer} letters"),
+        "backwards": (f"it is spelled {spelled}, and read from the end that is {backwards}",
+                      f"reading {spelled} from right to left gives {backwards}"),
+    }[task_name]
+    spellings = (word, word[::-1]) if task_name == "backwards" else (word,)
+    return phrasings, ExplanationSpec((), (), spellings)
+  if task_name == "legs":
+    animal_a = f["animal_a"]
+    group = _LEG_GROUPS[animal_a.split()[-1].lower()]
+    others = sorted(set(_LEG_GROUPS.values()) - {group})
+    return ((f"it is {_article(group)}, and {group}s like it have {answer} legs",
+             f"{animal_a} is {_article(group)}, and {group}s like it walk on {answer} legs"),
+            ExplanationSpec(((group, group + "s"),),
+                            tuple(others) + tuple(g + "s" for g in others)))
+  if task_name == "state_of_matter":
+    feature, word = _STATE_FEATURES[answer]
+    return ((f"a {answer} {feature}, and so does {f['stuff']}",
+             f"{f['stuff']} {feature}, which is what a {answer} does"),
+            ExplanationSpec(((word,),), _others(_STATE_FEATURES, word)))
+  if task_name == "water_temperature":
+    if f["verb"] == "boil":
+      phrasings, word, other = (("at sea level, that is where water turns to steam",
+                                 "that is the temperature at which water turns to steam at sea "
+                                 "level"), "steam", "ice")
+    else:
+      phrasings, word, other = (("that is where liquid water turns to ice",
+                                 "below that temperature, water turns to ice"), "ice", "steam")
+    return phrasings, ExplanationSpec(((word,),), (other,))
+  if task_name == "how_many":
+    note, word = _HOW_MANY_NOTES[(f["part"], f["whole"])]
+    return (note.format(**f),), ExplanationSpec(((word,),), _others(_HOW_MANY_NOTES, word))
+  if task_name in ("next_number", "previous_number"):
+    up, down = ("up", "more", "plus", "add", "after"), ("down", "less", "minus", "before")
+    if task_name == "next_number":
+      return ((f"counting up from {f['n']}, the next number is {answer}",
+               f"{answer} is one more than {f['n']}"),
+              ExplanationSpec(((f["n"],), up[:4]), down))
+    return ((f"counting down from {f['n']}, the number before it is {answer}",
+             f"{answer} is one less than {f['n']}"),
+            ExplanationSpec(((f["n"],), down), up))
+  raise ValueError(f"no explanations for task {task_name!r}")
+
+
+# The fields that identify a question's content item (with its answer) from its text.
+_KEY_FIELDS = {
+    "add": ("a", "b"), "subtract": ("a", "b"), "multiply": ("a", "b"),
+    "convert": ("q", "frm", "to"), "capital": ("country",), "chemical_symbol": ("element",),
+    "planet_by_position": ("ordinal",), "planet_position": ("planet",),
+    "animal_class": ("animal",), "first_letter": ("word",), "last_letter": ("word",),
+    "letter_count": ("word",), "backwards": ("word",), "legs": ("animal_a",),
+    "state_of_matter": ("stuff",), "water_temperature": ("scale",),
+    "how_many": ("part", "whole"), "next_number": ("n",), "previous_number": ("n",),
+}
+
+
+@functools.cache
+def _items_by_answer(task_name: str) -> dict[str, list[dict[str, Any]]]:
+  task = _TASKS_BY_NAME[task_name]
+  index: dict[str, list[dict[str, Any]]] = {}
+  for item in task.items + task.large_items:
+    index.setdefault(str(item["answer"]), []).append(item)
+  return index
+
+
+def _contains(tokens: Sequence[str], phrase: Sequence[str]) -> bool:
+  n = len(phrase)
+  return n > 0 and any(list(tokens[i:i + n]) == list(phrase) for i in range(len(tokens) - n + 1))
+
+
+@functools.lru_cache(maxsize=65536)
+def _explanation_spec(task_name: str, instruction: str, context: str,
+                      answer: str) -> ExplanationSpec | None:
+  prompt = f"{instruction}\n{context}"
+  prompt_tokens = _tokens(prompt)
+  # Spelling questions quote their word (and may say "word" besides, itself a word of the set).
+  present = lambda key, value: (f'"{value}"' in prompt.lower() if key == "word"
+                                else _contains(prompt_tokens, _tokens(value)))
+  for item in _items_by_answer(task_name).get(answer, ()):
+    if all(present(key, str(item[key])) for key in _KEY_FIELDS[task_name]):
+      return _explanations(task_name, {key: str(value) for key, value in item.items()})[1]
+  return None
+
+
+def explanation_spec(question: Mapping[str, Any]) -> ExplanationSpec | None:
+  """What a correct explanation of a built-in question's answer contains.
+
+  Reads only the question's own fields: `task`, `instruction`, `context` and `answer` (the
+  content is recognised in the question's text, like a teacher who knows the tables).
+
+  Returns:
+    The spec, or None for a question the built-in tables do not know (no explanation of it can
+    be checked).
+  """
+  task_name = str(question.get("task", ""))
+  if task_name not in _KEY_FIELDS or "answer" not in question:
+    return None
+  return _explanation_spec(task_name, str(question.get("instruction", "")),
+                           str(question.get("context", "")), str(question["answer"]))
+
+
+def parse_demonstrators(spec: str | Mapping[str, float],
+                        field: str = "data.demonstrators") -> dict[str, float]:
+  """Demonstrator shares from "tutor=0.25,plain=0.75" (or a mapping), validated.
+
+  Raises:
+    UserError: naming `field`, for an unknown demonstrator, a malformed or negative share, or
+      shares that do not sum to 1.
+  """
+  if isinstance(spec, str):
+    shares: dict[str, float] = {}
+    for part in (p.strip() for p in spec.split(",")):
+      name, equals, value = part.partition("=")
+      try:
+        shares[name.strip()] = float(value) if equals else float("nan")
+      except ValueError:
+        shares[name.strip()] = float("nan")
+  else:
+    shares = {str(name): float(value) for name, value in dict(spec).items()}
+  for name, value in shares.items():
+    if name not in DEMONSTRATORS:
+      raise UserError(f"{field}: unknown demonstrator {name!r} in {spec!r}; known: "
+                      f"{', '.join(DEMONSTRATORS)}")
+    if not value >= 0:
+      raise UserError(f"{field}: demonstrator {name!r} needs a share >= 0 (NAME=SHARE), got "
+                      f"{spec!r}")
+  if abs(sum(shares.values()) - 1) > 1e-6:
+    raise UserError(f"{field}: demonstrator shares must sum to 1, got {sum(shares.values()):g} "
+                    f"in {spec!r}")
+  return {name: shares.get(name, 0.0) for name in DEMONSTRATORS}
+
+
+def _assign_demonstrators(shares: Mapping[str, float], num: int,
+                          rng: np.random.Generator) -> list[str]:
+  """`num` writers in exactly the configured shares (largest remainders), shuffled."""
+  exact = {name: share * num for name, share in shares.items()}
+  counts = {name: int(value) for name, value in exact.items()}
+  by_remainder = sorted(exact, key=lambda name: (counts[name] - exact[name], name))
+  for name in by_remainder[:num - sum(counts.values())]:
+    counts[name] += 1
+  writers = [name for name in DEMONSTRATORS for _ in range(counts[name])]
+  return [writers[i] for i in rng.permutation(num)]
+
+
+def _write(task: _Task, record: Mapping[str, Any], fields: Mapping[str, str], demonstrator: str,
+           rng: np.random.Generator) -> str:
+  """The response `demonstrator` writes to `record`'s question (`fields`: the item's fields)."""
+  pick = lambda options: options[int(rng.integers(len(options)))]
+  sentence = record["response"]  # the canonical sentence, which ends with "."
+  if demonstrator == "plain":
+    return sentence
+  if demonstrator == "terse":
+    return pick(_TERSE).format(answer=record["answer"])
+  if demonstrator == "tutor":
+    explanation = pick(_explanations(task.name, fields)[0])
+    return pick(_TUTOR).format(sentence=sentence[:-1], explanation=explanation)
+  if demonstrator == "rambler":
+    after = [_FILLER_AFTER[i] for i in rng.permutation(len(_FILLER_AFTER))[:1 + rng.integers(2)]]
+    return " ".join([pick(_FILLER_BEFORE), sentence, *after])
+  if demonstrator == "evasive":
+    return pick(_EVASIVE)
+  if demonstrator == "careless":
+    style = pick(_ANSWERING_STYLES)
+    right = _write(task, record, fields, style, rng)
+    return corrupt(dict(record, response=right), rng)
+  raise ValueError(f"unknown demonstrator {demonstrator!r}")
 
 
 # --------------------------------------------------------------------------------------------
 # Generation.
 # --------------------------------------------------------------------------------------------
 def _render(task: _Task, split: str, item_index: int, template_index: int,
-            rng: np.random.Generator) -> dict[str, Any]:
+            rng: np.random.Generator, demonstrator: str | None = None,
+            style_rng: np.random.Generator | None = None) -> dict[str, Any]:
   """One record of `split`: an item of `task` asked with one of its phrasings.
 
   `ood_2` takes its items from `task.large_items` and `ood_1` its phrasings from `task.held_out`;
-  template ids number the held-out phrasings after the in-distribution ones.
+  template ids number the held-out phrasings after the in-distribution ones. With a
+  `demonstrator`, that writer's response replaces the canonical one (its choices drawn from
+  `style_rng`, so that `rng`, and with it every question, stays the same) and the record says
+  who wrote it.
   """
   item = (task.large_items if split == "ood_2" else task.items)[item_index]
   held_out = split == "ood_1"
@@ -678,7 +1145,7 @@ def _render(task: _Task, split: str, item_index: int, template_index: int,
   fields = {key: str(value) for key, value in fields.items()}
   capitalise = lambda s: s[:1].upper() + s[1:]
   template_id = len(task.templates) + template_index if held_out else template_index
-  return {
+  record = {
       "instruction": capitalise(instruction.format(**fields)),
       "context": capitalise(context.format(**fields)),
       "response": capitalise(task.response.format(**fields)),
@@ -688,6 +1155,10 @@ def _render(task: _Task, split: str, item_index: int, template_index: int,
       "task": task.name,
       "template": f"{task.name}/{template_id}",
   }
+  if demonstrator is not None:
+    record["response"] = _write(task, record, fields, demonstrator, style_rng)
+    record["demonstrator"] = demonstrator
+  return record
 
 
 @dataclasses.dataclass
@@ -752,7 +1223,9 @@ def _shares(total: int, parts: int) -> list[int]:
 
 
 def generate(seed: int = 0, num_train: int = DEFAULT_NUM_TRAIN,
-             num_eval: int = DEFAULT_NUM_EVAL) -> dict[str, list[dict[str, Any]]]:
+             num_eval: int = DEFAULT_NUM_EVAL,
+             demonstrators: str | Mapping[str, float] = DEFAULT_DEMONSTRATORS
+             ) -> dict[str, list[dict[str, Any]]]:
   """Generates the built-in dataset's splits, deterministically from `seed`.
 
   Args:
@@ -762,6 +1235,10 @@ def generate(seed: int = 0, num_train: int = DEFAULT_NUM_TRAIN,
       its share repeats them (like epochs), each one before any twice.
     num_eval: records per evaluation split, distinct questions balanced over categories; a split
       is smaller when its categories have fewer distinct questions.
+    demonstrators: the writers' shares of every split's responses ("NAME=SHARE,...", see
+      `DEMONSTRATORS`, `MIXED_DEMONSTRATORS`), exact to one record per split. Only plain writers
+      (the default) give the canonical records without a `demonstrator` field; any other mix
+      asks the same questions (same seed) and stores each response's writer in `demonstrator`.
 
   Returns:
     {split: records} for `SPLITS`.
@@ -769,13 +1246,18 @@ def generate(seed: int = 0, num_train: int = DEFAULT_NUM_TRAIN,
   if num_train < 1 or num_eval < 1:
     raise UserError(f"builtin dataset: num_train ({num_train}) and num_eval ({num_eval}) must be "
                     "positive")
+  shares = parse_demonstrators(demonstrators)
+  mixed = shares["plain"] != 1.0
+  # The writers draw from their own stream, so that a mix asks exactly the default's questions.
+  style_rng = np.random.default_rng([seed, 21])
+  writers = lambda num: (_assign_demonstrators(shares, num, style_rng) if mixed else [None] * num)
   rng = np.random.default_rng(seed)
   tasks = {category: [t for t in _TASKS if t.category == category]
            for category in TRAIN_CATEGORIES}
   pools = {task.name: _split_task(task, rng)
            for task in _TASKS if task.category != HELD_OUT_CATEGORY}
 
-  train = []
+  train, train_writers = [], iter(writers(num_train))
   for category, category_quota in zip(TRAIN_CATEGORIES, _shares(num_train, len(TRAIN_CATEGORIES))):
     for task, quota in zip(tasks[category], _shares(category_quota, len(tasks[category]))):
       pool = pools[task.name].train
@@ -783,7 +1265,8 @@ def generate(seed: int = 0, num_train: int = DEFAULT_NUM_TRAIN,
       # fact) is seen once before any is seen twice.
       passes = -(-quota // len(pool))
       questions = [pool[i] for _ in range(passes) for i in rng.permutation(len(pool))][:quota]
-      train.extend(_render(task, "train", item, template, rng) for item, template in questions)
+      train.extend(_render(task, "train", item, template, rng, next(train_writers), style_rng)
+                   for item, template in questions)
   splits = {"train": [train[i] for i in rng.permutation(len(train))]}
 
   # {split: {category: [[(task, (item, template)), ...] per task]}}: the distinct questions.
@@ -805,8 +1288,9 @@ def generate(seed: int = 0, num_train: int = DEFAULT_NUM_TRAIN,
           [(t, (i, p)) for i in range(len(t.items)) for p in range(len(t.templates))]
           for t in _TASKS if t.category == HELD_OUT_CATEGORY]}
   for split, questions in eval_questions.items():
-    splits[split] = [_render(task, split, item, template, rng)
-                     for task, (item, template) in _round_robin(questions, num_eval, rng)]
+    chosen = _round_robin(questions, num_eval, rng)
+    splits[split] = [_render(task, split, item, template, rng, writer, style_rng)
+                     for (task, (item, template)), writer in zip(chosen, writers(len(chosen)))]
   return splits
 
 
