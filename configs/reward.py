@@ -1,8 +1,10 @@
 """The reward model: GPT-Neo + scalar head, Bradley-Terry loss on preference pairs.
 
-Built-in default (offline, after the sft phase in the same workdir):
+Built-in default (offline, after the sft and label phases in the same workdir):
   python -m rlhf_jax.main --phase=reward --config=configs/reward.py --workdir=runs/default
-  Pairs built from the built-in set: each training record gets one negative, each validation
+  Pairs: the label phase's judgements of the SFT policy's own samples (WORKDIR/label/pairs.jsonl;
+  configs/label.py gives their numbers). Result on them: not yet measured.
+  Without a label phase (or --config.pairs.source=build), pairs built from the built-in set: each training record gets one negative, each validation
   record three (the held-out pairs), by these strategies and shares:
     corrupted       0.45  the reference with a wrong answer ("... is Berlin." for Paris). The
                           negatives that teach factual correctness, which PPO needs: the
@@ -50,7 +52,12 @@ with their gpt_neo_125m variants, then ppo and eval with theirs, unchanged):
 Fields:
   init_checkpoint   "" = WORKDIR/sft; else an Orbax or HF checkpoint (a reward model keeps its
                     score head, a policy gets a fresh one).
-  pairs.source      "build" (from the `data` section) or a .jsonl/.jsonl.gz pairs file.
+  pairs.source      "auto" (WORKDIR/label/pairs.jsonl, the label phase's judged pairs, when it
+                    exists, else "build"), "build" (from the `data` section), or a
+                    .jsonl/.jsonl.gz file of pairs or of judged pairs (rows with `judgement`).
+  pairs.synthetic_share   judged pairs only: the share of training pairs that are built negatives
+                    (`pairs.strategies`) instead; 0 = judgements only. Issue #21 asks for both
+                    ways measured (0 and a minor share such as 0.2).
   pairs.eval_file / eval_fraction   file source: held-out file, else that fraction of prompts.
   pairs.strategies  build source: {strategy: share} (rlhf_jax/training/reward.py documents each).
   pairs.negatives_per_record / eval_negatives_per_record   negatives per training / validation
@@ -79,7 +86,7 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
   config.init_checkpoint = ""  # "" = WORKDIR/sft.
   config.data = common.data("builtin")
   config.pairs = ml_collections.ConfigDict(dict(
-      source="build", eval_file="", eval_fraction=0.1, seed=0,
+      source="auto", eval_file="", eval_fraction=0.1, seed=0, synthetic_share=0.0,
       strategies=ml_collections.ConfigDict(dict(
           corrupted=0.45, policy_sample=0.2, other_response=0.15, truncated=0.1, shuffled=0.1)),
       negatives_per_record=1, eval_negatives_per_record=3,

@@ -174,8 +174,7 @@ def labeller_agreement(rows: Sequence[Mapping], by_prompt: Mapping[str, Mapping]
 
 def records_by_prompt(splits: Mapping[str, Sequence[Mapping]]) -> dict[str, Mapping]:
   """{formatted prompt: record} over the splits pairs come from (train and validation)."""
-  return {batching.format_prompt(r["instruction"], r.get("context", "") or ""): r
-          for split in labeling.SPLITS for r in splits.get(split, ())}
+  return {batching.record_prompt(r): r for split in labeling.SPLITS for r in splits.get(split, ())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,8 +217,7 @@ def policy_sampler(config, workdir: pathlib.Path,
                                             unit="sample")
     policy = state["policy"]
     started = time.time()
-    prompts = [batching.format_prompt(r["instruction"], r.get("context", "") or "")
-               for r in chunk_records]
+    prompts = [batching.record_prompt(r) for r in chunk_records]
     texts = decode.generate_responses(
         policy.model, policy.params, policy.tokenizer, prompts, settings=state["settings"],
         batch_size=config.batch_size, max_prompt_length=config.max_prompt_length,

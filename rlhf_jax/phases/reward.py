@@ -9,6 +9,18 @@ checkpoint without a score head gets a fresh one, normal with the model's defaul
 1/sqrt(d_model + 1); a checkpoint with one (an imported reward model) keeps it.
 
 Preference pairs (`config.pairs.source`):
+  * "auto" (the default): the label phase's judged pairs, WORKDIR/label/pairs.jsonl, when that
+    file exists, else "build" (below).
+  * judged pairs (the label phase's rows; any file whose first line has a `judgement`), read by
+    `labeling.load_judged_pairs`: ties and pairs with an empty side are left out and counted;
+    held-out pairs are the `validation` rows (judged pairs of held-out prompts). With
+    `pairs.synthetic_share` = s > 0, built negatives (below, `pairs.strategies`, one per record
+    of the data's training split) make up the share s of the training pairs (held-out pairs stay
+    judged); the default 0 trains on judgements only. On the built-in data the phase reports at
+    the end the trained model's agreement with the simulated teacher's noiseless gold order on
+    the held-out judged pairs (`eval/gold_accuracy`), next to the labels' own
+    (`eval/labeler_gold_agreement`, the ceiling): the teacher is called for this report only,
+    training never sees gold.
   * a file (`.jsonl` / `.jsonl.gz`: `{"prompt", "chosen", "rejected"}` lines or Anthropic
     HH-RLHF dialogues, see `rlhf_jax.data.preferences`). Held-out pairs are `pairs.eval_file`,
     or the pairs of a seeded `pairs.eval_fraction` of the file's distinct prompts (whole
@@ -66,12 +78,18 @@ import pathlib
 from typing import Sequence
 
 import jax
+import numpy as np
 
 from rlhf_jax import checkpoints
 from rlhf_jax import sharding
 from rlhf_jax.data import batching
+from rlhf_jax.data import labeling
 from rlhf_jax.data import preferences
+from rlhf_jax.data import records
+from rlhf_jax.data import teacher
+from rlhf_jax.data.records import iter_jsonl
 from rlhf_jax.errors import UserError
+from rlhf_jax.evaluation import evaluate
 from rlhf_jax.models import decode
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
@@ -132,8 +150,15 @@ def run(config, workdir: pathlib.Path) -> None:
   # within it.
   fit = dict(max_length=config.max_length, too_long=config.pairs.too_long,
              min_response_tokens=config.get("min_response_tokens", 1))
-  train_pairs, eval_pairs, data_stats = preferences.load_preference_pairs(
-      config, sampler_factory, window=batching.PairWindow(tokenizer, **fit))
+  window = batching.PairWindow(tokenizer, **fit)
+  source = pairs_source(config.pairs.source, workdir)
+  if is_judged_pairs_file(source):
+    train_pairs, eval_pairs, data_stats = load_judged(config, source, sampler_factory, window)
+  else:
+    built_config = config.copy_and_resolve_references()
+    built_config.pairs.source = source
+    train_pairs, eval_pairs, data_stats = preferences.load_preference_pairs(
+        built_config, sampler_factory, window=window)
   tokenize = lambda pairs, name: batching.tokenize_pairs(
       tokenizer, pairs, skip_bad_records=config.pairs.skip_bad_records, source=name, **fit)
   train_examples, train_tokens = tokenize(train_pairs, "training pairs")
@@ -202,13 +227,121 @@ def run(config, workdir: pathlib.Path) -> None:
       loop.Evaluation(evaluator=evaluator, milestone=reference_statistics))
   if state is None:
     return
+  gold = (gold_accuracy(config, phase_dir, eval_pairs, mesh)
+          if data_stats.get("judged") and config.data.source == "builtin" else {})
   if jax.process_index() == 0:
     final = _last_held_out_metrics(phase_dir)
     writer = progress.MetricsWriter(phase_dir, resume_step=int(config.train.steps))
     writer.write(int(config.train.steps), {"reward/mean": final["reward_mean"],
-                                           "reward/std": final["reward_std"]})
+                                           "reward/std": final["reward_std"],
+                                           **{f"eval/{k}": v for k, v in gold.items()}})
     writer.close()
     _print_final_summary(final, eval_examples, len(references), phase_dir)
+    if gold:
+      print(f"reward: against the teacher's noiseless gold order on the "
+            f"{gold['gold_pairs']} held-out judged pairs that have one, the reward model "
+            f"agrees {100 * gold['gold_accuracy']:.1f}% (a tie half); the labels "
+            f"{100 * gold['labeler_gold_agreement']:.1f}%: the ceiling for these labels")
+
+
+LABEL_PAIRS = pathlib.Path("label") / "pairs.jsonl"
+
+
+def pairs_source(source: str, workdir: pathlib.Path) -> str:
+  """The pairs the phase reads: `pairs.source`, where "auto" (the default) is the label phase's
+  WORKDIR/label/pairs.jsonl when it exists, else "build"."""
+  if source != "auto":
+    return source
+  label_pairs = workdir / LABEL_PAIRS
+  return str(label_pairs) if label_pairs.is_file() else preferences.BUILD
+
+
+def is_judged_pairs_file(source: str) -> bool:
+  """Whether `source` is a judged-pairs file (the label phase's rows: its first line has a
+  `judgement`), read by `labeling.load_judged_pairs`, rather than a plain pairs file."""
+  if source == preferences.BUILD or not pathlib.Path(source).is_file():
+    return False
+  for _, obj, error in iter_jsonl(source):
+    return error is None and isinstance(obj, dict) and "judgement" in obj
+  return False
+
+
+def load_judged(config, path: str, sampler_factory, window: batching.PairWindow
+                ) -> tuple[list[dict], list[dict], dict]:
+  """Judged pairs (ties and empty sides left out, counted) for training and held out; with
+  `pairs.synthetic_share` > 0, that share of the training pairs are built negatives instead
+  (`pairs.strategies` from the data's training records; held-out pairs stay judged).
+
+  Returns:
+    (train, held-out, stats as `preferences.load_preference_pairs` gives them, plus `judged`).
+  """
+  train, held_out, stats = labeling.load_judged_pairs(path)
+  share = float(config.pairs.synthetic_share)
+  if not 0.0 <= share < 1.0:
+    raise UserError(f"--config.pairs.synthetic_share={share}: must be in [0, 1)")
+  skipped = lambda split: {"tie": stats["ties"].get(split, 0),
+                           "empty_side": stats["empty"].get(split, 0)}
+  train_stats = {"source": path, "by_strategy": {labeling.JUDGED_STRATEGY: len(train)},
+                 "skipped": skipped(labeling.TRAIN_SPLIT)}
+  count = int(round(share / (1.0 - share) * len(train)))
+  if count:
+    built_config = config.copy_and_resolve_references()
+    built_config.pairs.source = preferences.BUILD
+    built_config.pairs.negatives_per_record = 1
+    if built_config.data.source == "builtin":  # Generate only as many records as needed.
+      built_config.data.num_train = count
+    built, _, built_stats = preferences.load_preference_pairs(built_config, sampler_factory,
+                                                              window=window)
+    picked = np.random.default_rng(config.pairs.seed).permutation(len(built))[:count]
+    built = [built[i] for i in sorted(picked)]
+    train = train + built
+    for pair in built:
+      by_strategy = train_stats["by_strategy"]
+      by_strategy[pair["strategy"]] = by_strategy.get(pair["strategy"], 0) + 1
+    train_stats.update({k: v for k, v in built_stats["train"].items()
+                        if k.startswith("policy_")})
+  held_out, dropped = preferences.drop_shared_prompts(train, held_out)
+  if not train or not held_out:
+    raise UserError(f"{path}: {len(train)} training and {len(held_out)} held-out judged pairs "
+                    "(ties and empty sides left out); both must be non-empty")
+  return train, held_out, {
+      "train": train_stats, "judged": True,
+      "eval": {"source": path, "by_strategy": {labeling.JUDGED_STRATEGY: len(held_out)},
+               "skipped": skipped(labeling.HELDOUT_SPLIT)},
+      "eval_dropped_shared_prompt": dropped}
+
+
+def gold_accuracy(config, phase_dir: pathlib.Path, held_out: Sequence[dict], mesh) -> dict:
+  """The trained reward model against the teacher's noiseless gold order on held-out judged
+  pairs, next to the labels' own agreement with it (the ceiling). For the report only: training
+  never sees gold.
+
+  Returns:
+    {"gold_accuracy": the model's share of gold-ordered pairs scored in the gold order (a tie
+    half), "labeler_gold_agreement": the labels' share, "gold_pairs": pairs with a gold order
+    (pairs whose prompt is no built-in question, or tied in gold, left out)}, or {} when none.
+  """
+  by_prompt = {batching.record_prompt(r): r
+               for r in records.load_splits(config.data).get("validation", [])}
+  matched = [(pair, by_prompt[pair["prompt"]]) for pair in held_out if pair["prompt"] in by_prompt]
+  if not matched:
+    return {}
+  questions = [record for _, record in matched]
+  gold_chosen = teacher.gold_scores(questions, [pair["chosen"] for pair, _ in matched])
+  gold_rejected = teacher.gold_scores(questions, [pair["rejected"] for pair, _ in matched])
+  ordered = np.abs(gold_chosen - gold_rejected) > 1e-9
+  if not ordered.any():
+    return {}
+  scorer = evaluate.Scorer(str(phase_dir), config.model, batch_size=config.eval_batch_size,
+                           max_length=config.max_length, mesh=mesh)
+  prompts = [pair["prompt"] for pair, _ in matched]
+  margin = (scorer(prompts, [pair["chosen"] for pair, _ in matched])
+            - scorer(prompts, [pair["rejected"] for pair, _ in matched]))
+  gold_sign = np.sign(gold_chosen - gold_rejected)
+  model_right = np.where(margin == 0, 0.5, (np.sign(margin) == gold_sign).astype(np.float64))
+  return {"gold_accuracy": float(model_right[ordered].mean()),
+          "labeler_gold_agreement": float((gold_sign[ordered] > 0).mean()),
+          "gold_pairs": int(ordered.sum())}
 
 
 def _last_held_out_metrics(phase_dir: pathlib.Path) -> dict[str, float]:
