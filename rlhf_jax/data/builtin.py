@@ -27,6 +27,13 @@ held-out `counting` category. See `OOD_LEVELS`.
 Records are Dolly's (`instruction`, `context`, `response`, `category`) plus `answer` (the canonical
 short answer), `ood_level`, `task` (the question type, which `check_answer` uses to know what kind
 of answer to expect) and `template` (the phrasing's id, `task/index`).
+
+Demonstrators (`DEMONSTRATORS`, issue #21): by default every response is the canonical answer
+sentence. `generate(demonstrators=...)` has simulated writers of mixed quality answer instead, as
+in crowd-written data: a tutor who explains correctly, a plain, a terse, a rambling, an evasive and
+a careless (wrong) writer, in configured shares (`MIXED_DEMONSTRATORS` is the recommended mix).
+Such records name their writer in `demonstrator`, for analysis only: nothing that scores text may
+read it (see rlhf_jax/data/teacher.py).
 """
 
 import dataclasses
@@ -635,7 +642,8 @@ def spelled_words(text: str) -> list[str]:
 
 
 def normalised_tokens(text: str) -> list[str]:
-  """`text`'s words and numbers as `check_answer` reads them (lower case, number words as digits)."""
+  """`text`'s words and numbers as `check_answer` reads them (lower case, number words as
+  digits)."""
   return _tokens(text)
 
 
@@ -922,7 +930,8 @@ def _explanations(task_name: str, f: Mapping[str, str]) -> tuple[tuple[str, ...]
                     ("is one planet", "one planet is") if closer == 1 else
                     (f"are {_UNITS[closer]} planets", f"{_UNITS[closer]} planets are"))
     wrong = tuple(str(j) for j in range(len(_PLANETS)) if j != closer)
-    return ((f"there {be} between {answer} and the Sun", f"{count_be} closer to the Sun than {answer}"),
+    return ((f"there {be} between {answer} and the Sun",
+             f"{count_be} closer to the Sun than {answer}"),
             ExplanationSpec(((("no", "0") if closer == 0 else (str(closer),)),
                              ("planet", "planets")), wrong + (("no",) if closer else ())))
   if task_name == "planet_position":
