@@ -345,7 +345,9 @@ def load_splits(data_config: Any) -> dict[str, list[dict]]:
   """
   if data_config.source == "builtin":
     return builtin.generate(data_config.seed, num_train=data_config.num_train,
-                            num_eval=data_config.num_eval)
+                            num_eval=data_config.num_eval,
+                            demonstrators=data_config.get("demonstrators",
+                                                          builtin.DEFAULT_DEMONSTRATORS))
   loaded, stats = load_records(data_config.source,
                                skip_bad_records=data_config.skip_bad_records)
   logging.info("%s: %d records read, %d kept, skipped %s", stats["source"], stats["read"],

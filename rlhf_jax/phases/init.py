@@ -10,6 +10,7 @@ from rlhf_jax import checkpoints
 from rlhf_jax import sharding
 from rlhf_jax.data import batching
 from rlhf_jax.data import builtin
+from rlhf_jax.data import records
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
 
@@ -20,8 +21,8 @@ def run(config, workdir: pathlib.Path) -> None:
     print(f"init: {phase_dir} holds a finished checkpoint; skipping. Delete it or use another "
           "--workdir to start afresh.")
     return
-  train = builtin.generate(config.data.seed, config.data.num_train, config.data.num_eval)["train"]
-  corpus = [batching.format_prompt(r["instruction"], r["context"]) + r["response"] for r in train]
+  train = records.load_splits(config.data)["train"]
+  corpus = [batching.record_prompt(r) + r["response"] for r in train]
   with tempfile.TemporaryDirectory() as tokenizer_dir:
     tokenizer = builtin.train_tokenizer(corpus, config.vocab_size, tokenizer_dir)
     arch = config.arch.to_dict()
