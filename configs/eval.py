@@ -7,6 +7,8 @@ Built-in default (offline, after sft, reward and ppo in the same workdir):
   reward_by_system.png, ood_robustness.png, samples.jsonl. Result (main job at commit c5a8eca),
   reward-model score minus SFT's on the same 200 test prompts (paired 95% CI): RO (best of 8)
   +0.25 [+0.17, +0.35], RLHF +0.01 [-0.12, +0.14] (no gain); exact match SFT 53.0%, RLHF 45.0%.
+  (Measured before the teacher's gold metrics, RLHF-gold and the over-optimisation curve, whose
+  16 SFT samples per test prompt replace RO's 8: time with them not yet measured.)
 
 GPT-Neo 125M on Dolly (after the gpt_neo_125m variants of the other phases):
   python -m rlhf_jax.main --phase=eval --config=configs/eval.py:gpt_neo_125m --workdir=runs/neo
@@ -23,13 +25,21 @@ from rlhf_jax.configs import common
 
 def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
+  config.name = "eval"  # The WORKDIR subdirectory written.
   config.sft_checkpoint = ""  # "" = WORKDIR/sft
   config.reward_checkpoint = ""  # "" = WORKDIR/reward
   config.ppo_checkpoint = ""  # "" = WORKDIR/ppo
+  # "" = WORKDIR/ppo_gold, WORKDIR/grpo, WORKDIR/dpo when they hold a checkpoint (else left out).
+  config.ppo_gold_checkpoint = ""  # RLHF-gold: PPO on the teacher's gold score.
+  config.grpo_checkpoint = ""
+  config.dpo_checkpoint = ""
   config.extra_checkpoints = ""  # "name=path,name=path": more policies (Orbax or HF) to compare.
   config.data = common.data("builtin")  # Splits: test, and ood_1..3 (built-in) or ood (Dolly).
   config.eval_prompts = 200  # Per split.
   config.best_of_n = 8  # RO's N.
+  # SFT samples per in-distribution prompt for the best-of-n over-optimisation curve (n = 1, 2,
+  # 4, ... up to it; built-in data; 0 = no curve). RO's N are the first of them.
+  config.overoptimization_samples = 16
   config.sampling = ml_collections.ConfigDict(dict(
       max_new_tokens=24, temperature=0.7, top_k=0, top_p=1.0))  # PPO's rollout settings.
   config.max_prompt_length = 64

@@ -4,6 +4,8 @@ the `eval` phase (`rlhf_jax.phases.eval`) compares the systems on.
 """
 
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,6 @@ from rlhf_jax.evaluation import metrics
 from rlhf_jax.evaluation import report
 from rlhf_jax.models import decode
 from rlhf_jax.models import gpt_neo
-from rlhf_jax.models import hf
 from rlhf_jax.training import ppo
 
 
@@ -34,12 +35,10 @@ class Policy:
 def load_policy(name: str, path: str, model_settings, mesh=None) -> Policy:
   """A policy's module, tokenizer and params (sharded on `mesh`, like training; None: one device)."""
   info = checkpoints.describe_model(path)
-  if info["tokenizer_dir"] is None:
-    raise UserError(f"{path}: the {name} checkpoint has no tokenizer files")
+  tokenizer = checkpoints.load_tokenizer(info, name)
   params = checkpoints.load_params(info, mesh)
   params = {k: v for k, v in params.items() if k != "score"}
-  return Policy(name, gpt_neo.build(info["config"], model_settings), params,
-                hf.load_tokenizer(info["tokenizer_dir"]))
+  return Policy(name, gpt_neo.build(info["config"], model_settings), params, tokenizer)
 
 
 class Scorer:
@@ -49,9 +48,7 @@ class Scorer:
     info = checkpoints.describe_model(path)
     if not info["score_head"]:
       raise UserError(f"{path}: not a reward model (no score head)")
-    if info["tokenizer_dir"] is None:
-      raise UserError(f"{path}: the reward checkpoint has no tokenizer files")
-    self.tokenizer = hf.load_tokenizer(info["tokenizer_dir"])
+    self.tokenizer = checkpoints.load_tokenizer(info, "reward")
     self.model = gpt_neo.build(info["config"], model_settings, score_head=True)
     self.params = checkpoints.load_params(info, mesh)  # Sharded like training (None: one device).
     self.mesh = mesh
@@ -94,21 +91,57 @@ def answer(policy: Policy, prompts: list[str], *, settings: decode.SamplingSetti
                                    per_batch=per_batch)
 
 
-def best_of_n(policy: Policy, scorer: Scorer, prompts: list[str], n: int, *, rng: jax.Array,
-              **kwargs) -> tuple[decode.Responses, np.ndarray]:
-  """RO: n samples per prompt from `policy`, the highest-scoring one kept. Returns
-  (responses, scores [len(prompts)])."""
+def sample_candidates(policy: Policy, scorer: Scorer, prompts: list[str], n: int, *,
+                      rng: jax.Array, **kwargs) -> tuple[list[decode.Responses], np.ndarray]:
+  """n samples per prompt from `policy` (`answer`, one pass per sample index), scored by the
+  reward model. Returns (n `Responses` aligned with `prompts`, scores [len(prompts), n])."""
   candidates, scores = [], []
   for rng_i in jax.random.split(rng, n):
     candidates.append(answer(policy, prompts, rng=rng_i, **kwargs))
     scores.append(scorer(prompts, candidates[-1].texts))
-  choice = np.asarray(metrics.best_of_n_indices(jnp.asarray(np.stack(scores, axis=1))))
-  rows = np.arange(len(prompts))
+  return candidates, np.stack(scores, axis=1)
+
+
+def pick_best(candidates: list[decode.Responses],
+              scores: np.ndarray) -> tuple[decode.Responses, np.ndarray, np.ndarray]:
+  """Best-of-N among `candidates` (the highest score; ties to the lowest index, as
+  `metrics.best_of_n_indices`). Returns (responses, their scores [P], the chosen index [P])."""
+  choice = np.asarray(metrics.best_of_n_indices(jnp.asarray(scores)))
+  rows = np.arange(len(choice))
   pick = lambda field: np.stack([getattr(c, field) for c in candidates], axis=1)[rows, choice]
   chosen = lambda field: [getattr(candidates[c], field)[i] for i, c in enumerate(choice)]
   responses = decode.Responses(chosen("texts"), chosen("token_ids"), chosen("logprobs"),
                                pick("lengths"), pick("ended"))
-  return responses, np.stack(scores, axis=1)[rows, choice]
+  return responses, scores[rows, choice], choice
+
+
+def best_of_n(policy: Policy, scorer: Scorer, prompts: list[str], n: int, *, rng: jax.Array,
+              **kwargs) -> tuple[decode.Responses, np.ndarray]:
+  """RO: n samples per prompt from `policy`, the highest-scoring one kept. Returns
+  (responses, scores [len(prompts)])."""
+  responses, scores, _ = pick_best(*sample_candidates(policy, scorer, prompts, n, rng=rng,
+                                                      **kwargs))
+  return responses, scores
+
+
+def read_policy_evaluations(metrics_path) -> list[dict]:
+  """The held-out evaluations a policy phase logged (`eval/kl` with `eval/score` and/or
+  `eval/gold_mean`) in its metrics.jsonl, as `overoptimization.ppo_points` reads them:
+  `{"step", "kl", "reward_mean", "gold_mean"}` (None where not logged); [] without the file."""
+  if not os.path.isfile(metrics_path):
+    return []
+  evaluations = []
+  with open(metrics_path, encoding="utf-8") as f:
+    for line in f:
+      if not line.strip():
+        continue
+      row = json.loads(line)
+      if "eval/kl" not in row:
+        continue
+      evaluations.append({"step": row["step"], "kl": row["eval/kl"],
+                          "reward_mean": row.get("eval/score"),
+                          "gold_mean": row.get("eval/gold_mean")})
+  return evaluations
 
 
 def held_out_policy_eval(models: ppo.Models, tokenizer, prompts: list[str],

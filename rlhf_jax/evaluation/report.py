@@ -30,6 +30,9 @@ SYSTEM_DESCRIPTIONS = {
     "SFT": "the supervised fine-tuned policy",
     "RO": "best-of-N samples from SFT, ranked by the reward model",
     "RLHF": "the PPO policy",
+    "RLHF-gold": "PPO on the simulated teacher's gold score (the upper bound of RLHF)",
+    "GRPO": "the GRPO policy",
+    "DPO": "the DPO policy",
 }
 
 _MISSING = "n/a"

@@ -7,13 +7,26 @@ Systems, all answering the same prompts with the same sampler and settings:
   SFT   the SFT policy;
   RO    reward-only: best-of-N samples of the SFT policy, ranked by the reward model;
   RLHF  the PPO policy;
+  RLHF-gold, GRPO, DPO   when WORKDIR/ppo_gold (PPO on the simulated teacher's gold score: the
+        upper bound of RLHF), WORKDIR/grpo or WORKDIR/dpo holds a checkpoint (or the config names
+        one: `ppo_gold_checkpoint`, `grpo_checkpoint`, `dpo_checkpoint`);
   plus any extra checkpoints (`extra_checkpoints`, e.g. an exported HF model or a base model).
+On the built-in data every response is also judged by the simulated teacher (`data.teacher`):
+per system and split the gold mean with its CI, the gold win-rate against SFT's response to the
+same prompt (a tie half, bootstrap CI over prompts) and the paired exact-match difference to SFT
+(`metrics.system_metrics`). Over-optimisation (`overoptimization.png`, `eval.json`'s
+`overoptimization`): best-of-n for n = 1, 2, 4, ..., `overoptimization_samples` from that many
+SFT samples per in-distribution (`test`) prompt, scored by the reward model and the teacher
+(the same sampling pass gives RO, the best of its first `best_of_n`), and PPO's held-out
+evaluations along training from WORKDIR/ppo/metrics.jsonl (and ppo_gold's), plotted against
+sqrt(KL to SFT).
 Every response is scored as text: re-tokenised with the reward model's tokenizer and scored at its
 last token, so systems with other tokenizers (and RR) are scored exactly like the policies. KL to
 SFT is the per-sequence sum of log p_policy - log p_SFT over sampled tokens (policies sharing the
 SFT tokenizer); for RO it is the analytic best-of-N value log N - (N-1)/N (Stiennon et al. 2020).
 
-Writes WORKDIR/eval/{eval.json, eval.md, reward_by_system.png, ood_robustness.png, samples.jsonl}.
+Writes WORKDIR/eval/ (or WORKDIR/`name`/) {eval.json, eval.md, reward_by_system.png,
+ood_robustness.png, overoptimization.png (built-in data), samples.jsonl}.
 """
 
 import math
@@ -23,17 +36,51 @@ import jax
 import numpy as np
 
 from rlhf_jax import checkpoints
+from rlhf_jax import phases
 from rlhf_jax import sharding
 from rlhf_jax.data import batching
 from rlhf_jax.data import builtin
+from rlhf_jax.data import teacher
 from rlhf_jax.evaluation import evaluate
 from rlhf_jax.evaluation import metrics
+from rlhf_jax.evaluation import overoptimization
 from rlhf_jax.evaluation import report
 from rlhf_jax.models import decode
 
 
+# Policy systems evaluated when their phase has a checkpoint in the workdir (or the config names
+# one): (system, config key, the phase's WORKDIR subdirectory).
+OPTIONAL_POLICIES = (("RLHF-gold", "ppo_gold_checkpoint", "ppo_gold"),
+                     ("GRPO", "grpo_checkpoint", "grpo"), ("DPO", "dpo_checkpoint", "dpo"))
+
+
+def optional_policy_paths(config, workdir: pathlib.Path) -> list[tuple[str, str]]:
+  """(system, checkpoint) of the `OPTIONAL_POLICIES` that are given or present in the workdir."""
+  found = []
+  for system, key, phase in OPTIONAL_POLICIES:
+    given = config.get(key, "")
+    if given:
+      found.append((system, given))
+    elif checkpoints.find_checkpoint_dir(workdir / phase) is not None:
+      found.append((system, str(workdir / phase)))
+  return found
+
+
+def policy_points(workdir: pathlib.Path) -> list[dict]:
+  """Over-optimisation points of the PPO runs along training: their held-out evaluations in
+  WORKDIR/ppo/metrics.jsonl (method "ppo") and WORKDIR/ppo_gold/metrics.jsonl ("ppo_gold")."""
+  points = []
+  for method, phase in ((overoptimization.PPO, "ppo"), ("ppo_gold", "ppo_gold")):
+    # TODO(PPO helper): PPO's held-out evaluation logs `eval/score` and `eval/kl`; the gold curve
+    # appears once it also logs the teacher's mean score as `eval/gold_mean`.
+    for point in overoptimization.ppo_points(
+        evaluate.read_policy_evaluations(workdir / phase / "metrics.jsonl")):
+      points.append({**point, "method": method})
+  return points
+
+
 def run(config, workdir: pathlib.Path) -> None:
-  out_dir = workdir / "eval"
+  out_dir = phases.output_dir(config, workdir, "eval")
   if (out_dir / "eval.json").is_file():
     print(f"eval: {out_dir} holds a finished report; skipping. Delete it or use another --workdir "
           "to evaluate again.")
@@ -51,14 +98,21 @@ def run(config, workdir: pathlib.Path) -> None:
   sft = evaluate.load_policy("SFT", checkpoint(config.sft_checkpoint, "sft"), config.model, mesh)
   policies = [sft, evaluate.load_policy("RLHF", checkpoint(config.ppo_checkpoint, "ppo"),
                                         config.model, mesh)]
+  for name, path in optional_policy_paths(config, workdir):
+    print(f"eval: {name} from {path}")
+    policies.append(evaluate.load_policy(name, path, config.model, mesh))
   for entry in filter(None, (e.strip() for e in config.extra_checkpoints.split(","))):
     name, _, path = entry.rpartition("=")
     policies.append(evaluate.load_policy(name or pathlib.Path(path).name, path, config.model, mesh))
-  check_fn = builtin.check_answer if config.data.source == "builtin" else None
+  builtin_data = config.data.source == "builtin"
+  check_fn = builtin.check_answer if builtin_data else None
+  # The simulated teacher judges built-in questions only (no gold on Dolly).
+  gold_fn = teacher.gold_scores if builtin_data else None
   same_tokenizer = lambda p: p.tokenizer.get_vocab() == sft.tokenizer.get_vocab()
   systems: dict[str, dict] = {"RR": {"splits": {}}, "SFT": {"splits": {}}, "RO": {"splits": {}}}
   systems.update({p.name: {"splits": {}} for p in policies[1:]})
   samples: list[dict] = []
+  points: list[dict] = []
   rng = jax.random.key(config.seed)
 
   for split, split_records in splits.items():
@@ -70,6 +124,7 @@ def run(config, workdir: pathlib.Path) -> None:
     donor = np.empty_like(order)
     donor[order] = np.roll(order, -1)
     answers: dict[str, tuple[decode.Responses, np.ndarray]] = {}
+    gold: dict[str, np.ndarray] = {}
     rr = decode.Responses([references[d] for d in donor], [], [], None, None)
     answers["RR"] = (rr, scorer(prompts, rr.texts))
     for policy in policies:
@@ -81,33 +136,57 @@ def run(config, workdir: pathlib.Path) -> None:
       answers[policy.name] = (responses, scorer(prompts, responses.texts))
       if policy is sft:
         rng, ro_rng = jax.random.split(rng)
-        answers["RO"] = evaluate.best_of_n(sft, scorer, prompts, config.best_of_n,
-                                           settings=settings, rng=ro_rng, **settings_args)
-    sft_scores = answers["SFT"][1]
+        # On the in-distribution split one sampling pass serves RO (best of the first N) and
+        # the over-optimisation curve (best-of-n for n up to overoptimization_samples).
+        curve = (gold_fn is not None and split == report.IN_DISTRIBUTION_SPLIT
+                 and config.overoptimization_samples > 0)
+        num = max(config.best_of_n, config.overoptimization_samples if curve else 0)
+        candidates, scores = evaluate.sample_candidates(sft, scorer, prompts, num, rng=ro_rng,
+                                                        settings=settings, **settings_args)
+        ro, ro_scores, choice = evaluate.pick_best(candidates[:config.best_of_n],
+                                                   scores[:, :config.best_of_n])
+        answers["RO"] = (ro, ro_scores)
+        if curve:
+          candidate_gold = np.stack([gold_fn(split_records, c.texts) for c in candidates], 1)
+          gold["RO"] = candidate_gold[np.arange(len(prompts)), choice]
+          points += overoptimization.best_of_n_points(
+              scores, candidate_gold, ns=[n for n in overoptimization.DEFAULT_NS if n <= num])
+    if gold_fn is not None:
+      for name, (responses, _) in answers.items():
+        if name not in gold:
+          gold[name] = gold_fn(split_records, responses.texts)
+    sft_scores, sft_texts = answers["SFT"][1], answers["SFT"][0].texts
     for name, (responses, scores) in answers.items():
       kl = responses.extras.get("kl")
       if name == "RO":
         n = config.best_of_n
         kl = np.full(len(prompts), math.log(n) - (n - 1) / n)
+      is_sft = name == "SFT"
       systems[name]["splits"][split] = metrics.system_metrics(
           responses=responses.texts, references=references, rewards=scores, kl=kl,
           lengths=responses.lengths, ended_with_eos=responses.ended, records=split_records,
-          check_fn=check_fn, sft_rewards=None if name == "SFT" else sft_scores,
-          seed=config.seed)
+          check_fn=check_fn, sft_rewards=None if is_sft else sft_scores,
+          sft_responses=None if is_sft else sft_texts, gold=gold.get(name),
+          sft_gold=None if is_sft or not gold else gold["SFT"], seed=config.seed)
     if split == report.IN_DISTRIBUTION_SPLIT:
       for i, prompt in enumerate(prompts[:config.num_samples]):
         samples.append({"prompt": prompt, "reference": references[i], "systems": {
-            name: {"response": r.texts[i], "reward": float(s[i])} for name, (r, s) in answers.items()}})
+            name: {"response": r.texts[i], "reward": float(s[i]),
+                   **({"gold": float(gold[name][i])} if name in gold else {})}
+            for name, (r, s) in answers.items()}})
 
   for system in systems.values():
     system["ood_curve"] = {metric: [system["splits"].get(report.ood_split_name(level), {}).get(metric)
                                     for level in sorted(levels)]
-                           for metric in ("reward_mean", "exact_match", "bleu")}
+                           for metric in ("reward_mean", "exact_match", "bleu", "gold_mean")}
+  if gold_fn is not None:
+    points += policy_points(workdir)
   signature = next((s["bleu_signature"] for sys in systems.values()
                     for s in sys["splits"].values() if s.get("bleu_signature")), None)
   results = {"systems": systems, "config": config.to_dict(), "bleu_signature": signature,
              "ood_levels": {str(k): v for k, v in levels.items()}}
   if jax.process_index() == 0:
-    paths = report.write_report(out_dir, results, ood_levels=levels, samples=samples)
+    paths = report.write_report(out_dir, results, ood_levels=levels, samples=samples,
+                                overoptimization=points or None)
     print((out_dir / "eval.md").read_text())
     print("eval: report written:\n" + "\n".join(f"  {p}" for p in paths.values()))
