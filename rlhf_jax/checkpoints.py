@@ -139,6 +139,18 @@ def describe_model(path: str | os.PathLike) -> dict:
               format="orbax", path=ckpt_dir, tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
 
 
+def load_tokenizer(info: dict, what: str = ""):
+  """The tokenizer saved with a checkpoint described by `describe_model`.
+
+  Raises:
+    UserError: the checkpoint has none, naming it as "the `what` checkpoint" (e.g. "SFT").
+  """
+  if info["tokenizer_dir"] is None:
+    raise UserError(f"{info['source']}: the {what + ' ' if what else ''}checkpoint has no "
+                    "tokenizer files")
+  return hf.load_tokenizer(info["tokenizer_dir"])
+
+
 def model_shardings(config: GPTNeoConfig, score_head: bool, mesh: jax.sharding.Mesh) -> Any:
   """The project's shardings (`sharding.param_shardings`) for a GPT-Neo's parameters on `mesh`."""
   from rlhf_jax.models import gpt_neo

@@ -14,7 +14,6 @@ from rlhf_jax.data import batching
 from rlhf_jax.errors import UserError, where
 from rlhf_jax.models import decode
 from rlhf_jax.models import gpt_neo
-from rlhf_jax.models import hf
 
 
 def read_prompts(spec: str, use_template: bool) -> list[str]:
@@ -61,10 +60,7 @@ def run(config, workdir: pathlib.Path) -> None:
   source = checkpoints.resolve_checkpoint(config.checkpoint, workdir, checkpoints.POLICY_PHASES,
                                           key="checkpoint")
   loaded = checkpoints.load_model(source, sharding.mesh_from_config(config.mesh))
-  tokenizer_dir = loaded["tokenizer_dir"]
-  if tokenizer_dir is None:
-    raise UserError(f"{source}: the checkpoint has no tokenizer files")
-  tokenizer = hf.load_tokenizer(tokenizer_dir)
+  tokenizer = checkpoints.load_tokenizer(loaded)
   prompts = read_prompts(config.prompts, config.use_template)
   model = gpt_neo.build(loaded["config"], config.model, score_head=loaded["score_head"])
   settings = decode.SamplingSettings.from_config(config, tokenizer.eos_token_id,

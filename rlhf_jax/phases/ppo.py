@@ -40,9 +40,7 @@ def run(config, workdir: pathlib.Path) -> None:
   if reward["config"].vocab_size != sft["config"].vocab_size:
     raise UserError(f"{reward['source']}: the reward model's vocabulary ({reward['config'].vocab_size}) "
                     f"differs from the policy's ({sft['config'].vocab_size}); they must share a tokenizer")
-  if sft["tokenizer_dir"] is None:
-    raise UserError(f"{sft['source']}: the SFT checkpoint has no tokenizer files")
-  tokenizer = hf.load_tokenizer(sft["tokenizer_dir"])
+  tokenizer = checkpoints.load_tokenizer(sft, "SFT")
   settings = ppo.settings_from_config(config, tokenizer)
   shared = settings.shared_value_head
   # A separate value model: GAE with value_model=reward (RLOO and a policy value head need none).

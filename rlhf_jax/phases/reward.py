@@ -129,9 +129,7 @@ def run(config, workdir: pathlib.Path) -> None:
   mesh = sharding.mesh_from_config(config.mesh)
   info = checkpoints.describe_model(checkpoints.resolve_checkpoint(
       config.init_checkpoint, workdir, "sft", key="init_checkpoint"))
-  if info["tokenizer_dir"] is None:
-    raise UserError(f"{info['source']}: the initial checkpoint has no tokenizer files")
-  tokenizer = hf.load_tokenizer(info["tokenizer_dir"])
+  tokenizer = checkpoints.load_tokenizer(info, "initial")
   model_config = gpt_neo.with_dropout(info["config"], config.model)
   model = gpt_neo.build(model_config, config.model, score_head=True)
   param_shapes = gpt_neo.param_shapes(model)

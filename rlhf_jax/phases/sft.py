@@ -18,7 +18,6 @@ from rlhf_jax import sharding
 from rlhf_jax.data import batching
 from rlhf_jax.data import builtin
 from rlhf_jax.data import records
-from rlhf_jax.errors import UserError
 from rlhf_jax.evaluation import metrics
 from rlhf_jax.models import decode
 from rlhf_jax.models import gpt_neo
@@ -33,9 +32,7 @@ def run(config, workdir: pathlib.Path) -> None:
   mesh = sharding.mesh_from_config(config.mesh)
   info = checkpoints.describe_model(checkpoints.resolve_checkpoint(
       config.init_checkpoint, workdir, ("import", "init"), key="init_checkpoint"))
-  if info["tokenizer_dir"] is None:
-    raise UserError(f"{info['source']}: the initial checkpoint has no tokenizer files")
-  tokenizer = hf.load_tokenizer(info["tokenizer_dir"])
+  tokenizer = checkpoints.load_tokenizer(info, "initial")
   model_config = gpt_neo.with_dropout(info["config"], config.model)
   model = gpt_neo.build(model_config, config.model)
 
