@@ -1,15 +1,31 @@
-"""The whole pipeline on the built-in default, offline: init, sft, reward, ppo, eval.
+"""The whole pipeline on the built-in default, offline: init, sft, label, reward, ppo, eval.
 
   python -m rlhf_jax.main                  # = --config=configs/pipeline.py --workdir=runs/default
+  python -m rlhf_jax.main --config=configs/pipeline.py:full    # + ppo_gold (RLHF-gold)
 
 Each phase's settings are its own config file's (`configs/PHASE.py`), nested here under the phase
 name: `--config.sft.train.steps=300`, `--config.ppo.optim.lr=5e-5`. The `data`, `model` and `mesh`
 sections are shared by every phase (`--config.data.seed=1` changes them all). A phase whose
-finished checkpoint is already in the workdir is skipped; a partial one resumes.
-Machine: 2 cores of an AMD EPYC, jax 0.10.2 on CPU. Time: 6 min 51 s. Result (commit c5a8eca):
-SFT exact match 0% -> 55%; reward model 74.2% held-out pairwise accuracy; PPO held-out reward
-score 7.24 -> 7.20 (no gain) at KL 1.08; eval, paired against SFT on 200 test prompts: RLHF
-+0.01 [-0.12, +0.14], best-of-8 +0.25 [+0.17, +0.35] (README, "What the main job reaches").
+finished output is already in the workdir is skipped; a partial one resumes.
+
+The label phase has the simulated teacher judge pairs of the SFT policy's own samples, and the
+reward model trains on those judgements (WORKDIR/label/pairs.jsonl; issue #21). The eval phase
+judges every system with the teacher too and draws overoptimization.png.
+
+Variants:
+  default  init, sft, label, reward, ppo, eval. Budget: at most 10 minutes on 2 CPU cores (issue
+           #21 item 7). Time and result with the label phase: not yet measured. The earlier
+           pipeline without it (commit c5a8eca): Machine: 2 cores of an AMD EPYC, jax 0.10.2 on
+           CPU. Time: 6 min 51 s. Result: SFT exact match 0% -> 55%; reward model 74.2% held-out
+           pairwise accuracy on built pairs; PPO held-out reward score 7.24 -> 7.20 (no gain) at
+           KL 1.08; eval, paired against SFT on 200 test prompts: RLHF +0.01 [-0.12, +0.14],
+           best-of-8 +0.25 [+0.17, +0.35].
+  full     adds `ppo_gold` before eval: the ppo phase with `reward.sources=gold` (the teacher's
+           gold score as the reward, the upper bound of RLHF), written to WORKDIR/ppo_gold, which
+           eval reports as RLHF-gold. (GRPO and DPO join here when their phases exist.) Time: not
+           yet measured.
+A pipeline entry whose name is not a phase names the phase it runs in its config's `phase` field
+and its WORKDIR subdirectory in `name`.
 """
 
 import ml_collections
@@ -17,24 +33,35 @@ import ml_collections
 from rlhf_jax.configs import common
 from rlhf_jax.configs import eval as eval_config
 from rlhf_jax.configs import init as init_config
+from rlhf_jax.configs import label as label_config
 from rlhf_jax.configs import ppo as ppo_config
 from rlhf_jax.configs import reward as reward_config
 from rlhf_jax.configs import sft as sft_config
 
-PHASES = ("init", "sft", "reward", "ppo", "eval")
+PHASES = ("init", "sft", "label", "reward", "ppo", "eval")
+FULL_PHASES = ("init", "sft", "label", "reward", "ppo", "ppo_gold", "eval")
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "default") -> ml_collections.ConfigDict:
+  common.check_variant(variant, ("default", "full"))
   config = ml_collections.ConfigDict()
-  config.phases = ",".join(PHASES)  # Run a subset with e.g. --config.phases=sft,reward.
+  # Run a subset with e.g. --config.phases=sft,reward.
+  config.phases = ",".join(FULL_PHASES if variant == "full" else PHASES)
   config.data = common.data("builtin")
   config.model = common.model()
   config.mesh = common.mesh()
-  for name, module in (("init", init_config), ("sft", sft_config), ("reward", reward_config),
-                       ("ppo", ppo_config), ("eval", eval_config)):
+  entries = [("init", init_config), ("sft", sft_config), ("label", label_config),
+             ("reward", reward_config), ("ppo", ppo_config), ("eval", eval_config)]
+  if variant == "full":
+    entries.insert(5, ("ppo_gold", ppo_config))
+  for name, module in entries:
     phase = module.get_config()
     for shared in ("data", "model", "mesh"):
       if shared in phase:
         phase[shared] = config[shared]  # The same object: one override changes every phase.
     config[name] = phase
+  if variant == "full":
+    config.ppo_gold.phase = "ppo"
+    config.ppo_gold.name = "ppo_gold"
+    config.ppo_gold.reward.sources = "gold"
   return config

@@ -53,8 +53,12 @@ from rlhf_jax.configs import common
 
 def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
+  config.name = "ppo"  # The WORKDIR subdirectory written (the pipeline's RLHF-gold run: ppo_gold).
   config.sft_checkpoint = ""  # "" = WORKDIR/sft
   config.reward_checkpoint = ""  # "" = WORKDIR/reward
+  # What PPO maximises (CLI.md): "model" (the reward phase's model), "verifier", "gold" (the
+  # simulated teacher's score), "package.module:function", or weighted "model=1,verifier=2".
+  config.reward = ml_collections.ConfigDict(dict(sources="model"))
   config.value_model = "reward"  # reward: a trained copy of the reward model | policy_head (GAE only)
   config.data = common.data("builtin")  # Prompts: the train split; held-out: the validation split.
   config.eval_prompts = 128  # Held-out prompts scored before and after PPO.

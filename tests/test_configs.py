@@ -15,6 +15,7 @@ VARIANTS = {
     "reward": ("builtin", "hh_rlhf", "gpt_neo_125m", "gpt_neo_125m_hh_rlhf"),
     "ppo": ("builtin", "gpt_neo_125m"),
     "eval": ("builtin", "gpt_neo_125m"),
+    "pipeline": ("default", "full"),
 }
 
 
@@ -59,9 +60,29 @@ def test_configs_do_not_look_around_the_repository():
     assert "__file__" not in text and "shared/data" not in text and "parents[" not in text, path
 
 
-@pytest.mark.parametrize("name", ["init", "sft", "reward", "ppo", "eval", "pipeline"])
+@pytest.mark.parametrize("name", ["init", "sft", "label", "reward", "ppo", "eval", "pipeline"])
 def test_docstring_gives_command_machine_time_and_result(name):
   doc = _module(name).__doc__
   assert "python -m rlhf_jax.main" in doc
   for word in ("Machine", "Time", "Result"):
     assert re.search(rf"\b{word}\b", doc), (name, word)
+
+
+def test_the_full_pipeline_adds_ppo_on_the_gold_score_under_its_own_name():
+  pipeline = _module("pipeline")
+  default, full = pipeline.get_config(), pipeline.get_config("full")
+  assert default.phases == "init,sft,label,reward,ppo,eval"
+  assert full.phases == "init,sft,label,reward,ppo,ppo_gold,eval"
+  assert (full.ppo_gold.phase, full.ppo_gold.name, full.ppo_gold.reward.sources) == (
+      "ppo", "ppo_gold", "gold")
+  assert (full.ppo.name, full.ppo.reward.sources) == ("ppo", "model")
+  assert "phase" not in full.ppo and "ppo_gold" not in default
+  full.data.seed = 3  # One shared data section, the added entry included.
+  assert full.ppo_gold.data.seed == full.label.data.seed == 3
+
+
+def test_label_teacher_defaults_are_the_teachers():
+  from rlhf_jax.data import teacher
+  config = _module("label").get_config()
+  assert config.teacher.temperature == teacher.DEFAULT_TEMPERATURE
+  assert config.teacher.flip_rate == teacher.DEFAULT_FLIP_RATE
