@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rlhf_jax.data import preferences
@@ -223,3 +224,63 @@ def test_build_pairs_policy_samples_and_missing_inputs():
   pairs, _ = preferences.build_pairs(records, strategies={"corrupted": 0.0, "truncated": 1.0},
                                      seed=0)
   assert {p["strategy"] for p in pairs} == {"truncated"}
+
+
+def test_no_pair_is_identical_within_the_window():
+  # Long responses after a long context in a 96-token window: a truncation cut past the visible
+  # part, or a policy sample that only differs beyond it, would give two identical sides.
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.data import batching  # pylint: disable=g-import-not-at-top
+  tokenizer_dir = DATA / "gpt2_tokenizer"
+  if not tokenizer_dir.exists():
+    pytest.skip(f"shared test data not found at {DATA}")
+  tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+  records = [{"instruction": f"Describe item {i}.", "context": " ".join(["background"] * 200),
+              "response": " ".join(f"w{i}x{k}" for k in range(120)), "category": "c",
+              "location": f"data.jsonl:{i + 1}"} for i in range(40)]
+  settings = dict(max_length=96, min_response_tokens=32, too_long="truncate")
+  window = batching.PairWindow(tokenizer, **settings)
+
+  def build(window_or_none):
+    return preferences.build_pairs(records, strategies={"truncated": 1.0}, seed=0,
+                                   window=window_or_none)
+
+  # Without the window, truncations past the visible part make identical pairs.
+  blind, _ = build(None)
+  _, blind_stats = batching.tokenize_pairs(tokenizer, blind, skip_bad_records=True, **settings)
+  assert blind_stats["skipped"].get("identical_after_truncation", 0) > 0
+  # With it, every truncation is cut inside the window: none is identical, none is skipped, and
+  # tokenisation (no skipping) keeps them all.
+  pairs, stats = build(window)
+  assert stats["pairs"] == len(records) and not stats["skipped"]
+  examples, token_stats = batching.tokenize_pairs(tokenizer, pairs, **settings)
+  assert len(examples) == len(records) and token_stats["truncated_contexts"] == len(records)
+  for example in examples:
+    assert not np.array_equal(example["chosen_ids"], example["rejected_ids"])
+    assert len(example["prompt_ids"]) + len(example["chosen_ids"]) <= 96
+    assert len(example["chosen_ids"]) >= 32  # the response budget is kept
+
+  # Policy samples equal to the reference within the window are redrawn, then replaced.
+  same_start = [r["response"] + " but a different ending" for r in records]
+  draws = {"count": 0}
+
+  def sample_fn(batch, seed):
+    draws["count"] += 1
+    # Record i's draws: the reference (as text), the reference with a new ending beyond the
+    # window, then (odd i only) a real negative.
+    out = []
+    for k, record in enumerate(batch):
+      i, draw = records.index(record), k % 3
+      out.append([record["response"], same_start[i],
+                  "Something else." if i % 2 else same_start[i]][draw])
+    return out
+
+  pairs, stats = preferences.build_instruction_pairs(
+      records, strategies={"policy_sample": 1.0}, copies=1, seed=0, sample_fn=sample_fn,
+      policy_tries=3, window=window)
+  assert draws["count"] == 1
+  assert stats["policy_same_as_reference_resampled"] == 20 * 2 + 20 * 3
+  assert stats["policy_unusable"] == stats["policy_replaced_by_other_response"] == 20
+  assert stats["by_strategy"] == {"policy_sample": 20, "other_response": 20}
+  examples, _ = batching.tokenize_pairs(tokenizer, pairs, **settings)  # raises on identical
+  assert len(examples) == 40

@@ -296,7 +296,8 @@ def build_pairs(records: Sequence[dict], *, strategies: dict[str, float], seed: 
     for attempt in range(tries[strategy]):
       rejected = makers[strategy](index, chosen)
       reason = rejection(record, chosen, rejected)
-      if reason is None:
+      # A truncation or shuffle that cannot be made from this response never can.
+      if reason is None or (reason == "impossible" and strategy in ("truncated", "shuffled")):
         break
       if attempt + 1 < tries[strategy]:
         redrawn[reason] += 1
