@@ -13,7 +13,10 @@ Preference pairs (`config.pairs.source`):
     file exists, else "build" (below).
   * judged pairs (the label phase's rows; any file whose first line has a `judgement`), read by
     `labeling.load_judged_pairs`: ties and pairs with an empty side are left out and counted;
-    held-out pairs are the `validation` rows (judged pairs of held-out prompts). With
+    held-out pairs are the `validation` rows (judged pairs of held-out prompts). A judged pair
+    longer than `max_length` (a sample whose decoded text re-tokenises longer) is cut at its
+    end under `pairs.too_long="error"` too, and one the cut leaves identical is skipped and
+    counted. With
     `pairs.synthetic_share` = s > 0, built negatives (below, `pairs.strategies`, one per record
     of the data's training split) make up the share s of the training pairs (held-out pairs stay
     judged); the default 0 trains on judgements only. On the built-in data the phase reports at
@@ -144,13 +147,19 @@ def run(config, workdir: pathlib.Path) -> None:
     return policy_sampler(gpt_neo.build(info["config"], config.model), policy_params, tokenizer,
                           config.pairs, max_prompt_length=config.max_length)
 
+  source = pairs_source(config.pairs.source, workdir)
+  judged = is_judged_pairs_file(source)
+  # Judged pairs are policy samples, at most the label phase's max_new_tokens as sampled; only a
+  # decoded sample that re-tokenises longer (stray bytes) can overflow, so they are cut at the
+  # end to fit rather than rejected, and a pair the cut leaves identical is skipped and counted.
   # What the model will see of a pair: built pairs are made so that no two sides are identical
   # within it.
-  fit = dict(max_length=config.max_length, too_long=config.pairs.too_long,
+  fit = dict(max_length=config.max_length,
+             too_long="truncate" if judged and config.pairs.too_long == "error"
+             else config.pairs.too_long,
              min_response_tokens=config.get("min_response_tokens", 1))
   window = batching.PairWindow(tokenizer, **fit)
-  source = pairs_source(config.pairs.source, workdir)
-  if is_judged_pairs_file(source):
+  if judged:
     train_pairs, eval_pairs, data_stats = load_judged(config, source, sampler_factory, window)
   else:
     built_config = config.copy_and_resolve_references()
@@ -158,7 +167,8 @@ def run(config, workdir: pathlib.Path) -> None:
     train_pairs, eval_pairs, data_stats = preferences.load_preference_pairs(
         built_config, sampler_factory, window=window)
   tokenize = lambda pairs, name: batching.tokenize_pairs(
-      tokenizer, pairs, skip_bad_records=config.pairs.skip_bad_records, source=name, **fit)
+      tokenizer, pairs, skip_bad_records=config.pairs.skip_bad_records or judged, source=name,
+      **fit)
   train_examples, train_tokens = tokenize(train_pairs, "training pairs")
   eval_examples, eval_tokens = tokenize(eval_pairs, "held-out pairs")
   if not train_examples or not eval_examples:
