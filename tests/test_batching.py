@@ -170,17 +170,20 @@ def test_instruction_longer_than_the_window_is_an_error_naming_the_record(tokeni
     batching.tokenize_sft_examples(tokenizer, [fine], max_length=512, min_response_tokens=512)
 
 
-def test_fit_prompt_keeps_prompts_that_fit_and_fits_generation_prompts(tokenizer):
+def test_fit_prompt_keeps_prompts_that_fit_and_prompt_batch_fits_contexts(tokenizer):
   prompt = batching.format_prompt("Q?", "A short context.")
   assert batching.fit_prompt(tokenizer, "Q?", "A short context.", 100)[::2] == (prompt, False)
-  records = [{"instruction": "Q?", "context": "word " * 300},
-             {"instruction": "word " * 300, "context": ""},
-             {"instruction": "Q?", "context": ""}]
-  texts, stats = batching.fit_prompt_texts(tokenizer, records, 64)
-  assert stats == {"truncated_contexts": 1, "too_long": 1}
-  assert len(tokenizer(texts[0], verbose=False)["input_ids"]) <= 64
-  assert batching.CONTEXT_CUT_MARKER in texts[0]
-  assert texts[1:] == [batching.format_prompt(r["instruction"]) for r in records[1:]]
+  # Generation prompts: a long context is cut as in training (the instruction kept); a prompt
+  # whose instruction alone is too long keeps its last tokens.
+  prompts = [batching.format_prompt("Q?", "word " * 300), batching.format_prompt("word " * 300),
+             batching.format_prompt("Q?")]
+  ids, mask = batching.prompt_batch(tokenizer, prompts, 64)
+  rows = [tokenizer.decode(ids[r][mask[r] > 0]) for r in range(3)]
+  assert rows[0] == batching.fit_prompt(tokenizer, "Q?", "word " * 300, 64)[0]
+  assert rows[0].startswith("### Instruction:\nQ?\n\n### Context:\nword word")
+  assert batching.CONTEXT_CUT_MARKER in rows[0] and mask[0].sum() <= 64
+  assert rows[1].endswith("word\n\n### Response:\n") and mask[1].sum() == 64
+  assert rows[2] == prompts[2]
 
 
 def _segments(batch: dict) -> list[tuple]:

@@ -247,30 +247,17 @@ def fit_prompt(tokenizer: Any, instruction: str, context: str, max_tokens: int,
   return _cut_context_prompt(instruction, ""), shortest, True
 
 
-def fit_prompt_texts(tokenizer: Any, records: Sequence[dict],
-                     max_prompt_length: int) -> tuple[list[str], dict]:
-  """Generation prompts for records, each fitted into `max_prompt_length` tokens by `fit_prompt`.
-
-  A record whose prompt does not fit even without its context keeps its whole prompt text;
-  `prompt_batch` then keeps its last tokens (the response header) and says so.
-
-  Returns:
-    (prompt texts, stats `truncated_contexts`, `too_long` (prompts left to `prompt_batch`)).
-  """
-  texts = [format_prompt(r["instruction"], r.get("context", "")) for r in records]
-  encoded = _encode(tokenizer, texts)
-  stats = {"truncated_contexts": 0, "too_long": 0}
-  for index, (record, ids) in enumerate(zip(records, encoded)):
-    if len(ids) <= max_prompt_length:
-      continue
-    fitted = fit_prompt(tokenizer, record["instruction"], record.get("context", ""),
-                        max_prompt_length, prompt_ids=ids)
-    if fitted is None:
-      stats["too_long"] += 1
-    else:
-      texts[index] = fitted[0]
-      stats["truncated_contexts"] += 1
-  return texts, stats
+def _template_parts(prompt: str) -> tuple[str, str] | None:
+  """(instruction, context) of a prompt `format_prompt` made with a context, else None."""
+  if not (prompt.startswith(INSTRUCTION_HEADER) and prompt.endswith(RESPONSE_HEADER)):
+    return None
+  body = prompt[len(INSTRUCTION_HEADER):-len(RESPONSE_HEADER)]
+  instruction, separator, context = body.partition("\n\n" + CONTEXT_HEADER)
+  if not separator or not context.endswith("\n\n"):
+    return None
+  context = context[:-2]
+  # Only an exact round trip counts: any other text is left as it is.
+  return (instruction, context) if format_prompt(instruction, context) == prompt else None
 
 
 def _response_reserve(response_tokens: int, min_response_tokens: int) -> int:
@@ -854,8 +841,11 @@ def prompt_batch(tokenizer: Any, prompts: Sequence[str], max_prompt_length: int,
     tokenizer: a Hugging Face fast tokenizer; its EOS id is the filler.
     prompts: prompt texts, already formatted (e.g. with `format_prompt`).
     max_prompt_length: P, the fixed width.
-    truncate: by default a longer prompt keeps its last P tokens (the end holds the response
-      header, which tells the model to answer; the cut is logged); False raises instead.
+    truncate: by default a longer prompt is fitted: a template prompt with a context has the
+      context cut (`fit_prompt`: the instruction and the context's start kept, the cut
+      marked), as in training; any other (or one whose instruction alone is too long) keeps
+      its last P tokens (the end holds the response header, which tells the model to answer).
+      Both are counted and logged. False raises instead.
 
   Returns:
     (prompt_ids int32 [B, P], prompt_mask float32 [B, P]: 1.0 real, 0.0 pad).
@@ -869,7 +859,7 @@ def prompt_batch(tokenizer: Any, prompts: Sequence[str], max_prompt_length: int,
   encoded = _encode(tokenizer, prompts)
   prompt_ids = np.full((len(prompts), max_prompt_length), pad_id, np.int32)
   prompt_mask = np.zeros((len(prompts), max_prompt_length), np.float32)
-  cut = 0
+  cut = contexts_cut = 0
   for row, ids in enumerate(encoded):
     if not ids:
       raise UserError(f"prompt {row} is empty")
@@ -877,10 +867,19 @@ def prompt_batch(tokenizer: Any, prompts: Sequence[str], max_prompt_length: int,
       if not truncate:
         raise UserError(f"prompt {row} is {len(ids)} tokens, longer than max_prompt_length="
                         f"{max_prompt_length}")
-      ids = ids[-max_prompt_length:]
-      cut += 1
+      parts = _template_parts(prompts[row])
+      fitted = parts and fit_prompt(tokenizer, *parts, max_prompt_length, prompt_ids=ids)
+      if fitted:
+        ids = fitted[1]
+        contexts_cut += 1
+      else:
+        ids = ids[-max_prompt_length:]
+        cut += 1
     prompt_ids[row, max_prompt_length - len(ids):] = ids
     prompt_mask[row, max_prompt_length - len(ids):] = 1.0
+  if contexts_cut:
+    logging.info("%d of %d prompts longer than max_prompt_length=%d had their context cut",
+                 contexts_cut, len(prompts), max_prompt_length)
   if cut:
     logging.warning("%d of %d prompts longer than max_prompt_length=%d kept only their last "
                     "tokens", cut, len(prompts), max_prompt_length)
