@@ -13,6 +13,8 @@ import safetensors
 import torch
 import transformers
 
+from rlhf_jax.data import batching
+
 from conftest import load_cleanly
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -70,6 +72,10 @@ def test_export_round_trip_is_bit_identical(policy_dir, imported, tmp_path):
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   assert tokenizer("Hello world")["input_ids"] == \
       transformers.AutoTokenizer.from_pretrained(str(policy_dir.path))("Hello world")["input_ids"]
+  # The export phase ships the prompt template as the tokenizer's chat template.
+  message = {"role": "user", "content": "Name a planet.", "context": "Mars is a planet."}
+  assert tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True) == \
+      batching.format_prompt("Name a planet.", "Mars is a planet.")
 
 
 def test_export_bfloat16(policy_dir, imported, tmp_path):

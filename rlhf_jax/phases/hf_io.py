@@ -48,5 +48,6 @@ def run_export(config, workdir: pathlib.Path) -> None:
   if jax.process_index() == 0:
     hf.save_checkpoint(params, loaded["config"], out_dir, kind=kind,
                        tokenizer_dir=loaded["tokenizer_dir"], dtype=config.dtype,
-                       extra_files={"PROMPT_TEMPLATE.md": batching.PROMPT_TEMPLATE_DOC})
+                       extra_files={"PROMPT_TEMPLATE.md": batching.PROMPT_TEMPLATE_DOC},
+                       chat_template=batching.CHAT_TEMPLATE)
   print(f"export: {loaded['source']} ({kind}) -> {out_dir}")
