@@ -21,6 +21,7 @@ from rlhf_jax.configs import init as init_config
 from rlhf_jax.configs import label as label_config
 from rlhf_jax.configs import reward as reward_config
 from rlhf_jax.data import batching
+from rlhf_jax.data import label_server
 from rlhf_jax.data import labeling
 from rlhf_jax.data import records
 from rlhf_jax.data import teacher
@@ -143,6 +144,37 @@ def test_an_interrupted_run_resumes_without_duplicating_or_losing_pairs(labelled
   rows = read_rows(workdir / "label" / "pairs.jsonl")
   assert len({row["pair_id"] for row in rows}) == len(rows)
   assert json.loads((workdir / "label" / "summary.json").read_text())["resumed_at_chunk"] == 2
+
+
+def test_the_web_labeller_shows_the_pairs_the_teacher_judged_and_reports_agreement(
+    labelled, tmp_path, monkeypatch, capsys):
+  workdir = tmp_path / "web"
+  workdir.mkdir()
+  (workdir / "sft").symlink_to(labelled / "init", target_is_directory=True)
+  served = []
+
+  def fake_serve(pairs, out_path, **kwargs):  # One person judges the first two pairs: 'a'.
+    served.append(pairs)
+    with open(out_path, "a") as f:
+      for pair in pairs[:2]:
+        row = label_server.judged_row(pair, annotator="ann", choice="a", note="", seconds=1.0)
+        f.write(json.dumps(row) + "\n")
+
+  monkeypatch.setattr(label_phase.label_server, "serve", fake_serve)
+  config = small_label_config()
+  config.labeler = "web"
+  main.run_phase("label", config, workdir)
+  # Sampled exactly as the simulated labeller samples: the same pairs with the same sides.
+  simulated = read_rows(labelled / "label" / "pairs.jsonl")
+  assert [(p["pair_id"], p["response_a"], p["response_b"]) for p in served[0]] == [
+      (row["pair_id"], *labeling.shown_sides(row)) for row in simulated]
+  out = capsys.readouterr().out
+  assert "2 judgements" in out and "| ann | 2 |" in out
+  # A restart shows the same pairs without sampling again (kept in pairs_to_judge.jsonl).
+  monkeypatch.setattr(label_phase.decode, "generate_responses", None)
+  main.run_phase("label", config, workdir)
+  assert served[1] == served[0]
+  assert len(read_rows(workdir / "label" / "pairs.jsonl")) == 4  # Two sessions of two.
 
 
 def write_lines(path: pathlib.Path, lines: list) -> pathlib.Path:
