@@ -86,14 +86,15 @@ def run(config, workdir: pathlib.Path) -> None:
   else:
     _serve_web(config, workdir, phase_dir, splits, gold)
     return
+  if jax.process_index() != 0:
+    return
   rows = read_rows(phase_dir / PAIRS_FILE)
   summary = {"labeler": config.labeler, "rows": len(rows), **counts,
              "per_split": count_rows(rows),
              "gold_agreement": (labeller_agreement(rows, records_by_prompt(splits), gold)
                                 if gold is not None else None),
              "seconds": round(time.time() - start, 1)}
-  if jax.process_index() == 0:
-    _write_json(summary_path, summary)
+  _write_json(summary_path, summary)
   _print_summary(summary, phase_dir)
 
 
@@ -435,8 +436,6 @@ def _write_json(path: pathlib.Path, value) -> None:
 
 
 def _print_summary(summary: Mapping, phase_dir: pathlib.Path) -> None:
-  if jax.process_index() != 0:
-    return
   per_split = ", ".join(f"{split} {c['pairs']} pairs ({c['ties']} ties)"
                         for split, c in summary["per_split"].items())
   identical = sum((summary.get("identical_not_paired") or {}).values())
