@@ -17,6 +17,7 @@ Models are tiny GPT-Neos; every compiled PPO iteration is built once per module 
 
 import dataclasses
 import functools
+import json
 import pathlib
 import shutil
 import types
@@ -42,6 +43,7 @@ from rlhf_jax.models import hf
 from rlhf_jax.training import loop
 from rlhf_jax.training import ppo
 from rlhf_jax.training import ppo_core
+from rlhf_jax.training import rewards
 
 # Parity models (HF-randomised, see conftest.randomize_): token 42 is one this random policy emits
 # often, so with it as EOS some sampled rows end early and others run to the length limit.
@@ -239,11 +241,14 @@ class Toy:
   batch: dict
   frozen: dict
 
-  def fresh_state(self, seed: int = 0) -> loop.TrainState:
-    """Step 0, as the ppo phase builds it: own copies of the params (the state is donated)."""
+  def fresh_state(self, seed: int = 0, stats: tuple[float, float] = (0.0, 1.0)) -> loop.TrainState:
+    """Step 0, as the ppo phase builds it: own copies of the params (the state is donated), the
+    reward normaliser's (bias, gain) = `stats`."""
     learner = jax.tree.map(jnp.copy, {"policy": self.policy_params, "value": self.value_params})
+    reward_stats = {"mean": jnp.float32(stats[0]), "std": jnp.float32(stats[1])}
     state = loop.create_train_state(learner, self.tx, jax.random.key(seed),
-                                    extra={"kl_coef": jnp.float32(KL_COEF)})
+                                    extra={"kl_coef": jnp.float32(KL_COEF),
+                                           "reward_stats": reward_stats})
     return state.replace(params=state.params["policy"],
                          extra={**state.extra, "value": state.params["value"]})
 
@@ -289,8 +294,7 @@ def _toy(shared_value_head: bool) -> Toy:
       shared_value_head=shared_value_head)
   tx = optax.adam(LR)
   ids, mask = _random_prompts(PROMPT_LENGTHS, VOCAB, avoid={TARGET, EOS}, seed=0)
-  frozen = {"reference": reference_params, "reward": reward_params,
-            "reward_stats": {"mean": jnp.float32(0.0), "std": jnp.float32(1.0)}}
+  frozen = {"reference": reference_params, "reward": reward_params}
   return Toy(models=models, settings=settings, tx=tx, step=_compile(models, settings, tx),
              policy_params=policy_params, value_params=value_params,
              batch={"prompt_ids": ids, "prompt_mask": mask}, frozen=frozen)
@@ -363,11 +367,10 @@ def test_an_iteration_is_deterministic(toy):
 def test_value_model_is_read_in_the_normalised_score_units(toy):
   # The value model starts as the reward model: with normalisation stats (mean 3, std 4) its
   # estimates must be normalised like the scores, value' = (value - 3) / 4, on the same rollout.
+  # (The normaliser is part of the train state: computed once per run, saved and restored.)
   assert toy.settings.normalize_scores
-  stats = lambda mean, std: {**toy.frozen, "reward_stats": {"mean": jnp.float32(mean),
-                                                             "std": jnp.float32(std)}}
-  _, plain = toy.step(toy.fresh_state(), toy.batch, stats(0.0, 1.0))
-  _, shifted = toy.step(toy.fresh_state(), toy.batch, stats(3.0, 4.0))
+  _, plain = toy.step(toy.fresh_state(stats=(0.0, 1.0)), toy.batch, toy.frozen)
+  _, shifted = toy.step(toy.fresh_state(stats=(3.0, 4.0)), toy.batch, toy.frozen)
   assert float(shifted["score"]) == float(plain["score"])  # Same rollout, raw scores.
   assert float(shifted["value_mean"]) == pytest.approx((float(plain["value_mean"]) - 3) / 4,
                                                        rel=1e-5, abs=1e-6)
@@ -430,35 +433,109 @@ def test_rloo_config_needs_several_answers_per_prompt():
     ppo.settings_from_config(config, tokenizer)
 
 
-def test_approx_kl_stop_skips_the_rest_of_the_epochs(toy):
-  """Minibatch 1 meets the bound (its logprobs are the rollout's); after one Adam step the next
-  minibatch's approx-KL exceeds it, so exactly one of EPOCHS x MINIBATCHES updates is applied.
+def test_train_accum_steps_is_rejected_with_the_ppo_key_named():
+  config = ppo_config.get_config()
+  tokenizer = types.SimpleNamespace(eos_token_id=EOS, pad_token_id=EOS)
+  config.train.accum_steps = 2
+  with pytest.raises(UserError, match=r"train\.accum_steps=2.*ppo\.accum_steps"):
+    ppo.settings_from_config(config, tokenizer)
+  config.train.accum_steps = 1
+  config.ppo.accum_steps = 2
+  assert ppo.settings_from_config(config, tokenizer).accum_steps == 2
+
+
+def test_the_learning_rate_schedule_ends_at_the_last_optimizer_update():
+  """The phase's optimizer (`ppo.make_optimizer`) counts updates, iterations x epochs x
+  minibatches: a linear decay to 0 still steps at the last update and is 0 right after it (sized
+  in iterations, as before the #22 audit, it reached 0 after 1/8 of the run)."""
+  config = ppo_config.get_config()
+  config.train.steps = 5
+  config.optim.update(dict(schedule="linear", end_lr_fraction=0.0, warmup_steps=3, clip_norm=0.0,
+                           weight_decay=0.0))
+  updates = 5 * config.ppo.num_epochs * config.ppo.num_minibatches
+  tx = ppo.make_optimizer(config)
+  params = {"policy": {"w": jnp.zeros(())}, "value": {}}
+  grads = {"policy": {"w": jnp.ones(())}, "value": {}}
+  state, steps = tx.init(params), []
+  for _ in range(updates + 1):
+    step, state = tx.update(grads, state, params)
+    steps.append(abs(float(step["policy"]["w"])))
+  assert steps[0] == 0.0 and steps[3] > 0  # Warmup from 0, in updates.
+  assert steps[updates - 1] > 0 and steps[updates] == 0.0
+
+
+def test_approx_kl_stop_applies_the_crossing_step_then_skips_the_rest(toy):
+  """Minibatch 1 meets the bound (its logprobs are the rollout's) and is applied; after that Adam
+  step minibatch 2's approx-KL exceeds it: that step is applied too (TRL's rule, changed with the
+  #22 audit: the crossing step used to be dropped), and every later one changes nothing.
   (With an entropy bonus, so that its path runs too: it changes the loss, not the stop.)"""
   stopping = toy.with_settings(approx_kl_stop=1e-6, entropy_coef=0.01)
   state = stopping.fresh_state()
-  before = _host_copy({"policy": state.params, "value": state.extra["value"]})
   state, metrics = stopping.step(state, stopping.batch, stopping.frozen)
-  assert float(metrics["minibatches_applied"]) == 1.0 < EPOCHS * MINIBATCHES
-  # The only applied update ran on the rollout's own params: the exact entropy of its minibatch
-  # agrees with the rollout estimate (mean -log pi of the sampled tokens).
-  assert abs(float(metrics["entropy_exact"]) - float(metrics["entropy"])) < 0.05
+  assert float(metrics["minibatches_applied"]) == 2.0 < EPOCHS * MINIBATCHES
   adam = next(s for s in jax.tree.leaves(state.opt_state,
                                          is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
               if isinstance(s, optax.ScaleByAdamState))
-  assert int(adam.count) == 1  # The skipped updates left the optimizer state alone too.
-  # After exactly one Adam step, mu = (1 - b1) g and nu = (1 - b2) g^2: the params must be the
-  # start moved by that one step, i.e. the params at the stop.
-  b1, b2, eps = 0.9, 0.999, 1e-8
+  assert int(adam.count) == 2  # The skipped updates left the optimizer state alone too.
 
-  def one_step(start, mu, nu):
-    mu, nu = np.float64(mu) / (1 - b1), np.float64(nu) / (1 - b2)
-    return start - LR * mu / (np.sqrt(nu) + eps)
+  # The update schedule itself: applied [1, 1, 0, ...]; the second update's approx-KL crossed
+  # the bound; the skipped ones did no work (their metrics are the cond's zeros).
+  fresh = stopping.fresh_state()
+  rolled, keys = jax.jit(functools.partial(ppo.rollout_phase, models=stopping.models,
+                                           settings=stopping.settings))(fresh, stopping.batch)
+  scored = ppo.score_rollout(stopping.models, stopping.settings, fresh.params,
+                             fresh.extra["value"], stopping.frozen, rolled,
+                             fresh.extra["reward_stats"])
+  advantages = ppo.compute_advantages(stopping.settings, rolled["samples"], scored,
+                                      jnp.float32(KL_COEF))
+  samples = rolled["samples"]
+  data = dict(rolled["sequences"], tokens=samples.tokens, mask=samples.mask,
+              old_logprobs=samples.logprobs, advantages=advantages["advantages"],
+              old_values=scored["old_values"], returns=advantages["returns"])
+  learner = {"policy": fresh.params, "value": fresh.extra["value"]}
+  new_learner, _, per_update = jax.jit(ppo.update, static_argnums=(0, 1, 2, 8))(
+      stopping.models, stopping.settings, stopping.tx, learner, fresh.opt_state, data,
+      keys["permutation"], keys["update"], rolled["prompt_ids"].shape[1],
+      fresh.extra["reward_stats"])
+  applied = np.asarray(per_update["applied"])
+  np.testing.assert_array_equal(applied, [1, 1] + [0] * (EPOCHS * MINIBATCHES - 2))
+  approx_kl = np.asarray(per_update["approx_kl"])
+  assert approx_kl[0] <= 1e-6 < approx_kl[1]
+  assert not np.asarray(per_update["loss"])[2:].any()
+  np.testing.assert_array_equal(applied, ppo_core.early_stop_applied(approx_kl, 1e-6))
+  # The phase's iteration ran exactly this update: same learner.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_learner),
+               jax.device_get({"policy": state.params, "value": state.extra["value"]}))
+  # The exact entropy of the applied updates agrees with the rollout estimate (mean -log pi of
+  # the sampled tokens): they ran on (nearly) the rollout's own params.
+  assert abs(float(metrics["entropy_exact"]) - float(metrics["entropy"])) < 0.05
 
-  expected = jax.tree.map(one_step, before, jax.device_get(adam.mu), jax.device_get(adam.nu))
-  after = jax.device_get({"policy": state.params, "value": state.extra["value"]})
-  jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=0, atol=1e-6), after, expected)
-  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), after, before)
-  assert max(jax.tree.leaves(moved)) > 100 * 1e-6
+
+def test_policy_and_value_gradient_norms_are_logged_apart(toy):
+  _, metrics = toy.step(toy.fresh_state(), toy.batch, toy.frozen)
+  policy, value = float(metrics["policy_grad_norm"]), float(metrics["value_grad_norm"])
+  assert policy > 0 and value > 0
+  # Per update grad_norm^2 = policy^2 + value^2; the logged values are means over the updates.
+  assert float(metrics["grad_norm"]) <= policy + value + 1e-4
+  assert float(metrics["grad_norm"]) >= max(policy, value) - 1e-4
+
+
+def test_rloo_advantages_are_normalised_per_sequence(toy):
+  """advantage_estimator=rloo: the leave-one-out advantages are whitened over sequences (TRL's
+  RLOO), not per token, where a long answer's weight could flip another's sign (#22 audit)."""
+  settings = dataclasses.replace(toy.settings, advantage_estimator="rloo", samples_per_prompt=3)
+  # The audit's example: one prompt, answers 10/1/1 tokens long, returns 1.0/0.6/0.0.
+  mask = np.zeros((3, NEW_TOKENS), np.float32)
+  mask[0, :10], mask[1, :1], mask[2, :1] = 1, 1, 1
+  samples = decode.Samples(tokens=jnp.zeros((3, NEW_TOKENS), jnp.int32),
+                           logprobs=jnp.zeros((3, NEW_TOKENS)), mask=jnp.asarray(mask),
+                           lengths=jnp.asarray([10, 1, 1]), ended=jnp.ones(3, bool))
+  scored = {"scores": jnp.asarray([1.0, 0.6, 0.0]), "ref_logprobs": jnp.zeros((3, NEW_TOKENS))}
+  out = ppo.compute_advantages(settings, samples, scored, jnp.float32(0.0))
+  first = np.asarray(out["advantages"])[:, 0]
+  raw = np.array([0.7, 0.1, -0.8])
+  np.testing.assert_allclose(first, (raw - raw.mean()) / raw.std(ddof=1), rtol=1e-4)
+  assert (np.sign(first) == np.sign(raw)).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,6 +548,8 @@ def _ppo_run_config():
   config.eval_prompts = 0
   config.rollout.update(dict(max_prompt_length=24, max_new_tokens=6))
   config.train.update(dict(steps=4, batch_size=4, log_every=2, save_every=2, keep_checkpoints=2))
+  config.ppo.normalize_samples = 16
+  config.eval_batch_size = 8
   return config
 
 
@@ -486,19 +565,27 @@ def _saved_step(workdir: pathlib.Path, step: int) -> dict:
   return _host_copy({k: restored[k] for k in ("params", "train_state")})
 
 
-@pytest.mark.slow
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_tokenizer_dir,
-                                                                 capsys):
-  tokenizer = hf.load_tokenizer(tiny_tokenizer_dir)
+def _tiny_sft_and_reward(workdir: pathlib.Path, tokenizer_dir) -> tuple:
+  """Tiny random SFT and reward checkpoints in WORKDIR/sft and WORKDIR/reward (the tiny
+  tokenizer's vocabulary). Returns (model config, sft params, reward params)."""
+  tokenizer = hf.load_tokenizer(tokenizer_dir)
   config = gpt_neo.tiny_config(vocab_size=len(tokenizer), hidden_size=32, num_heads=2,
                                window_size=8, eos_token_id=tokenizer.eos_token_id,
                                bos_token_id=tokenizer.eos_token_id)
   sft_params = {k: v for k, v in _init_params(config, seed=0).items() if k != "score"}
   reward_params = _init_params(config, seed=1)
-  checkpoints.save_model(tmp_path / "sft", sft_params, config, kind=hf.CAUSAL_LM, phase="sft",
-                     tokenizer_dir=tiny_tokenizer_dir)
-  checkpoints.save_model(tmp_path / "reward", reward_params, config, kind=hf.REWARD, phase="reward",
-                     tokenizer_dir=tiny_tokenizer_dir, reward_stats={"mean": 0.5, "std": 2.0})
+  checkpoints.save_model(workdir / "sft", sft_params, config, kind=hf.CAUSAL_LM, phase="sft",
+                         tokenizer_dir=tokenizer_dir)
+  checkpoints.save_model(workdir / "reward", reward_params, config, kind=hf.REWARD,
+                         phase="reward", tokenizer_dir=tokenizer_dir,
+                         reward_stats={"mean": 0.5, "std": 2.0})
+  return config, sft_params, reward_params
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_tokenizer_dir,
+                                                                 capsys):
+  _, _, reward_params = _tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
 
   phases.run_phase("ppo", _ppo_run_config(), tmp_path)
   uninterrupted = _saved_step(tmp_path, 4)
@@ -515,6 +602,109 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_
   assert abs(float(extra["kl_coef"]) - ppo_config.get_config().ppo.init_kl_coef) > 1e-5
   assert not np.array_equal(extra["value"]["score"]["kernel"], reward_params["score"]["kernel"])
   assert int(resumed["train_state"]["step"]) == 4
+  # The reward normaliser was computed once (fresh start) and restored, not recomputed.
+  stats = extra["reward_stats"]
+  assert float(stats["std"]) > 0 and (float(stats["mean"]), float(stats["std"])) != (0.5, 2.0)
+  # Updates were counted in optimizer steps: 4 iterations x 4 epochs x 2 minibatches.
+  counts = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(
+      resumed["train_state"]["opt_state"]) if "count" in jax.tree_util.keystr(path)]
+  assert counts and all(int(c) == 4 * 4 * 2 for c in counts)
+
+
+def _metrics_rows(phase_dir: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in (phase_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["gold", "verifier"])
+def test_a_run_on_a_host_reward_source_completes_and_logs_each_source(tmp_path, source,
+                                                                      tiny_tokenizer_dir, capsys):
+  """reward.sources=gold / verifier: compiled rollout -> host scoring -> compiled update through
+  the phase, written under the config's name; each source's mean is logged (reward/SOURCE), and
+  the held-out evaluation gives eval/score, eval/kl, eval/gold_mean and eval/exact_match at
+  steps 0, 2 and 4 (train.eval_every=2)."""
+  _tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
+  config = _ppo_run_config()
+  config.name = f"ppo_{source}"
+  config.reward.sources = source
+  config.eval_prompts = 4
+  config.train.eval_every = 2
+  phases.run_phase("ppo", config, tmp_path)
+  out = capsys.readouterr().out
+  assert f"reward normalisation from 16 SFT samples of the training prompts ({source})" in out
+  rows = _metrics_rows(tmp_path / f"ppo_{source}")
+  train_rows = [row for row in rows if "loss" in row]
+  assert [row["step"] for row in train_rows] == [2, 4]
+  for row in train_rows:
+    assert f"reward/{source}" in row and "reward/model" not in row
+    # One source of weight 1: the combined score is the source's own mean.
+    assert row["score"] == pytest.approx(row[f"reward/{source}"], abs=1e-5)
+    assert np.isfinite(row["policy_grad_norm"]) and np.isfinite(row["value_grad_norm"])
+  if source == "verifier":
+    assert all(0.0 <= row["reward/verifier"] <= 1.0 for row in train_rows)
+  evals = [row for row in rows if "eval/kl" in row]
+  assert [row["step"] for row in evals] == [0, 2, 4]
+  for row in evals:
+    assert {"eval/score", "eval/kl", "eval/gold_mean", "eval/exact_match"} <= set(row), row
+    assert np.isfinite(row["eval/gold_mean"]) and np.isfinite(row["eval/score"])
+  assert evals[0]["eval/kl"] == pytest.approx(0.0, abs=1e-4)  # Step 0 is the SFT policy.
+  assert checkpoints.phase_finished(tmp_path / f"ppo_{source}")
+
+
+@pytest.mark.slow
+def test_the_full_pipelines_ppo_gold_runs_beside_ppo(tmp_path, tiny_tokenizer_dir, capsys):
+  """configs/pipeline.py:full's ppo and ppo_gold entries, run by the pipeline on tiny
+  checkpoints: two PPO runs in one workdir, WORKDIR/ppo on the reward model and WORKDIR/ppo_gold
+  on the teacher's gold score, each finished, with its own source's mean logged and the held-out
+  rows the eval phase reads (eval/score, eval/kl, eval/gold_mean)."""
+  from rlhf_jax.configs import pipeline as pipeline_config
+  _tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
+  config = pipeline_config.get_config("full")
+  config.phases = "ppo,ppo_gold"
+  config.data.update(dict(num_train=16, num_eval=4))
+  for name in ("ppo", "ppo_gold"):
+    config[name].rollout.update(dict(max_prompt_length=24, max_new_tokens=6))
+    config[name].train.update(dict(steps=2, batch_size=4, log_every=1, eval_every=1))
+    config[name].ppo.normalize_samples = 8
+    config[name].update(dict(eval_prompts=4, eval_batch_size=4))
+  phases.run_phase("pipeline", config, tmp_path)
+  for name, source in (("ppo", "model"), ("ppo_gold", "gold")):
+    assert checkpoints.phase_finished(tmp_path / name), name
+    rows = _metrics_rows(tmp_path / name)
+    assert all(set(row) & {"reward/model", "reward/gold"} == {f"reward/{source}"}
+               for row in rows if "loss" in row), name
+    evals = [row for row in rows if "eval/kl" in row]
+    assert [row["step"] for row in evals] == [0, 1, 2], name
+    assert all({"eval/score", "eval/gold_mean"} <= set(row) for row in evals), name
+  assert "(gold): bias" in capsys.readouterr().out
+
+
+def test_normalised_scores_of_sft_samples_have_mean_0_and_std_1(tmp_path, tiny_tokenizer_dir):
+  """`ppo.score_normalizer` (Ziegler et al.'s gain and bias) on 256 SFT samples of the training
+  prompts; other SFT samples (another seed) normalised with it have mean ~0 and std ~1."""
+  from rlhf_jax.data import batching, records
+  model_config, sft_params, reward_params = _tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
+  tokenizer = hf.load_tokenizer(tiny_tokenizer_dir)
+  config = _ppo_run_config()
+  config.reward.sources = "model=2,gold=0.5"
+  weights = rewards.parse_sources(config.reward.sources)
+  settings = ppo.settings_from_config(config, tokenizer, weights)
+  train = records.load_splits(config.data)["train"]
+  prompts = [batching.record_prompt(r) for r in train]
+  policy = gpt_neo.GPTNeo(model_config)
+  reward = gpt_neo.GPTNeo(model_config, score_head=True)
+  models = ppo.Models(policy=policy, reference=policy, value=reward, reward=reward)
+  host = rewards.HostRewards(settings.host_sources, train, prompts)
+  normalize = lambda seed: ppo.score_normalizer(
+      models, settings, sft_params, reward_params, tokenizer, prompts, host, num_samples=256,
+      batch_size=64, max_prompt_length=24, seed=seed)
+  stats = normalize(0)
+  assert stats["num_samples"] == 256 and set(stats["parts"]) == {"model", "gold"}
+  assert stats["mean"] == pytest.approx(2 * stats["parts"]["model"] + 0.5 * stats["parts"]["gold"],
+                                        rel=1e-4, abs=1e-4)
+  other = normalize(1)  # The raw mean and std of other samples, normalised with seed 0's.
+  assert (other["mean"] - stats["mean"]) / stats["std"] == pytest.approx(0.0, abs=0.2)
+  assert other["std"] / stats["std"] == pytest.approx(1.0, abs=0.15)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,6 +747,7 @@ def test_the_iteration_uses_the_configured_values(toy):
                          num_minibatches=4, missing_eos_penalty=0.5))
   config.rollout.temperature = 0.9
   config.rollout.samples_per_prompt = 2
+  config.rollout.max_new_tokens = NEW_TOKENS  # The toy's (the default's 24 would not match).
   settings = ppo.settings_from_config(config, types.SimpleNamespace(eos_token_id=EOS,
                                                                     pad_token_id=EOS))
   p = config.ppo
@@ -569,17 +760,19 @@ def test_the_iteration_uses_the_configured_values(toy):
                                                        jax.random.key(1))
   samples = jax.device_get(rolled["samples"])
   np.testing.assert_array_equal(rolled["prompt_ids"], np.repeat(batch["prompt_ids"], 2, axis=0))
+  assert settings.sampling.temperature == 0.9
   again = decode.generate(models.policy, state.params, rolled["prompt_ids"],
-                          rolled["prompt_mask"], jax.random.key(1),
-                          dataclasses.replace(toy.settings.sampling, temperature=0.9))
+                          rolled["prompt_mask"], jax.random.key(1), settings.sampling)
   np.testing.assert_array_equal(samples.tokens, again.tokens)
 
   # 2. Scoring: the reference's logprobs at the sampling temperature; the missing-EOS penalty.
   scored = jax.jit(ppo.score_rollout, static_argnums=(0, 1))(
-      models, settings, state.params, state.extra["value"], frozen, rolled)
+      models, settings, state.params, state.extra["value"], frozen, rolled,
+      state.extra["reward_stats"])
   seqs = rolled["sequences"]
   reference = _response_outputs(models.reference, frozen["reference"], seqs,
-                                rolled["prompt_ids"].shape[1], NEW_TOKENS, lm_head=True,
+                                rolled["prompt_ids"].shape[1],
+                                settings.sampling.max_new_tokens, lm_head=True,
                                 temperature=0.9, tokens=rolled["samples"].tokens)["logprobs"]
   np.testing.assert_allclose(scored["ref_logprobs"], reference, atol=1e-5)
   raw = np.asarray(scored["raw_scores"])
@@ -606,16 +799,18 @@ def test_the_iteration_uses_the_configured_values(toy):
   learner = {"policy": state.params, "value": state.extra["value"]}
   _, _, metrics = jax.jit(ppo.update, static_argnums=(0, 1, 2, 8))(
       models, settings, toy.tx, learner, state.opt_state, data, jax.random.key(2),
-      jax.random.key(3), rolled["prompt_ids"].shape[1], frozen["reward_stats"])
+      jax.random.key(3), rolled["prompt_ids"].shape[1], state.extra["reward_stats"])
   assert metrics["approx_kl"].shape == (p.num_epochs * p.num_minibatches,)
   assert float(metrics["approx_kl"][0]) < 1e-8 and float(metrics["ratio_mean"][0]) == \
       pytest.approx(1.0, abs=1e-5)
 
-  # 5. KL control: the adaptive controller with the configured target and horizon, 8 episodes.
+  # 5. KL control: the adaptive controller with the configured target and horizon, 8 episodes,
+  # reading the penalty's own estimator (k3 here; it read k1 before the #22 audit).
   new_coef, kl = ppo.kl_control(settings, jnp.float32(KL_COEF), rolled["samples"],
                                 scored["ref_logprobs"])
-  expected = ppo_core.adaptive_kl_update(KL_COEF, kl["k1_mean"], 8, target=p.kl_target,
+  expected = ppo_core.adaptive_kl_update(KL_COEF, kl["k3_mean"], 8, target=p.kl_target,
                                          horizon=p.kl_horizon)
   np.testing.assert_allclose(new_coef, expected, rtol=1e-6)
+  assert float(kl["k3_mean"]) != pytest.approx(float(kl["k1_mean"]), rel=1e-3)
   assert new_coef != pytest.approx(ppo_core.adaptive_kl_update(
-      KL_COEF, kl["k1_mean"], 8, target=6.0, horizon=10000.0))
+      KL_COEF, kl["k3_mean"], 8, target=6.0, horizon=10000.0))
