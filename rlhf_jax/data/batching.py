@@ -515,11 +515,22 @@ class PairWindow:
       self._fitted[key] = fit_prompt(tokenizer, instruction, context, max_tokens, prompt_ids)
     return self._fitted[key]
 
+  def _prompt_ids(self, record: dict) -> list[int]:
+    key = (record["instruction"], record.get("context", ""))
+    if key not in self._prompts:
+      self._prompts[key] = _encode(self.tokenizer, [format_prompt(*key)])[0]
+    return self._prompts[key]
+
+  def _fits(self, record: dict, *texts: str) -> bool:
+    """True when the prompt and each text surely fit whole: a byte-level BPE token holds at
+    least one byte, so a text has at most as many tokens as UTF-8 bytes (no tokenising)."""
+    longest = max(len(text.encode("utf-8")) for text in texts)
+    return len(self._prompt_ids(record)) + longest <= self.max_length
+
   def _fit(self, record: dict, chosen_ids: list[int], rejected_ids: list[int]):
     instruction, context = record["instruction"], record.get("context", "")
     key = (instruction, context)
-    if key not in self._prompts:
-      self._prompts[key] = _encode(self.tokenizer, [format_prompt(instruction, context)])[0]
+    self._prompt_ids(record)
     return _fit_pair(self.tokenizer, {"instruction": instruction, "context": context},
                      self._prompts[key], chosen_ids, rejected_ids, max_length=self.max_length,
                      min_response_tokens=self.min_response_tokens, too_long=self.too_long,
@@ -531,12 +542,16 @@ class PairWindow:
     reject for another reason (it reports that one itself)."""
     if chosen == rejected or not chosen or not rejected:
       return False
+    if self._fits(record, chosen, rejected):  # Both whole: different texts, different tokens.
+      return True
     _, error, _ = self._fit(record, *_encode(self.tokenizer, [chosen, rejected]))
     return error is None or error[0] != "identical_after_truncation"
 
   def visible_response(self, record: dict, response: str) -> str:
     """The start of `response` inside the window when it is its pair's longer side (all of it
     when it fits): a negative cut strictly inside it differs from it in what the model sees."""
+    if self._fits(record, response):
+      return response
     encoded = self.tokenizer(response, add_special_tokens=False, verbose=False,
                              return_offsets_mapping=True)
     # The other side empty: the window is then set by this response alone.
