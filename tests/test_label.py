@@ -329,3 +329,21 @@ def test_a_phase_writes_under_its_configs_name(tmp_path):
   assert phases.output_dir(config, tmp_path, "label") == tmp_path / "label"
   config.name = "label_round2"
   assert phases.output_dir(config, tmp_path, "label") == tmp_path / "label_round2"
+
+
+def test_pairs_tied_in_gold_are_coin_flips_or_ties_as_configured():
+  question = {"instruction": "What is 3 minus 1?", "context": "", "answer": "2",
+              "task": "subtract"}
+  right, wrong, other_wrong = "3 minus 1 equals 2.", "3 minus 1 equals 5.", "3 minus 1 equals 7."
+  gold = label_phase.GoldScores()
+  assert gold([question] * 2, [wrong, other_wrong])[0] == gold([question], [other_wrong])[0]
+  questions, a, b = [question] * 3, [right, wrong, other_wrong], [wrong, other_wrong, wrong]
+  noiseless = dict(temperature=1e-3, flip_rate=0.0)
+  ties = label_phase.simulated_judge(gold, gold_ties="tie", **noiseless)
+  assert ties(questions, a, b, np.random.default_rng(0)) == ["a", "tie", "tie"]
+  flips = label_phase.simulated_judge(gold, gold_ties="label", **noiseless)
+  draws = [flips(questions, a, b, np.random.default_rng(seed)) for seed in range(40)]
+  assert all(d[0] == "a" for d in draws)
+  assert {d[1] for d in draws} == {"a", "b"}  # A coin flip between equal gold scores.
+  with pytest.raises(UserError, match="gold_ties"):
+    label_phase.simulated_judge(gold, gold_ties="drop", **noiseless)

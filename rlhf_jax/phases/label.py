@@ -120,15 +120,24 @@ class GoldScores:
     return scores
 
 
-def simulated_judge(gold: GoldScores, *, temperature: float, flip_rate: float) -> labeling.JudgeFn:
+def simulated_judge(gold: GoldScores, *, temperature: float, flip_rate: float,
+                    gold_ties: str = "label") -> labeling.JudgeFn:
   """`labeling`'s judge: the teacher's noisy Bradley-Terry label of each pair ('a' or 'b'),
-  its noise drawn from the chunk's RNG (so a chunk's labels are the same whenever it runs)."""
+  its noise drawn from the chunk's RNG (so a chunk's labels are the same whenever it runs).
+
+  `gold_ties`: "label" judges a pair whose two responses have the same gold score like any other
+  (Bradley-Terry: a coin flip), "tie" judges it 'tie' (kept in pairs.jsonl, left out of
+  training)."""
+  if gold_ties not in ("label", "tie"):
+    raise UserError(f"--config.teacher.gold_ties={gold_ties}: use label or tie")
 
   def judge(questions, responses_a, responses_b, rng: np.random.Generator) -> list[str]:
-    prefer_a = teacher.noisy_labels(gold(questions, responses_a), gold(questions, responses_b),
-                                    temperature=temperature, flip_rate=flip_rate,
-                                    seed=int(rng.integers(2 ** 63)))
-    return ["a" if a else "b" for a in prefer_a]
+    gold_a, gold_b = gold(questions, responses_a), gold(questions, responses_b)
+    prefer_a = teacher.noisy_labels(gold_a, gold_b, temperature=temperature,
+                                    flip_rate=flip_rate, seed=int(rng.integers(2 ** 63)))
+    return ["tie" if gold_ties == "tie" and gold_order(a_score, b_score) == "tie"
+            else "a" if a else "b"
+            for a, a_score, b_score in zip(prefer_a, gold_a, gold_b)]
 
   return judge
 
@@ -248,7 +257,8 @@ def _collect_simulated(config, workdir, phase_dir, prompt_records, gold) -> dict
       str(_rows_path(phase_dir)), prompt_records,
       sample_fn=policy_sampler(config, workdir, chunks),
       judge=simulated_judge(gold, temperature=float(config.teacher.temperature),
-                            flip_rate=float(config.teacher.flip_rate)),
+                            flip_rate=float(config.teacher.flip_rate),
+                            gold_ties=config.teacher.get("gold_ties", "label")),
       num_samples=config.samples_per_prompt, chunk_size=config.chunk_size, seed=config.seed,
       labeler="simulated", annotator="teacher", pairing=config.pairing)
   if result["resumed_at_chunk"]:
