@@ -276,11 +276,15 @@ class Trainable:
   frozen: arrays the step reads but never updates (PPO's reference and reward models), passed as
     `step_fn(state, batch, frozen)`: arguments, not closure constants, so they are neither baked
     into the compiled program nor copied per step.
+  step_compiled: `step_fn` is already made of compiled parts (e.g. PPO with host reward
+    sources: compiled rollout -> host scoring -> compiled update, the state donated and laid out
+    on `abstract_state`'s shardings by the step itself); the loop calls it as it is.
   """
   abstract_state: TrainState
   init_state: Callable[[], TrainState]
   step_fn: Callable
   frozen: Any = None
+  step_compiled: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,11 +307,13 @@ class Evaluation:
   """What is measured besides the training metrics (both optional).
 
   evaluator: every `eval_every` steps and at the end.
-  milestone: an expensive evaluation (e.g. generation-based), `params -> metrics`, run only before
-    training (fresh start) and at the end; logged with an "eval/" prefix.
+  milestone: an expensive evaluation (e.g. generation-based), `params -> metrics`, run before
+    training (fresh start), at the end and every `milestone_every` steps (0: only those two);
+    logged with an "eval/" prefix.
   """
   evaluator: Evaluator | None = None
   milestone: Callable[[Any], dict] | None = None
+  milestone_every: int = 0
 
   def __bool__(self) -> bool:
     return self.evaluator is not None or self.milestone is not None
@@ -356,8 +362,10 @@ def sigterm_guard() -> Iterator[Callable[[], bool]]:
 def report_memory(run: Run, trainable: Trainable, compiled_step, first_inputs: tuple) -> None:
   """Logs and prints `memory_report` of the step compiled for `first_inputs` (after the first
   call, so this lowering finds it compiled unless `widest_batch` asked for another shape)."""
-  report = memory_report(trainable.abstract_state, trainable.frozen,
-                         compiled_step.lower(*first_inputs).compile())
+  # A step of compiled parts (`Trainable.step_compiled`) has no one program to ask.
+  compiled = (compiled_step.lower(*first_inputs).compile() if hasattr(compiled_step, "lower")
+              else None)
+  report = memory_report(trainable.abstract_state, trainable.frozen, compiled)
   logging.info("%s: %s", run.phase, report)
   if jax.process_index() == 0:
     print(f"{run.phase}: {format_memory(report, run.mesh.size)}", flush=True)
@@ -418,8 +426,9 @@ def train(run: Run, trainable: Trainable, data: Data,
     return None
   shardings = jax.tree.map(lambda x: x.sharding, trainable.abstract_state)
   total = int(config.steps)
-  compiled_step = jax.jit(trainable.step_fn, out_shardings=(shardings, sharding.replicated(mesh)),
-                          donate_argnums=0)
+  compiled_step = (trainable.step_fn if trainable.step_compiled else
+                   jax.jit(trainable.step_fn, out_shardings=(shardings, sharding.replicated(mesh)),
+                           donate_argnums=0))
   evaluator = evaluation.evaluator
   # Replicated sums: every process reads the same totals, whatever its share of the mesh.
   compiled_eval = (jax.jit(evaluator.step, out_shardings=sharding.replicated(mesh))
@@ -467,8 +476,11 @@ def train(run: Run, trainable: Trainable, data: Data,
         saving = step == total or (config.save_every and step % int(config.save_every) == 0)
         if step == total or step % int(config.log_every) == 0 or saving or stop_requested():
           window.flush(step, last_good, ckpts.directory)
-        if evaluator and config.eval_every and step % int(config.eval_every) == 0 and step != total:
-          evaluate(step)
+        every = evaluation.milestone_every
+        milestone = bool(evaluation.milestone and every and step % int(every) == 0)
+        if step != total and (milestone or (evaluator and config.eval_every
+                                            and step % int(config.eval_every) == 0)):
+          evaluate(step, milestone=milestone)
         if stop_requested():
           save(step)
           raise UserError(f"{run.phase}: stopped by SIGTERM at step {step}; checkpoint saved, "
