@@ -174,11 +174,12 @@ class Ours:
                               total_steps=1000)
     learner = jax.tree.map(jnp.copy, {"policy": policy_params, "value": reward_params})
     state = loop.create_train_state(learner, tx, jax.random.key(0),
-                                    extra={"kl_coef": jnp.float32(KL_COEF)})
+                                    extra={"kl_coef": jnp.float32(KL_COEF),
+                                           "reward_stats": {"mean": jnp.float32(0.0),
+                                                            "std": jnp.float32(1.0)}})
     self.state = state.replace(params=state.params["policy"],
                                extra={**state.extra, "value": state.params["value"]})
-    self.frozen = {"reference": policy_params, "reward": reward_params,
-                   "reward_stats": {"mean": jnp.float32(0.0), "std": jnp.float32(1.0)}}
+    self.frozen = {"reference": policy_params, "reward": reward_params}
     ids, mask = left_pad(setup.prompts, setup.tokenizer.pad_token_id)
     self.batch = {"prompt_ids": ids, "prompt_mask": mask}
     ppo_models = ppo.Models(policy=policy, reference=policy, value=reward, reward=reward)

@@ -37,10 +37,25 @@ TRL = `PPOConfig`):
                                        samples: the gpt_neo_125m values); the built-in run has
                                        only 1,920 episodes and short answers: from 0.2, target
                                        1.0, horizon 200 (docs/experiments.md, "PPO")
-  ppo.normalize_scores ............... lm-human-preferences normalises the reward model to mean 0,
-                                       std 1 on reference responses (the reward phase's stats)
+  ppo.normalize_scores, normalize_samples 256 ... Ziegler et al. set the reward's gain and bias
+                                       so that its scores of the SFT policy's samples of the
+                                       training prompts have mean 0, std 1; here of the combined
+                                       reward (reward.sources), from 256 samples at the rollout
+                                       temperature, once per run (saved in the checkpoint)
+  reward.sources "model" ............. what PPO maximises (../shared/CLI.md); "gold" is RLHF-gold
   ppo.whiten_rewards False, advantages whitened ... TRL defaults (N details: advantage whitening)
-  optim.eps 1e-5 ..................... TF Adam epsilon used by lm-human-preferences (N details)
+  optim.eps 1e-5 ..................... lm-human-preferences' Adam epsilon VALUE (N details), but in
+                                       optax's (PyTorch's) form, added to sqrt of the
+                                       bias-corrected second moment; TF1's epsilon hat equals a
+                                       PyTorch eps of 1e-5 / sqrt(1 - b2^t), 31.6x larger at the
+                                       first update. optim.eps_form="tf" gives TF's form
+                                       (rlhf_jax/training/optim.py)
+  optim: the schedule counts optimizer updates (steps x num_epochs x num_minibatches); policy
+         and value gradients are clipped to clip_norm each (logged: policy_grad_norm,
+         value_grad_norm)
+  train.eval_every 10 ................ the held-out evaluation (eval/score, eval/kl,
+                                       eval/gold_mean, eval/exact_match) every 10 iterations and
+                                       at 0 and the end: 7 points of the over-optimisation curve
   optim.lr 1e-5 for 125M ............. lm-human-preferences (1.41e-5 in TRL's examples)
   optim.lr 3e-5 (builtin) ............ measured on the built-in checkpoints (docs/experiments.md)
   ppo.missing_eos_penalty ............ TRL's `missing_eos_penalty` (subtracted from the score)
@@ -72,11 +87,13 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
       advantage_estimator="gae", num_epochs=4, num_minibatches=2, accum_steps=1, gamma=1.0,
       lam=0.95, clip_range=0.2, clip_range_value=0.2, vf_coef=0.1, entropy_coef=0.0, kl_estimator="k1",
       init_kl_coef=0.2, adaptive_kl=True, kl_target=1.0, kl_horizon=200.0,
-      whiten_rewards=False, normalize_scores=True, missing_eos_penalty=1.0, approx_kl_stop=0.0))
+      whiten_rewards=False, normalize_scores=True, normalize_samples=256,
+      missing_eos_penalty=1.0, approx_kl_stop=0.0))
   config.optim = common.optim(3e-5, warmup_steps=0, schedule="constant", eps=1e-5, clip_norm=1.0)
   # train.batch_size = prompts per PPO iteration (episodes: times rollout.samples_per_prompt);
   # one loop step = one iteration.
-  config.train = common.train(steps=60, batch_size=32, log_every=5, save_every=20)
+  config.train = common.train(steps=60, batch_size=32, log_every=5, save_every=20,
+                              eval_every=10)
 
   common.check_variant(variant, ("builtin", "gpt_neo_125m"))
   if variant == "gpt_neo_125m":
@@ -85,6 +102,7 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
     config.ppo.update(dict(num_minibatches=4, init_kl_coef=0.15, kl_target=6.0,
                            kl_horizon=10000.0))
     config.optim = common.optim(1e-5, schedule="constant", eps=1e-5, clip_norm=1.0)
-    config.train = common.train(steps=500, batch_size=64, log_every=5, save_every=50)
+    config.train = common.train(steps=500, batch_size=64, log_every=5, save_every=50,
+                                eval_every=50)
     config.eval_batch_size = 64
   return config

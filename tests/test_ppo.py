@@ -503,8 +503,9 @@ def test_approx_kl_stop_applies_the_crossing_step_then_skips_the_rest(toy):
   assert approx_kl[0] <= 1e-6 < approx_kl[1]
   assert not np.asarray(per_update["loss"])[2:].any()
   np.testing.assert_array_equal(applied, ppo_core.early_stop_applied(approx_kl, 1e-6))
-  # The phase's iteration ran exactly this update: same learner.
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_learner),
+  # The phase's iteration ran this update: the same learner (up to the compilers' rounding).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
+               jax.device_get(new_learner),
                jax.device_get({"policy": state.params, "value": state.extra["value"]}))
   # The exact entropy of the applied updates agrees with the rollout estimate (mean -log pi of
   # the sampled tokens): they ran on (nearly) the rollout's own params.

@@ -460,13 +460,13 @@ def _worker(out: pathlib.Path) -> None:
     host_state = loop.create_train_state(learner, tx, jax.random.key(0), extra={"kl_coef": np.float32(0.1)})
     host_state = host_state.replace(params=learner["policy"],
                                     extra={"kl_coef": host_state.extra["kl_coef"],
-                                           "value": learner["value"]})
+                                           "value": learner["value"],
+                                           "reward_stats": {"mean": np.float32(0.1),
+                                                            "std": np.float32(0.9)}})
     state, shardings = _place_state(host_state, mesh, policy_shardings,
                                     {"value": scorer_shardings})
     frozen = {"reference": jax.device_put(policy_params, policy_shardings),
-              "reward": jax.device_put(scorer_params, scorer_shardings),
-              "reward_stats": jax.device_put({"mean": np.float32(0.1), "std": np.float32(0.9)},
-                                             replicated)}
+              "reward": jax.device_put(scorer_params, scorer_shardings)}
     iteration = lambda s, b, f: ppo.ppo_iteration(s, b, f, models=models, settings=settings,
                                                   tx=tx)
     step = jax.jit(iteration, out_shardings=(shardings, replicated), donate_argnums=0,

@@ -15,6 +15,7 @@ from rlhf_jax import checkpoints
 from rlhf_jax import sharding
 from rlhf_jax.data import builtin
 from rlhf_jax.data import records
+from rlhf_jax.data import teacher
 from rlhf_jax.errors import UserError
 from rlhf_jax.evaluation import metrics
 from rlhf_jax.evaluation import report
@@ -148,19 +149,24 @@ def held_out_policy_eval(models: ppo.Models, tokenizer, prompts: list[str],
                          verifiable: list[dict], *, reference, reward_params,
                          settings: ppo.PPOSettings, batch_size: int, max_prompt_length: int,
                          seed: int):
-  """`params -> metrics` on held-out prompts (PPO's milestone evaluation): mean reward-model
-  `score` and `kl` to the reference of samples drawn with the rollout settings, and greedy
-  `exact_match` on `verifiable` records (aligned with `prompts`; empty: not measured).
+  """`params -> metrics` on held-out prompts (a policy phase's periodic evaluation), on samples
+  drawn with the rollout settings: `score` (the reward model's mean; left out when
+  `reward_params` is None), `kl` (mean KL to the reference, nats per sequence) and, on
+  `verifiable` records (aligned with `prompts`; empty: not measured), `gold_mean` (the simulated
+  teacher's mean gold score of the same samples) and greedy `exact_match`. Logged as eval/score,
+  eval/kl, eval/gold_mean, eval/exact_match: the over-optimisation curve's points.
 
   The frozen models are arguments of the compiled calls (not constants baked into them)."""
   greedy = dataclasses.replace(settings.sampling, temperature=0.0)
   eos = settings.sampling.eos_token_id
 
-  def score_and_kl(ids, mask, samples):
-    return {"score": ppo.score_responses(models.reward, reward_params, ids, mask, samples.tokens,
-                                         samples.mask, eos),
-            "kl": ppo.reference_kl(models.reference, reference, ids, mask, samples,
-                                   settings.temperature)}
+  def score_and_kl(reward_params, reference, ids, mask, samples):
+    out = {"kl": ppo.reference_kl(models.reference, reference, ids, mask, samples,
+                                  settings.temperature)}
+    if reward_params is not None:
+      out["score"] = ppo.score_responses(models.reward, reward_params, ids, mask, samples.tokens,
+                                         samples.mask, eos)
+    return out
 
   score_and_kl = jax.jit(score_and_kl)
   generate = lambda params, sampling, rng, per_batch=None: decode.generate_responses(
@@ -168,9 +174,13 @@ def held_out_policy_eval(models: ppo.Models, tokenizer, prompts: list[str],
       max_prompt_length=max_prompt_length, rng=rng, per_batch=per_batch)
 
   def evaluate(params) -> dict:
-    sampled = generate(params, settings.sampling, jax.random.key(seed), score_and_kl).extras
-    result = {"score": float(np.mean(sampled["score"])), "kl": float(np.mean(sampled["kl"]))}
+    sampled = generate(params, settings.sampling, jax.random.key(seed),
+                       lambda ids, mask, samples: score_and_kl(reward_params, reference, ids,
+                                                               mask, samples))
+    result = {name: float(np.mean(sampled.extras[name])) for name in ("score", "kl")
+              if name in sampled.extras}
     if verifiable:
+      result["gold_mean"] = float(np.mean(teacher.gold_scores(verifiable, sampled.texts)))
       texts = generate(params, greedy, jax.random.key(0)).texts
       result["exact_match"] = metrics.exact_match(verifiable, texts, builtin.check_answer)
     return result

@@ -1,21 +1,31 @@
-"""The `ppo` phase: RLHF of the SFT policy against the reward model (`training.ppo`), through the
-shared loop.
+"""The `ppo` phase: RLHF of the SFT policy against its reward sources (`training.ppo`), through
+the shared loop.
 
   python -m rlhf_jax.main --phase=ppo --config=configs/ppo.py --workdir=runs/default
+  ... --config.reward.sources=gold            # RLHF-gold: the simulated teacher's score
+  ... --config.reward.sources=model=1,verifier=2
 
-Reads WORKDIR/sft and WORKDIR/reward (or `sft_checkpoint`, `reward_checkpoint`); measures the
-policy on `eval_prompts` held-out prompts before and after training
-(`evaluation.evaluate.held_out_policy_eval`). Writes WORKDIR/ppo/{checkpoint/, metrics.jsonl,
-TensorBoard events}.
+Reads WORKDIR/sft and, when the reward model scores or seeds the value model, WORKDIR/reward (or
+`sft_checkpoint`, `reward_checkpoint`). With the reward model as the only source an iteration is
+one compiled program; other sources (`training.rewards`) are scored on the host between the
+compiled rollout and the compiled update (`ppo.HostRewardStep`). On a fresh start the combined
+reward's normaliser comes from SFT samples of the training prompts (`ppo.score_normalizer`, kept
+in the train state, so a resumed run reuses it). Every `train.eval_every` iterations, before and
+after training, the policy is measured on `eval_prompts` held-out prompts
+(`evaluation.evaluate.held_out_policy_eval`): eval/score (reward model), eval/kl (to SFT),
+eval/gold_mean (teacher) and eval/exact_match on the built-in data. Writes
+WORKDIR/NAME/{checkpoint/, metrics.jsonl, TensorBoard events}, NAME = `name` (default ppo).
 """
 
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import checkpoints
+from rlhf_jax import phases
 from rlhf_jax import sharding
 from rlhf_jax.data import batching
 from rlhf_jax.data import records
@@ -24,47 +34,68 @@ from rlhf_jax.evaluation import evaluate
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
 from rlhf_jax.training import loop
-from rlhf_jax.training import optim
 from rlhf_jax.training import ppo
+from rlhf_jax.training import rewards
+
+
+def _reward_checkpoint(config, workdir: pathlib.Path, needed: bool, checkpoint) -> dict | None:
+  """The reward model's checkpoint: required when it scores or seeds the value model; otherwise
+  loaded when one is given or in WORKDIR/reward (for the held-out `eval/score`), else None."""
+  if needed or config.reward_checkpoint:
+    return checkpoint(config.reward_checkpoint, "reward")
+  if checkpoints.find_checkpoint_dir(workdir / "reward") is None:
+    return None
+  return checkpoint("", "reward")
 
 
 def run(config, workdir: pathlib.Path) -> None:
-  phase_dir = workdir / "ppo"
+  phase_dir = phases.output_dir(config, workdir, "ppo")
   mesh = sharding.mesh_from_config(config.mesh)
   checkpoint = lambda given, phase: checkpoints.describe_model(checkpoints.resolve_checkpoint(
       given, workdir, phase, key=f"{phase}_checkpoint"))
+  reward_weights = rewards.parse_sources(config.reward.sources)
   sft = checkpoint(config.sft_checkpoint, "sft")
-  reward = checkpoint(config.reward_checkpoint, "reward")
-  if not reward["score_head"]:
-    raise UserError(f"{reward['source']}: not a reward model (no score head)")
-  if reward["config"].vocab_size != sft["config"].vocab_size:
-    raise UserError(f"{reward['source']}: the reward model's vocabulary ({reward['config'].vocab_size}) "
-                    f"differs from the policy's ({sft['config'].vocab_size}); they must share a tokenizer")
   tokenizer = checkpoints.load_tokenizer(sft, "SFT")
-  settings = ppo.settings_from_config(config, tokenizer)
+  settings = ppo.settings_from_config(config, tokenizer, reward_weights)
   shared = settings.shared_value_head
   # A separate value model: GAE with value_model=reward (RLOO and a policy value head need none).
   separate_value = settings.uses_critic and not shared
+  reward = _reward_checkpoint(config, workdir, settings.uses_reward_model or separate_value,
+                              checkpoint)
+  if reward is not None:
+    if not reward["score_head"]:
+      raise UserError(f"{reward['source']}: not a reward model (no score head)")
+    if reward["config"].vocab_size != sft["config"].vocab_size:
+      raise UserError(f"{reward['source']}: the reward model's vocabulary "
+                      f"({reward['config'].vocab_size}) differs from the policy's "
+                      f"({sft['config'].vocab_size}); they must share a tokenizer")
 
   policy = gpt_neo.build(sft["config"], config.model, score_head=shared)
-  reward_model = gpt_neo.build(reward["config"], config.model, score_head=True)
+  reward_model = (gpt_neo.build(reward["config"], config.model, score_head=True)
+                  if reward is not None else None)
   models = ppo.Models(policy=policy, reference=gpt_neo.build(sft["config"], config.model),
                       value=reward_model if separate_value else None, reward=reward_model)
   shard = lambda model: sharding.param_shardings(gpt_neo.logical_axes(model),
                                                  gpt_neo.param_shapes(model), mesh)
-  policy_shardings, reward_shardings = shard(policy), shard(reward_model)
+  policy_shardings = shard(policy)
+  reward_shardings = shard(reward_model) if reward is not None else None
   sft_shardings = shard(gpt_neo.build(sft["config"], score_head=sft["score_head"]))
 
   splits = records.load_splits(config.data)
-  train_prompts = [batching.record_prompt(r) for r in splits["train"]]
+  train_records = splits["train"]
+  train_prompts = [batching.record_prompt(r) for r in train_records]
   eval_records = splits["validation"][:config.eval_prompts]
   eval_prompts = [batching.record_prompt(r) for r in eval_records]
   verifiable = eval_records if all(r.get("answer") for r in eval_records) else []
+  host_rewards = (rewards.HostRewards(settings.host_sources, train_records, train_prompts)
+                  if settings.host_sources else None)
 
-  tx = optim.make_optimizer(config.optim, config.train.steps)
-  reward_stats = reward["manifest"].get("reward_stats", {"mean": 0.0, "std": 1.0})
-  if settings.normalize_scores and "reward_stats" not in reward["manifest"]:
-    print("ppo: the reward checkpoint has no reward_stats; scores are not normalised")
+  tx = ppo.make_optimizer(config)
+  if "reward_stats" in (reward or {}).get("manifest", {}):
+    stats = reward["manifest"]["reward_stats"]
+    print(f"ppo: the reward phase's statistics on reference responses: mean {stats['mean']:.4g}, "
+          f"std {stats['std']:.4g} (information only; PPO normalises with the SFT policy's "
+          "samples)")
 
   def load_policy():
     params = checkpoints.load_params(sft, sft_shardings)
@@ -76,23 +107,24 @@ def run(config, workdir: pathlib.Path) -> None:
 
   reference = load_policy()
   reference = {k: v for k, v in reference.items() if k != "score"}
-  reward_params = checkpoints.load_params(reward, reward_shardings)
-  frozen = {"reference": reference, "reward": reward_params,
-            "reward_stats": {k: sharding.global_from_host(np.float32(reward_stats[k]),
-                                                          sharding.replicated(mesh))
-                             for k in ("mean", "std")}}
+  reward_params = (checkpoints.load_params(reward, reward_shardings) if reward is not None
+                   else None)
+  frozen = {"reference": reference,
+            "reward": reward_params if settings.uses_reward_model else None}
 
   rng = jax.random.key(config.train.seed)
 
-  def make_state(policy_params, value_params):
+  def make_state(policy_params, value_params, reward_stats):
     state = loop.create_train_state({"policy": policy_params, "value": value_params}, tx, rng,
-                                    extra={"kl_coef": jnp.float32(config.ppo.init_kl_coef)})
+                                    extra={"kl_coef": jnp.float32(config.ppo.init_kl_coef),
+                                           "reward_stats": reward_stats})
     learner = state.params
     return state.replace(params=learner["policy"],
                          extra={**state.extra, "value": learner["value"]})
 
   value_shapes = gpt_neo.param_shapes(reward_model) if separate_value else {}
-  abstract = jax.eval_shape(make_state, gpt_neo.param_shapes(policy), value_shapes)
+  stats_shapes = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in ("mean", "std")}
+  abstract = jax.eval_shape(make_state, gpt_neo.param_shapes(policy), value_shapes, stats_shapes)
   param_shardings = policy_shardings
   # The value model and its Adam moments are laid out like the reward model it starts from.
   shardings = loop.state_shardings(abstract, param_shardings, mesh,
@@ -100,12 +132,34 @@ def run(config, workdir: pathlib.Path) -> None:
                                    if separate_value else None)
   abstract = loop.with_shardings(abstract, shardings)
 
+  def normalizer() -> dict:
+    """Computed once, on a fresh start; a resumed run reads it from its checkpoint's state."""
+    if not settings.normalize_scores:
+      return {"mean": 0.0, "std": 1.0}
+    start = time.time()
+    stats = ppo.score_normalizer(
+        models, settings, reference, reward_params if settings.uses_reward_model else None,
+        tokenizer, train_prompts, host_rewards, num_samples=int(config.ppo.normalize_samples),
+        batch_size=config.eval_batch_size, max_prompt_length=config.rollout.max_prompt_length,
+        seed=config.train.seed)
+    parts = ", ".join(f"{k} {v:.4g}" for k, v in stats["parts"].items())
+    print(f"ppo: reward normalisation from {stats['num_samples']} SFT samples of the training "
+          f"prompts ({config.reward.sources}): bias {stats['mean']:.4g}, gain {stats['std']:.4g} "
+          f"(source means: {parts}; {time.time() - start:.0f} s)", flush=True)
+    return stats
+
   def init_state():
     value = jax.tree.map(jnp.copy, reward_params) if separate_value else {}
-    return make_state(load_policy(), value)
+    stats = normalizer()
+    return make_state(load_policy(), value, {k: jnp.float32(stats[k]) for k in ("mean", "std")})
 
-  def step_fn(state, batch, frozen):
-    return ppo.ppo_iteration(state, batch, frozen, models=models, settings=settings, tx=tx)
+  if settings.host_sources:
+    step_fn = ppo.HostRewardStep(models=models, settings=settings, tx=tx,
+                                 host_rewards=host_rewards, tokenizer=tokenizer,
+                                 state_shardings=shardings, mesh=mesh)
+  else:
+    step_fn = lambda state, batch, frozen: ppo.ppo_iteration(state, batch, frozen, models=models,
+                                                             settings=settings, tx=tx)
 
   held_out = evaluate.held_out_policy_eval(
       models, tokenizer, eval_prompts, verifiable, reference=reference,
@@ -119,14 +173,14 @@ def run(config, workdir: pathlib.Path) -> None:
                manifest=manifest, tokenizer_dir=sft["tokenizer_dir"], unit="episode",
                progress_keys=("score", "kl", "kl_coef", "response_length", "eos_fraction")),
       loop.Trainable(abstract_state=abstract, init_state=init_state, step_fn=step_fn,
-                     frozen=frozen),
+                     frozen=frozen, step_compiled=bool(settings.host_sources)),
       loop.Data(batches=lambda start: ppo.prompt_batches(
                     train_prompts, tokenizer, batch_size=config.train.batch_size,
                     max_prompt_length=config.rollout.max_prompt_length, seed=config.train.seed,
                     start_step=start, process_index=jax.process_index(),
                     process_count=jax.process_count()),
                 count_items=lambda b: float(len(b["prompt_ids"]) * settings.samples_per_prompt)),
-      loop.Evaluation(milestone=held_out))
+      loop.Evaluation(milestone=held_out, milestone_every=int(config.train.eval_every)))
   if state is not None:
     print(f"ppo: done; policy checkpoint in {phase_dir / 'checkpoint'}, metrics in "
           f"{phase_dir / 'metrics.jsonl'}")

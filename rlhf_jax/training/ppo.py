@@ -6,17 +6,24 @@ Implementation Details of RLHF with PPO" (Huang et al.); every choice is a confi
 configs/ppo.py for the defaults and their sources). The math lives in `ppo_core.py`; this module
 wires it to the models.
 
-One PPO iteration is ONE compiled function (`ppo_iteration`), run by the shared training loop, a
-composition of small pure functions that tests call on their own:
+With the reward model as the only reward source, one PPO iteration is ONE compiled function
+(`ppo_iteration`), run by the shared training loop, a composition of small pure functions that
+tests call on their own:
   1. `rollout`: the project's sampler (KV cache, `lax.while_loop`) answers a batch of prompts and
      returns the behaviour logprobs, so they are not recomputed;
-  2. `score_rollout`: the frozen reward model scores prompt+response (normalised with the reward
-     phase's statistics), the frozen reference gives its logprobs, the value model its values;
-  3. `compute_advantages`: per-token KL penalty plus the score on the last response token, GAE,
-     whitening;
+  2. `score_rollout`: the reward sources score prompt+response (the frozen reward model inside,
+     host sources passed in), their weighted sum is normalised (gain and bias from the SFT
+     policy's samples, `score_normalizer`), the frozen reference gives its logprobs, the value
+     model its values;
+  3. `compute_advantages`: per-token KL penalty plus the score on the last response token, GAE
+     (whitened over tokens) or RLOO (whitened over sequences);
   4. `update`: `lax.scan` over epochs x shuffled minibatches (each with gradient accumulation), the
-     clipped policy and value losses, optional early stop when approx-KL exceeds a bound;
-  5. `kl_control`: the KL coefficient's adaptive update.
+     clipped policy and value losses, optional approx-KL early stop (the crossing step applied,
+     the rest skipped by `lax.cond` at no cost);
+  5. `kl_control`: the KL coefficient's adaptive update, on the penalty's own KL estimator.
+With host reward sources (`training.rewards`: verifier, gold, Python functions) the iteration is
+`HostRewardStep`: compiled `rollout_phase` (1) -> responses decoded and scored on the host ->
+compiled `learn_phase` (2-5), the same functions with the same keys.
 
 Four models: the policy (trained), its value model (trained: a copy of the reward model, or a value
 head on the policy trunk, `value_model`), and the frozen reference (SFT) and reward models. The
@@ -32,11 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rlhf_jax import sharding
 from rlhf_jax.data import batching
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import decode
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.training import loop
+from rlhf_jax.training import optim
 from rlhf_jax.training import ppo_core as core
 
 
@@ -64,6 +73,18 @@ class PPOSettings:
   missing_eos_penalty: float = 0.0
   approx_kl_stop: float = 0.0  # 0 disables the early stop of the epoch loop.
   shared_value_head: bool = False
+  # The reward sources and their weights ((name, weight), ...; `rewards.parse_sources`): "model"
+  # is scored in the compiled step, every other source on the host between rollout and update.
+  reward_weights: tuple = (("model", 1.0),)
+
+  @property
+  def host_sources(self) -> tuple[str, ...]:
+    """The reward sources scored on the host (all but the reward model)."""
+    return tuple(name for name, _ in self.reward_weights if name != "model")
+
+  @property
+  def uses_reward_model(self) -> bool:
+    return any(name == "model" for name, _ in self.reward_weights)
 
   @property
   def uses_critic(self) -> bool:
@@ -150,7 +171,8 @@ def reference_kl(reference_model: gpt_neo.GPTNeo, reference_params, prompt_ids, 
 
 
 def normalize_scores(scores: jax.Array, reward_stats: dict, settings: PPOSettings) -> jax.Array:
-  """Reward-model units -> the units PPO optimises (mean 0, std 1 on reference responses)."""
+  """Combined-reward units -> the units PPO optimises: (score - bias) / gain, mean 0 and std 1 on
+  the SFT policy's samples of PPO's prompts (`score_normalizer`, Ziegler et al. 2019)."""
   if not settings.normalize_scores:
     return scores
   return (scores - reward_stats["mean"]) / jnp.maximum(reward_stats["std"], 1e-6)
@@ -197,13 +219,24 @@ def rollout(models: Models, settings: PPOSettings, policy_params, batch: dict,
               sequences=sequences(prompt_ids, prompt_mask, samples.tokens, samples.mask))
 
 
+def combine_scores(settings: PPOSettings, parts: dict) -> jax.Array:
+  """The combined reward [B]: sum over the sources of weight x score, in each source's units."""
+  return sum(weight * parts[name] for name, weight in settings.reward_weights)
+
+
 def score_rollout(models: Models, settings: PPOSettings, policy_params, value_params,
-                  frozen: dict, rolled: dict) -> dict:
+                  frozen: dict, rolled: dict, reward_stats: dict,
+                  host_scores: dict | None = None) -> dict:
   """2. Scoring by the frozen models and the rollout-time values.
 
+  Args:
+    reward_stats: {"mean", "std"}: the normaliser of the combined reward (`score_normalizer`).
+    host_scores: {source: float32 [B]} of the host sources (`settings.host_sources`), or None
+      when the reward model is the only source.
   Returns:
     {"ref_logprobs": [B, N] the reference's logprobs at the sampling temperature,
-     "old_values": [B, N] or None (RLOO), "raw_scores": [B] reward-model units,
+     "old_values": [B, N] or None (RLOO), "parts": {source: [B]} each source's own scores,
+     "raw_scores": [B] the weighted sum of the sources,
      "scores": [B] normalised, minus `missing_eos_penalty` where no EOS ended the response}.
   """
   samples, seqs = rolled["samples"], rolled["sequences"]
@@ -215,15 +248,18 @@ def score_rollout(models: Models, settings: PPOSettings, policy_params, value_pa
   old_values = None
   if settings.uses_critic:
     old_values = value_estimates(models, settings, policy_params, value_params, seqs,
-                                 prompt_length, frozen["reward_stats"])
-  raw_scores = score_responses(models.reward, frozen["reward"], rolled["prompt_ids"],
-                               rolled["prompt_mask"], samples.tokens, samples.mask,
-                               settings.sampling.eos_token_id)
-  scores = normalize_scores(raw_scores, frozen["reward_stats"], settings)
+                                 prompt_length, reward_stats)
+  parts = {name: jnp.asarray(host_scores[name], jnp.float32) for name in settings.host_sources}
+  if settings.uses_reward_model:
+    parts["model"] = score_responses(models.reward, frozen["reward"], rolled["prompt_ids"],
+                                     rolled["prompt_mask"], samples.tokens, samples.mask,
+                                     settings.sampling.eos_token_id)
+  raw_scores = combine_scores(settings, parts)
+  scores = normalize_scores(raw_scores, reward_stats, settings)
   if settings.missing_eos_penalty:
     scores = core.missing_eos_penalty(scores, samples.ended, settings.missing_eos_penalty)
-  return dict(ref_logprobs=ref_logprobs, old_values=old_values, raw_scores=raw_scores,
-              scores=scores)
+  return dict(ref_logprobs=ref_logprobs, old_values=old_values, parts=parts,
+              raw_scores=raw_scores, scores=scores)
 
 
 def compute_advantages(settings: PPOSettings, samples: decode.Samples, scored: dict,
@@ -244,11 +280,14 @@ def compute_advantages(settings: PPOSettings, samples: decode.Samples, scored: d
   if settings.uses_critic:
     out["raw_advantages"], out["returns"] = core.gae(rewards, scored["old_values"], mask,
                                                      settings.gamma, settings.lam)
+    out["advantages"] = core.whiten(out["raw_advantages"], mask)
   else:
     # The k answers to each prompt are each other's baseline: the prompt's difficulty (most of
     # the score's variance between episodes) cancels exactly instead of through a value model.
     out["raw_advantages"] = core.rloo_advantages(rewards, mask, settings.samples_per_prompt)
-  out["advantages"] = core.whiten(out["raw_advantages"], mask)
+    # One advantage per sequence, normalised over sequences (TRL's RLOO): per-token whitening
+    # would weight each by its length and can flip an above-baseline answer's sign.
+    out["advantages"] = core.whiten_sequence_advantages(out["raw_advantages"], mask)
   return out
 
 
@@ -292,6 +331,10 @@ def update(models: Models, settings: PPOSettings, tx: optax.GradientTransformati
   """4. `lax.scan` over epochs x shuffled minibatches, each a (possibly accumulated) gradient
   step on policy and value; optional early stop once approx-KL exceeds `approx_kl_stop`.
 
+  The early stop is TRL's: the update whose minibatch crossed the bound is applied, then every
+  later one is skipped (`core.early_stop_step`), and a skipped update does no work: `lax.cond`
+  runs only the branch taken, so the stopped tail of the schedule costs nothing.
+
   Args:
     learner: {"policy": params, "value": params or {}}; `opt_state` covers both.
     data: rollout rows [B, ...]: `input_ids`, `segment_ids`, `positions`, `tokens`, `mask`,
@@ -300,7 +343,8 @@ def update(models: Models, settings: PPOSettings, tx: optax.GradientTransformati
     update_rng: one key per minibatch step (unused by the loss: dropout stays off).
   Returns:
     (learner, opt_state, metrics: each [epochs * minibatches], with `applied` 1.0 for a
-    minibatch that changed the learner).
+    minibatch that changed the learner and 0.0 (every other metric 0.0 too) for a skipped one;
+    `policy_grad_norm` and `value_grad_norm` are the norms each part is clipped by).
   """
   batch_size = data["mask"].shape[0]
   permutations = core.minibatch_permutations(permutation_rng, batch_size, settings.num_minibatches,
@@ -310,22 +354,30 @@ def update(models: Models, settings: PPOSettings, tx: optax.GradientTransformati
   loss_fn = lambda learner, minibatch, rng: ppo_loss(models, settings, learner, minibatch,
                                                      prompt_length, reward_stats)
 
-  def step(carry, inputs):
-    learner, opt_state, stopped = carry
-    indices, step_rng = inputs
+  def work(learner, opt_state, indices, step_rng):
     minibatch = jax.tree.map(lambda x: x[indices], data)
     grads, loss, metrics = loop.accumulate_gradients(loss_fn, learner, minibatch, step_rng,
                                                      settings.accum_steps)
-    # Early stop (approx-KL bound): once exceeded, the remaining minibatches change nothing.
-    if settings.approx_kl_stop > 0:
-      stopped = stopped | (metrics["approx_kl"] > settings.approx_kl_stop)
-    updates, new_opt_state = tx.update(grads, opt_state, learner)
-    new_learner = optax.apply_updates(learner, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(stopped, b, a), new, old)
-    learner, opt_state = keep(new_learner, learner), keep(new_opt_state, opt_state)
+    updates, opt_state = tx.update(grads, opt_state, learner)
+    norms = optim.subtree_norms(grads, ("policy", "value"))
     metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
-               "applied": 1.0 - stopped.astype(jnp.float32)}
-    return (learner, opt_state, stopped), metrics
+               "policy_grad_norm": norms["policy"], "value_grad_norm": norms["value"]}
+    return optax.apply_updates(learner, updates), opt_state, metrics
+
+  metric_shapes = jax.eval_shape(work, learner, opt_state, permutations[0], update_rngs[0])[2]
+
+  def skip(learner, opt_state, indices, step_rng):
+    del indices, step_rng
+    return learner, opt_state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+
+  def step(carry, inputs):
+    learner, opt_state, stopped = carry
+    indices, step_rng = inputs
+    learner, opt_state, metrics = jax.lax.cond(stopped, skip, work, learner, opt_state, indices,
+                                               step_rng)
+    applied, stopped = core.early_stop_step(stopped, metrics["approx_kl"],
+                                            settings.approx_kl_stop)
+    return (learner, opt_state, stopped), {**metrics, "applied": applied.astype(jnp.float32)}
 
   (learner, opt_state, _), metrics = jax.lax.scan(
       step, (learner, opt_state, jnp.zeros((), bool)), (permutations, update_rngs))
@@ -334,37 +386,44 @@ def update(models: Models, settings: PPOSettings, tx: optax.GradientTransformati
 
 def kl_control(settings: PPOSettings, kl_coef, samples: decode.Samples,
                ref_logprobs: jax.Array) -> tuple[jax.Array, dict]:
-  """5. KL control, measured on this rollout (k1 summed per sequence, as Ziegler et al.).
+  """5. KL control, measured on this rollout with the penalty's own estimator (`kl_estimator`,
+  summed per sequence, as Ziegler et al. with k1).
 
   Returns:
     (the next iteration's KL coefficient, `core.kl_estimates` of the rollout).
   """
   kl = core.kl_estimates(samples.logprobs, ref_logprobs, samples.mask)
+  measured = core.controller_kl(kl, settings.kl_estimator)
   episodes = samples.mask.shape[0]
   if settings.adaptive_kl:
-    return core.adaptive_kl_update(kl_coef, kl["k1_mean"], episodes, target=settings.kl_target,
+    return core.adaptive_kl_update(kl_coef, measured, episodes, target=settings.kl_target,
                                    horizon=settings.kl_horizon), kl
-  return core.fixed_kl_update(kl_coef, kl["k1_mean"], episodes), kl
+  return core.fixed_kl_update(kl_coef, measured, episodes), kl
 
 
-def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: Models,
-                  settings: PPOSettings, tx: optax.GradientTransformation) -> tuple:
-  """One PPO iteration: `rollout`, `score_rollout`, `compute_advantages`, `update`, `kl_control`.
+def rollout_phase(state: loop.TrainState, batch: dict, *, models: Models,
+                  settings: PPOSettings) -> tuple[dict, dict]:
+  """The first part of an iteration: the iteration's keys and its `rollout`.
 
-  Args:
-    state: `params` = the policy; `extra` = {"value": value params or {}, "kl_coef": scalar}.
-      `opt_state` covers (policy, value) jointly, as TRL's policy-and-value wrapper.
-    batch: {"prompt_ids": int32 [B, P] left-padded, "prompt_mask": [B, P]}; each prompt is
-      answered `settings.samples_per_prompt` (k) times, so an iteration has B * k episodes.
-    frozen: {"reference": params, "reward": params, "reward_stats": {"mean", "std"}}.
   Returns:
-    (new state, metrics dict of scalars).
+    (rolled (`rollout`'s output), keys {"next", "permutation", "update"}: the state's next RNG
+    and the update's keys, for `learn_phase`).
   """
   rng = jax.random.wrap_key_data(state.rng)
   rng, sample_rng, permutation_rng, update_rng = jax.random.split(rng, 4)
   rolled = rollout(models, settings, state.params, batch, sample_rng)
+  return rolled, {"next": rng, "permutation": permutation_rng, "update": update_rng}
+
+
+def learn_phase(state: loop.TrainState, frozen: dict, rolled: dict, keys: dict,
+                host_scores: dict | None = None, *, models: Models, settings: PPOSettings,
+                tx: optax.GradientTransformation) -> tuple:
+  """The rest of an iteration after `rollout_phase`: `score_rollout` (with the host sources'
+  scores, if any), `compute_advantages`, `update`, `kl_control`. Returns (new state, metrics)."""
   samples, seqs = rolled["samples"], rolled["sequences"]
-  scored = score_rollout(models, settings, state.params, state.extra["value"], frozen, rolled)
+  reward_stats = state.extra["reward_stats"]
+  scored = score_rollout(models, settings, state.params, state.extra["value"], frozen, rolled,
+                         reward_stats, host_scores)
   kl_coef = state.extra["kl_coef"]
   advantages = compute_advantages(settings, samples, scored, kl_coef)
   data = dict(seqs, tokens=samples.tokens, mask=samples.mask, old_logprobs=samples.logprobs,
@@ -373,8 +432,8 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
     data.update(old_values=scored["old_values"], returns=advantages["returns"])
   learner, opt_state, update_metrics = update(
       models, settings, tx, {"policy": state.params, "value": state.extra["value"]},
-      state.opt_state, data, permutation_rng, update_rng, rolled["prompt_ids"].shape[1],
-      frozen["reward_stats"])
+      state.opt_state, data, keys["permutation"], keys["update"], rolled["prompt_ids"].shape[1],
+      reward_stats)
   new_kl_coef, kl = kl_control(settings, kl_coef, samples, scored["ref_logprobs"])
 
   mask = samples.mask
@@ -383,6 +442,7 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
                   for k, v in update_metrics.items() if k != "weight"}
   metrics = {
       **update_means,
+      **{f"reward/{name}": jnp.mean(part) for name, part in scored["parts"].items()},
       "score": jnp.mean(scored["raw_scores"]),
       "score_normalized": jnp.mean(scored["scores"]),
       "kl": kl["k1_mean"], "kl_k3": kl["k3_mean"],
@@ -401,10 +461,72 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
   }
   if settings.uses_critic:
     metrics["value_mean"] = core.masked_mean(scored["old_values"], mask)
-  extra = {"value": learner["value"], "kl_coef": new_kl_coef}
+  extra = {**state.extra, "value": learner["value"], "kl_coef": new_kl_coef}
   new_state = state.replace(step=state.step + 1, params=learner["policy"], opt_state=opt_state,
-                            rng=jax.random.key_data(rng), extra=extra)
+                            rng=jax.random.key_data(keys["next"]), extra=extra)
   return new_state, metrics
+
+
+def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: Models,
+                  settings: PPOSettings, tx: optax.GradientTransformation) -> tuple:
+  """One PPO iteration as ONE compiled function, when the reward model is the only reward
+  source: `rollout_phase` then `learn_phase` (host sources: `HostRewardStep`).
+
+  Args:
+    state: `params` = the policy; `extra` = {"value": value params or {}, "kl_coef": scalar,
+      "reward_stats": {"mean", "std"} the combined reward's normaliser, `score_normalizer`}.
+      `opt_state` covers (policy, value) jointly, as TRL's policy-and-value wrapper.
+    batch: {"prompt_ids": int32 [B, P] left-padded, "prompt_mask": [B, P], optionally
+      "record_index": [B] (read by host sources only)}; each prompt is answered
+      `settings.samples_per_prompt` (k) times, so an iteration has B * k episodes.
+    frozen: {"reference": params, "reward": params (None without the model source)}.
+  Returns:
+    (new state, metrics dict of scalars).
+  """
+  if settings.host_sources:
+    raise ValueError(f"host reward sources {settings.host_sources} need HostRewardStep")
+  rolled, keys = rollout_phase(state, batch, models=models, settings=settings)
+  return learn_phase(state, frozen, rolled, keys, None, models=models, settings=settings, tx=tx)
+
+
+class HostRewardStep:
+  """An iteration with reward sources scored on the host, as compiled parts around host work:
+  compiled `rollout_phase` -> responses decoded and scored on the host (`host_rewards`) ->
+  compiled `learn_phase` (the state donated). Every process decodes and scores the whole
+  global batch (the sources are deterministic functions of the text), so the scores it places
+  back on the mesh agree everywhere.
+
+  Args:
+    models, settings, tx: as `ppo_iteration`.
+    host_rewards: `(record indices [B*k], responses [B*k]) -> {source: float32 [B*k]}`, e.g.
+      `rewards.HostRewards` over the training records.
+    tokenizer: decodes the responses (`decode.decode_response`, the one rule).
+    state_shardings: the TrainState's shardings (`loop.state_shardings`); `mesh` the mesh.
+  """
+
+  def __init__(self, *, models: Models, settings: PPOSettings, tx: optax.GradientTransformation,
+               host_rewards, tokenizer, state_shardings, mesh):
+    self.settings, self.host_rewards, self.tokenizer, self.mesh = (settings, host_rewards,
+                                                                     tokenizer, mesh)
+    self.rollout = jax.jit(functools.partial(rollout_phase, models=models, settings=settings))
+    self.learn = jax.jit(functools.partial(learn_phase, models=models, settings=settings, tx=tx),
+                         out_shardings=(state_shardings, sharding.replicated(mesh)),
+                         donate_argnums=0)
+
+  def responses(self, rolled: dict) -> list[str]:
+    """The decoded responses of a rollout, [B*k] (every process gets all of them)."""
+    samples = sharding.to_host(rolled["samples"])
+    return [decode.decode_response(self.tokenizer, samples.tokens[i], int(samples.lengths[i]),
+                                   bool(samples.ended[i])) for i in range(len(samples.lengths))]
+
+  def __call__(self, state: loop.TrainState, batch: dict, frozen: dict) -> tuple:
+    rolled, keys = self.rollout(state, batch)
+    record_index = np.repeat(np.asarray(sharding.to_host(batch["record_index"])),
+                             self.settings.samples_per_prompt)
+    scores = self.host_rewards(record_index, self.responses(rolled))
+    scores = sharding.global_batch({k: np.asarray(v, np.float32) for k, v in scores.items()},
+                                   self.mesh)
+    return self.learn(state, frozen, rolled, keys, scores)
 
 
 def prompt_batches(prompts: list[str], tokenizer, *, batch_size: int, max_prompt_length: int,
@@ -412,7 +534,9 @@ def prompt_batches(prompts: list[str], tokenizer, *, batch_size: int, max_prompt
                    process_count: int = 1) -> Iterator[dict]:
   """Endless, deterministic, resumable prompt batches (this process's slice), reshuffled per epoch.
 
-  Yields {"prompt_ids": int32 [B/n, P], "prompt_mask": float32 [B/n, P]}, left-padded to P.
+  Yields {"prompt_ids": int32 [B/n, P], "prompt_mask": float32 [B/n, P], left-padded to P,
+  "record_index": int32 [B/n], each prompt's index in `prompts` (what host reward sources read
+  the prompt's record by)}.
   """
   if batch_size % process_count:
     raise UserError(f"ppo batch_size {batch_size} is not divisible by {process_count} processes")
@@ -427,12 +551,29 @@ def prompt_batches(prompts: list[str], tokenizer, *, batch_size: int, max_prompt
     rows = order[index * batch_size:(index + 1) * batch_size]
     mine = rows[process_index * per_host:(process_index + 1) * per_host]
     ids, mask = batching.prompt_batch(tokenizer, [prompts[i] for i in mine], max_prompt_length)
-    yield {"prompt_ids": ids, "prompt_mask": mask}
+    yield {"prompt_ids": ids, "prompt_mask": mask, "record_index": mine.astype(np.int32)}
     step += 1
 
 
-def settings_from_config(config, tokenizer) -> PPOSettings:
+def make_optimizer(config) -> optax.GradientTransformation:
+  """The phase's optimizer: its schedule counts optimizer updates (iterations x epochs x
+  minibatches, `optim.num_updates`), and policy and value gradients are clipped each by its own
+  norm (`optim.clip_by_subtree_norm`), so a large value gradient leaves the policy's step alone."""
   p = config.ppo
+  return optim.make_optimizer(config.optim,
+                              optim.num_updates(config.train.steps, p.num_epochs,
+                                                p.num_minibatches),
+                              clip_subtrees=("policy", "value"))
+
+
+def settings_from_config(config, tokenizer, reward_weights=(("model", 1.0),)) -> PPOSettings:
+  """The iteration's settings from the phase's config; `reward_weights` from
+  `rewards.parse_sources(config.reward.sources)`."""
+  p = config.ppo
+  if int(config.train.get("accum_steps", 1)) != 1:
+    raise UserError(f"--config.train.accum_steps={config.train.accum_steps}: PPO accumulates "
+                    "gradients within each minibatch with --config.ppo.accum_steps (it must "
+                    "divide the minibatch's episodes); leave train.accum_steps at 1")
   if p.kl_estimator not in ("k1", "k3"):
     raise UserError(f"--config.ppo.kl_estimator={p.kl_estimator}: use k1 or k3")
   if int(config.rollout.samples_per_prompt) < 1:
@@ -457,4 +598,47 @@ def settings_from_config(config, tokenizer) -> PPOSettings:
       adaptive_kl=p.adaptive_kl, kl_target=p.kl_target, kl_horizon=p.kl_horizon,
       whiten_rewards=p.whiten_rewards, normalize_scores=p.normalize_scores,
       missing_eos_penalty=p.missing_eos_penalty, approx_kl_stop=p.approx_kl_stop,
-      shared_value_head=config.value_model == "policy_head" and p.advantage_estimator == "gae")
+      shared_value_head=config.value_model == "policy_head" and p.advantage_estimator == "gae",
+      reward_weights=tuple((name, float(weight)) for name, weight in reward_weights))
+
+
+def score_normalizer(models: Models, settings: PPOSettings, policy_params, reward_params,
+                     tokenizer, prompts: list[str], host_rewards, *, num_samples: int,
+                     batch_size: int, max_prompt_length: int, seed: int) -> dict:
+  """The combined reward's gain and bias, as Ziegler et al. 2019 set them: its scores of the
+  SFT policy's samples of PPO's training prompts get mean 0 and std 1.
+
+  `num_samples` prompts (a seeded draw without repetition, cycling through all of them first
+  when there are fewer) are answered once each at the rollout's sampling settings through the
+  one generation path (`decode.generate_responses`) and scored by every source.
+
+  Args:
+    models, settings: the iteration's; `policy_params` the SFT policy's (`models.reference`'s
+      params), `reward_params` the reward model's (None without the model source).
+    prompts: the training prompts; `host_rewards` as `HostRewardStep`'s (None without host
+      sources).
+  Returns:
+    {"mean": float, "std": float (1.0 where the scores do not vary), "num_samples": int,
+     "parts": {source: mean of its own scores}}.
+  """
+  order = np.random.default_rng([seed, 1]).permutation(len(prompts))
+  indices = np.resize(order, num_samples)
+  eos = settings.sampling.eos_token_id
+  per_batch = None
+  if settings.uses_reward_model:
+    score = jax.jit(lambda params, ids, mask, samples: {"model": score_responses(
+        models.reward, params, ids, mask, samples.tokens, samples.mask, eos)})
+    per_batch = lambda ids, mask, samples: score(reward_params, ids, mask, samples)
+  responses = decode.generate_responses(
+      models.reference, policy_params, tokenizer, [prompts[i] for i in indices],
+      settings=settings.sampling, batch_size=batch_size, max_prompt_length=max_prompt_length,
+      rng=jax.random.key(seed), per_batch=per_batch)
+  parts = dict(responses.extras)
+  if settings.host_sources:
+    parts.update(host_rewards(indices, responses.texts))
+  combined = np.asarray(combine_scores(settings, {k: np.asarray(v, np.float64)
+                                                  for k, v in parts.items()}))
+  std = float(np.std(combined))
+  return {"mean": float(np.mean(combined)), "std": std if std > 1e-6 else 1.0,
+          "num_samples": int(num_samples),
+          "parts": {k: float(np.mean(v)) for k, v in parts.items()}}
