@@ -71,8 +71,8 @@ def policy_points(workdir: pathlib.Path) -> list[dict]:
   WORKDIR/ppo/metrics.jsonl (method "ppo") and WORKDIR/ppo_gold/metrics.jsonl ("ppo_gold")."""
   points = []
   for method, phase in ((overoptimization.PPO, "ppo"), ("ppo_gold", "ppo_gold")):
-    # TODO(PPO helper): PPO's held-out evaluation logs `eval/score` and `eval/kl`; the gold curve
-    # appears once it also logs the teacher's mean score as `eval/gold_mean`.
+    # PPO's held-out evaluation logs eval/kl, eval/score (none for PPO on gold alone) and, on
+    # the built-in data, eval/gold_mean (`evaluate.held_out_policy_eval`).
     for point in overoptimization.ppo_points(
         evaluate.read_policy_evaluations(workdir / phase / "metrics.jsonl")):
       points.append({**point, "method": method})
