@@ -51,12 +51,13 @@ def data(source: str = "builtin") -> ml_collections.ConfigDict:
   skip_bad_records: skip, count and log malformed records instead of stopping at the first.
   demonstrators: who writes the built-in set's responses, "NAME=SHARE,..." over tutor, plain,
     terse, rambler, evasive, careless (rlhf_jax/data/builtin.py; MIXED_DEMONSTRATORS is the
-    recommended realistic mix and says why). "plain=1.0" is the canonical set.
+    recommended realistic mix and says why; "mixed", the default, names it). "plain=1.0" is the
+    single-style set of earlier versions.
   """
   return ml_collections.ConfigDict(dict(
       source=source, seed=0, num_train=40000, num_eval=200, validation_fraction=0.05,
       test_fraction=0.05, ood_categories=(), skip_bad_records=False,
-      demonstrators="plain=1.0"))
+      demonstrators="mixed"))
 
 
 def optim(lr: float, **overrides) -> ml_collections.ConfigDict:

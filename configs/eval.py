@@ -41,7 +41,7 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
   # 4, ... up to it; built-in data; 0 = no curve). RO's N are the first of them.
   config.overoptimization_samples = 16
   config.sampling = ml_collections.ConfigDict(dict(
-      max_new_tokens=24, temperature=0.7, top_k=0, top_p=1.0))  # PPO's rollout settings.
+      max_new_tokens=56, temperature=0.7, top_k=0, top_p=1.0))  # PPO's rollout settings.
   config.max_prompt_length = 64
   config.eval_batch_size = 50
   config.num_samples = 50  # Prompts written to samples.jsonl.

@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.pairing = "all"
   config.chunk_size = 250
   config.sampling = ml_collections.ConfigDict(dict(
-      max_new_tokens=24, temperature=0.7, top_k=0, top_p=1.0))  # PPO's rollout settings.
+      max_new_tokens=56, temperature=0.7, top_k=0, top_p=1.0))  # PPO's rollout settings.
   config.max_prompt_length = 64
   config.batch_size = 250
   # rlhf_jax/data/teacher.py's DEFAULT_TEMPERATURE and DEFAULT_FLIP_RATE (tests/test_configs.py

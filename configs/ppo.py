@@ -81,7 +81,7 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
   config.model = common.model()
   config.mesh = common.mesh()
   config.rollout = ml_collections.ConfigDict(dict(
-      max_prompt_length=64, max_new_tokens=24, temperature=0.7, top_k=0,
+      max_prompt_length=64, max_new_tokens=56, temperature=0.7, top_k=0,
       top_p=1.0, samples_per_prompt=1))
   config.ppo = ml_collections.ConfigDict(dict(
       advantage_estimator="gae", num_epochs=4, num_minibatches=2, accum_steps=1, gamma=1.0,

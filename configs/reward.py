@@ -92,7 +92,7 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
       negatives_per_record=1, eval_negatives_per_record=3,
       policy_temperature=1.0, policy_max_new_tokens=24, policy_tries=3, policy_batch_size=250,
       too_long="error", skip_bad_records=False))
-  config.max_length = 80  # Longest built-in prompt (53 tokens) + a 24-token policy sample.
+  config.max_length = 128  # Longest built-in prompt (59 tokens) + a 56-token policy sample.
   config.min_response_tokens = 24
   # Training batches of similar-length pairs, padded to a multiple of 16 (0: all to max_length).
   config.group_by_length = 16

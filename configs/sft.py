@@ -33,7 +33,9 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.init_checkpoint = ""  # "" = this workdir's import/ or init/ phase.
   config.data = common.data("builtin")
-  config.max_length = 96  # Tokens per row (prompt + response + EOS).
+  # Tokens per row (prompt + response + EOS): the longest built-in prompt (59 tokens) and a tutor's
+  # explained answer (at most 51 tokens).
+  config.max_length = 128
   # The response's guaranteed share of a row: a prompt that leaves it fewer tokens has its context
   # cut (instruction and context start kept, the cut marked; counted and printed); the response is
   # cut only beyond that. A record whose instruction alone leaves too few is an error.
@@ -49,7 +51,7 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
                               save_every=200)
   # Greedy exact match on held-out verifiable questions, before and after (built-in data only).
   config.eval_prompts = 200  # Held-out verifiable questions.
-  config.exact_match_max_new_tokens = 24
+  config.exact_match_max_new_tokens = 56
   config.eval_batch_size = 50
 
   common.check_variant(variant, ("builtin", "gpt_neo_125m", "gpt_neo_1p3b", "gpt_neo_2p7b"))

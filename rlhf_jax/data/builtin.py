@@ -1066,12 +1066,14 @@ def explanation_spec(question: Mapping[str, Any]) -> ExplanationSpec | None:
 
 def parse_demonstrators(spec: str | Mapping[str, float],
                         field: str = "data.demonstrators") -> dict[str, float]:
-  """Demonstrator shares from "tutor=0.25,plain=0.75" (or a mapping), validated.
+  """Demonstrator shares from "tutor=0.25,plain=0.75", "mixed" (MIXED_DEMONSTRATORS) or a mapping.
 
   Raises:
     UserError: naming `field`, for an unknown demonstrator, a malformed or negative share, or
       shares that do not sum to 1.
   """
+  if isinstance(spec, str) and spec.strip() == "mixed":
+    spec = MIXED_DEMONSTRATORS
   if isinstance(spec, str):
     shares: dict[str, float] = {}
     for part in (p.strip() for p in spec.split(",")):

@@ -296,10 +296,15 @@ def load_judged(config, path: str, sampler_factory, window: batching.PairWindow
     built_config = config.copy_and_resolve_references()
     built_config.pairs.source = preferences.BUILD
     built_config.pairs.negatives_per_record = 1
-    if built_config.data.source == "builtin":  # Generate only as many records as needed.
-      built_config.data.num_train = count
+    if built_config.data.source == "builtin":
+      # Generate only about as many records as needed: twice, since a record whose negative
+      # cannot be built (a bare answer too short to truncate, a non-answer to corrupt) is skipped.
+      built_config.data.num_train = 2 * count
     built, _, built_stats = preferences.load_preference_pairs(built_config, sampler_factory,
                                                               window=window)
+    if len(built) < count:
+      raise UserError(f"pairs.synthetic_share={share}: {count} built negatives needed, "
+                      f"{len(built)} could be built from data.source={config.data.source}")
     picked = np.random.default_rng(config.pairs.seed).permutation(len(built))[:count]
     built = [built[i] for i in sorted(picked)]
     train = train + built
