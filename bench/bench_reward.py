@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import data_dir, machine_description, uptime
+from common import data_dir, run_and_print
 from rlhf_jax.configs import common
 from rlhf_jax.data import batching
 from rlhf_jax.data import preferences
@@ -221,13 +221,7 @@ def bench_hh() -> list[str]:
 
 def main(argv):
   del argv
-  import torch
-  torch.set_num_threads(_TORCH_THREADS)
-  print(machine_description())
-  print("load before:", uptime(), flush=True)
-  lines = bench_hh()
-  print("load after:", uptime())
-  print("\n".join(lines))
+  run_and_print(bench_hh, _TORCH_THREADS)
 
 
 if __name__ == "__main__":

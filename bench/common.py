@@ -63,3 +63,15 @@ def timed(fn: Callable[[], object]) -> float:
   start = time.perf_counter()
   fn()
   return time.perf_counter() - start
+
+
+def run_and_print(bench: Callable[[], list[str]], torch_threads: int) -> None:
+  """Runs a benchmark that compares against PyTorch with `torch_threads` threads, printing the
+  machine, the load before and after, and the benchmark's result lines."""
+  import torch
+  torch.set_num_threads(torch_threads)
+  print(machine_description())
+  print("load before:", uptime(), flush=True)
+  lines = bench()
+  print("load after:", uptime())
+  print("\n".join(lines))
