@@ -3,6 +3,8 @@ computation, scores read at the last real token whatever the padding, gradient a
 held-out splits, policy negatives, bad pair files through the binary, resume, export to
 transformers, and learning on real HH-RLHF pairs."""
 
+import collections
+import itertools
 import json
 import math
 import os
@@ -221,6 +223,54 @@ def test_hh_held_out_split_shares_no_prompt_and_keeps_dialogue_ends(shared_data)
     assert gpt2.decode(example["rejected_ids"]) == pair["rejected"]
     assert len(example["prompt_ids"]) + max(len(example["chosen_ids"]),
                                             len(example["rejected_ids"])) <= 160
+
+
+def test_hh_file_pairs_train_in_length_grouped_batches(shared_data, monkeypatch):
+  """A pairs file (HH dialogues, the hh_rlhf variant) goes through the same length-grouped
+  batches as built pairs (`batching.training_pair_batches`, what the phase trains on): an epoch
+  holds every pair once, each batch is padded to its longest pair rounded up to 16, far below
+  max_length on average, and each pair's loss is the same as in the batch padded to max_length."""
+  monkeypatch.setenv("RLHF_JAX_DATA", str(shared_data))
+  config = reward_config.get_config("hh_rlhf")
+  config.pairs.source = str(shared_data / "preferences" / "hh_rlhf_helpful_base_sample_1k.jsonl")
+  assert config.max_length == 256 and config.group_by_length > 0
+  gpt2 = hf.load_tokenizer(shared_data / "gpt2_tokenizer")
+  train, _, _ = preferences.load_preference_pairs(config, sampler_factory=None)
+  examples, _ = batching.tokenize_pairs(gpt2, train, max_length=config.max_length,
+                                        too_long=config.pairs.too_long, skip_bad_records=True)
+  config.train.batch_size = 16
+  epoch = len(examples) // 16
+  batches = list(itertools.islice(batching.training_pair_batches(examples, config, pad_id=50256),
+                                  epoch))
+  widths = [b["input_ids"].shape[-1] for b in batches]
+  lengths = [int(b["segment_ids"].sum(-1).max()) for b in batches]
+  assert all(w % batching.PAD_MULTIPLE == 0 and n <= w < n + batching.PAD_MULTIPLE
+             for w, n in zip(widths, lengths)), (widths, lengths)
+  # Padding: the share of the batches' tokens that are filler, grouped and at max_length.
+  real = sum(int(b["segment_ids"].sum()) for b in batches)
+  grouped_padding = 1 - real / sum(b["input_ids"].size for b in batches)
+  full_padding = 1 - real / (epoch * 16 * 2 * config.max_length)
+  assert np.mean(widths) < 0.8 * config.max_length, widths
+  assert grouped_padding < 0.5 * full_padding, (grouped_padding, full_padding)
+  side = lambda b, k, j: tuple(b["input_ids"][k, j, :int(b["segment_ids"][k, j].sum())].tolist())
+  seen = collections.Counter((side(b, k, 0), side(b, k, 1)) for b in batches for k in range(16))
+  whole = collections.Counter(
+      (tuple(np.concatenate([e["prompt_ids"], e["chosen_ids"]]).tolist()),
+       tuple(np.concatenate([e["prompt_ids"], e["rejected_ids"]]).tolist())) for e in examples)
+  assert sum(seen.values()) == epoch * 16 and not seen - whole
+
+  model_config = gpt_neo.tiny_config(vocab_size=50257, hidden_size=32, window_size=256,
+                                     attention_layers=("global", "local"))
+  model = gpt_neo.GPTNeo(model_config, score_head=True)
+  params = gpt_neo.init_params(model, jax.random.key(0))
+  per_pair = jax.jit(lambda batch: -jax.nn.log_sigmoid(
+      jnp.subtract(*reward.pair_scores(model, params, batch).T)))
+  loss = jax.jit(lambda batch: reward.reward_loss(model, params, batch, None)[0])
+  for batch in [b for b in batches if b["input_ids"].shape[-1] < config.max_length][:3]:
+    padded = batching.pad_pair_batch(batch, config.max_length, 50256)
+    assert padded["input_ids"].shape[-1] == 256 > batch["input_ids"].shape[-1]
+    np.testing.assert_allclose(per_pair(batch), per_pair(padded), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss(batch), loss(padded), rtol=1e-5, atol=1e-6)
 
 
 def test_correct_policy_samples_are_resampled_then_replaced():

@@ -817,6 +817,29 @@ def pair_batches(examples: Sequence[dict], *, batch_size: int, max_length: int, 
                       process_count, pad_multiple)
 
 
+# Batches per length-sorted window for a pair phase whose config does not set `group_by_length`.
+PAIR_GROUP_BATCHES = 16
+
+
+def training_pair_batches(examples: Sequence[dict], config, *, pad_id: int, start_step: int = 0,
+                          process_index: int = 0,
+                          process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """The training batches of a pair phase (reward, DPO), whatever the pairs' source (built
+  pairs, a pairs file, HH dialogues, the label phase's judged pairs): `pair_batches` with
+  `config.train.batch_size`, `config.max_length`, `config.train.seed` and length grouping,
+  `config.group_by_length` batches per window (`PAIR_GROUP_BATCHES` when the config has no such
+  field; 0 turns grouping off and pads every batch to `max_length`).
+
+  Yields:
+    Pair batches (see the module docstring), this process's slice, from `start_step`.
+  """
+  return pair_batches(examples, batch_size=int(config.train.batch_size),
+                      max_length=int(config.max_length), pad_id=pad_id,
+                      seed=int(config.train.seed), start_step=start_step,
+                      process_index=process_index, process_count=process_count,
+                      group_by_length=int(config.get("group_by_length", PAIR_GROUP_BATCHES)))
+
+
 def pad_pair_batch(batch: dict[str, np.ndarray], max_length: int,
                    pad_id: int) -> dict[str, np.ndarray]:
   """A pair batch right-padded along T to `max_length` (token arrays [B, 2, T]; padding as in

@@ -53,6 +53,10 @@ Preference pairs (`config.pairs.source`):
   `pairs.too_long`) raises naming its file:line (or index), or with `pairs.skip_bad_records` is
   skipped and counted; the counts are printed.
 
+Training batches, whatever the source: `batching.training_pair_batches`, length-grouped
+(`group_by_length` batches per length-sorted window, each batch padded to its longest pair rounded
+up to 16 tokens; 0 pads every batch to `max_length`). Held-out pairs are padded to `max_length`.
+
 Loss: -log sigmoid(r_chosen - r_rejected - margin) + center_coef * (r_chosen + r_rejected)^2,
 averaged over pairs (`loss.margin`, `loss.center_coef`: the centering of "Helping or Herding",
 TRL's `center_rewards_coefficient`). Both sides are scored in one forward pass of the
@@ -226,10 +230,8 @@ def run(config, workdir: pathlib.Path) -> None:
                                                  center_coef=center_coef, lm_coef=lm_coef),
               tx, config.train.accum_steps)),
       loop.Data(
-          batches=lambda start: batching.pair_batches(
-              train_examples, batch_size=config.train.batch_size, max_length=config.max_length,
-              pad_id=pad_id, seed=config.train.seed, start_step=start,
-              group_by_length=int(config.group_by_length), **hosts),
+          batches=lambda start: batching.training_pair_batches(
+              train_examples, config, pad_id=pad_id, start_step=start, **hosts),
           count_items=lambda b: float(b["pair_mask"].sum()),
           widest_batch=lambda b: batching.pad_pair_batch(b, config.max_length, pad_id)),
       loop.Evaluation(evaluator=evaluator, milestone=reference_statistics))
