@@ -20,6 +20,7 @@ PHASES = {
     "label": "label:run",
     "reward": "reward:run",
     "ppo": "ppo:run",
+    "grpo": "grpo:run",
     "eval": "eval:run",
 }
 ALIASES = {"test": "eval"}

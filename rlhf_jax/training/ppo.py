@@ -54,7 +54,18 @@ class PPOSettings:
   """The static (compile-time) settings of one PPO iteration; see configs/ppo.py."""
   sampling: decode.SamplingSettings
   samples_per_prompt: int = 1
-  advantage_estimator: str = "gae"  # "gae" (value model) | "rloo" (leave-one-out, no value model)
+  # "gae" (value model) | "rloo" (leave-one-out) | "grpo" (group mean/std) | "reinforce_pp"
+  # (REINFORCE++, with the group mean as baseline when samples_per_prompt >= 2); only gae
+  # trains and reads a value model.
+  advantage_estimator: str = "gae"
+  grpo_scale: str = "group"  # GRPO's advantage scale: "group" | "batch" | "none" (Dr. GRPO).
+  # The policy loss's reduction over tokens (`core.sequence_loss`): "token" (PPO, DAPO),
+  # "sequence_mean" (GRPO), "constant" (Dr. GRPO).
+  loss_normalization: str = "token"
+  # Where the KL to the reference goes: "reward" (a per-token penalty in the rewards, Ziegler et
+  # al.) or "loss" (a k3 loss term, GRPO, `core.kl_loss_term`); its coefficient is the state's
+  # kl_coef either way, adapted by the same controller when adaptive_kl.
+  kl_penalty: str = "reward"
   num_epochs: int = 4
   num_minibatches: int = 1
   accum_steps: int = 1
@@ -264,15 +275,29 @@ def score_rollout(models: Models, settings: PPOSettings, policy_params, value_pa
 
 def compute_advantages(settings: PPOSettings, samples: decode.Samples, scored: dict,
                        kl_coef) -> dict:
-  """3. Per-token rewards (KL penalty plus the score on the last token), advantages and returns.
+  """3. Per-token rewards (the score on the last token, plus the KL penalty on every token when
+  `kl_penalty` is "reward"), advantages and returns.
+
+  - gae: GAE on the value model's values, whitened over tokens;
+  - rloo: each return minus the mean return of the other answers to its prompt, whitened over
+    sequences;
+  - grpo: each return (the score, when the KL is a loss term) against its group,
+    `core.grpo_advantages` (mean and `grpo_scale`); not whitened again;
+  - reinforce_pp: the reward-to-go whitened over tokens, `core.reinforce_pp_advantages`, with
+    each prompt's mean score subtracted first when it has several answers.
 
   Returns:
-    {"rewards", "non_score_reward", "raw_advantages", "advantages" (whitened), and with a value
-     model "returns"}: all [B, N].
+    {"rewards", "non_score_reward", "raw_advantages", "advantages", and with a value model
+     "returns"}: all [B, N].
   """
-  mask = samples.mask
+  mask, k = samples.mask, settings.samples_per_prompt
+  scores = scored["scores"]
+  if settings.advantage_estimator == "reinforce_pp" and k >= 2:
+    # REINFORCE++ with a baseline (OpenRLHF reinforce_baseline): the group's mean score.
+    scores = core.grpo_advantages(scores, k, scale="none")
+  penalty_coef = kl_coef if settings.kl_penalty == "reward" else 0.0
   rewards, non_score_reward, _ = core.kl_penalty_rewards(
-      scored["scores"], samples.logprobs, scored["ref_logprobs"], mask, kl_coef,
+      scores, samples.logprobs, scored["ref_logprobs"], mask, penalty_coef,
       settings.kl_estimator)
   if settings.whiten_rewards:
     rewards = core.whiten(rewards, mask, shift_mean=False)
@@ -281,30 +306,53 @@ def compute_advantages(settings: PPOSettings, samples: decode.Samples, scored: d
     out["raw_advantages"], out["returns"] = core.gae(rewards, scored["old_values"], mask,
                                                      settings.gamma, settings.lam)
     out["advantages"] = core.whiten(out["raw_advantages"], mask)
-  else:
+  elif settings.advantage_estimator == "rloo":
     # The k answers to each prompt are each other's baseline: the prompt's difficulty (most of
     # the score's variance between episodes) cancels exactly instead of through a value model.
-    out["raw_advantages"] = core.rloo_advantages(rewards, mask, settings.samples_per_prompt)
+    out["raw_advantages"] = core.rloo_advantages(rewards, mask, k)
     # One advantage per sequence, normalised over sequences (TRL's RLOO): per-token whitening
     # would weight each by its length and can flip an above-baseline answer's sign.
     out["advantages"] = core.whiten_sequence_advantages(out["raw_advantages"], mask)
+  elif settings.advantage_estimator == "grpo":
+    returns = core.masked_sum(rewards, mask, axis=1)
+    out["raw_advantages"] = core.to_tokens(returns - jnp.repeat(
+        jnp.mean(returns.reshape(-1, k), axis=1), k), mask)
+    out["advantages"] = core.to_tokens(
+        core.grpo_advantages(returns, k, scale=settings.grpo_scale), mask)
+  else:  # reinforce_pp
+    out["raw_advantages"] = core.reward_to_go(rewards, mask, settings.gamma)
+    out["advantages"] = core.reinforce_pp_advantages(rewards, mask, settings.gamma)
   return out
 
 
 def ppo_loss(models: Models, settings: PPOSettings, learner: dict, minibatch: dict,
-             prompt_length: int, reward_stats: dict) -> tuple[jax.Array, dict]:
-  """The clipped policy loss (+ vf_coef x the clipped value loss, - entropy_coef x entropy) of
-  one minibatch of rollout rows; dropout stays off (behaviour and learner logprobs must agree)."""
+             prompt_length: int, reward_stats: dict, kl_coef=0.0) -> tuple[jax.Array, dict]:
+  """The clipped policy loss (+ kl_coef x the k3 KL to the reference when `kl_penalty` is
+  "loss", + vf_coef x the clipped value loss, - entropy_coef x entropy) of one minibatch of
+  rollout rows, the policy and KL terms reduced by `loss_normalization`; dropout stays off
+  (behaviour and learner logprobs must agree)."""
   seqs = {k: minibatch[k] for k in ("input_ids", "segment_ids", "positions")}
   policy_out = response_outputs(models.policy, learner["policy"], seqs, prompt_length,
                                 settings.sampling.max_new_tokens, lm_head=True,
                                 temperature=settings.temperature, tokens=minibatch["tokens"],
                                 entropy=bool(settings.entropy_coef))
   m = minibatch["mask"]
+  normalization = settings.loss_normalization
   pg_loss, pg_metrics = core.ppo_policy_loss(policy_out["logprobs"], minibatch["old_logprobs"],
-                                             minibatch["advantages"], m, settings.clip_range)
+                                             minibatch["advantages"], m, settings.clip_range,
+                                             normalization=normalization,
+                                             max_tokens=settings.sampling.max_new_tokens)
   loss = pg_loss
-  metrics = {"weight": jnp.sum(m), "policy_loss": pg_loss, **pg_metrics}
+  # The micro-batch weight that makes gradient accumulation exact for the normalisation.
+  metrics = {"weight": core.sequence_loss_weight(m, normalization), "policy_loss": pg_loss,
+             **pg_metrics}
+  if settings.kl_penalty == "loss":
+    kl_loss = core.sequence_loss(
+        core.kl_loss_term(policy_out["logprobs"], minibatch["ref_logprobs"], m, kl_coef,
+                          settings.kl_estimator),
+        m, normalization, settings.sampling.max_new_tokens)
+    loss = loss + kl_loss
+    metrics["kl_loss"] = kl_loss
   if settings.uses_critic:
     if settings.shared_value_head:
       values = policy_out["values"]
@@ -327,7 +375,7 @@ def ppo_loss(models: Models, settings: PPOSettings, learner: dict, minibatch: di
 def update(models: Models, settings: PPOSettings, tx: optax.GradientTransformation,
            learner: dict, opt_state, data: dict, permutation_rng: jax.Array,
            update_rng: jax.Array, prompt_length: int,
-           reward_stats: dict) -> tuple[dict, Any, dict]:
+           reward_stats: dict, kl_coef=0.0) -> tuple[dict, Any, dict]:
   """4. `lax.scan` over epochs x shuffled minibatches, each a (possibly accumulated) gradient
   step on policy and value; optional early stop once approx-KL exceeds `approx_kl_stop`.
 
@@ -338,9 +386,11 @@ def update(models: Models, settings: PPOSettings, tx: optax.GradientTransformati
   Args:
     learner: {"policy": params, "value": params or {}}; `opt_state` covers both.
     data: rollout rows [B, ...]: `input_ids`, `segment_ids`, `positions`, `tokens`, `mask`,
-      `old_logprobs`, `advantages` (and with a value model `old_values`, `returns`).
+      `old_logprobs`, `advantages` (and with a value model `old_values`, `returns`; with the
+      KL as a loss term `ref_logprobs`).
     permutation_rng: shuffles the rows into minibatches, per epoch.
     update_rng: one key per minibatch step (unused by the loss: dropout stays off).
+    kl_coef: the KL loss term's coefficient (read when `kl_penalty` is "loss").
   Returns:
     (learner, opt_state, metrics: each [epochs * minibatches], with `applied` 1.0 for a
     minibatch that changed the learner and 0.0 (every other metric 0.0 too) for a skipped one;
@@ -352,7 +402,7 @@ def update(models: Models, settings: PPOSettings, tx: optax.GradientTransformati
   permutations = permutations.reshape(-1, permutations.shape[-1])  # [epochs * minibatches, mb]
   update_rngs = jax.random.split(update_rng, permutations.shape[0])
   loss_fn = lambda learner, minibatch, rng: ppo_loss(models, settings, learner, minibatch,
-                                                     prompt_length, reward_stats)
+                                                     prompt_length, reward_stats, kl_coef)
 
   def work(learner, opt_state, indices, step_rng):
     minibatch = jax.tree.map(lambda x: x[indices], data)
@@ -430,10 +480,12 @@ def learn_phase(state: loop.TrainState, frozen: dict, rolled: dict, keys: dict,
               advantages=advantages["advantages"])
   if settings.uses_critic:
     data.update(old_values=scored["old_values"], returns=advantages["returns"])
+  if settings.kl_penalty == "loss":
+    data["ref_logprobs"] = scored["ref_logprobs"]
   learner, opt_state, update_metrics = update(
       models, settings, tx, {"policy": state.params, "value": state.extra["value"]},
       state.opt_state, data, keys["permutation"], keys["update"], rolled["prompt_ids"].shape[1],
-      reward_stats)
+      reward_stats, kl_coef)
   new_kl_coef, kl = kl_control(settings, kl_coef, samples, scored["ref_logprobs"])
 
   mask = samples.mask
@@ -555,6 +607,9 @@ def prompt_batches(prompts: list[str], tokenizer, *, batch_size: int, max_prompt
     step += 1
 
 
+ADVANTAGE_ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
   """The phase's optimizer: its schedule counts optimizer updates (iterations x epochs x
   minibatches, `optim.num_updates`), and policy and value gradients are clipped each by its own
@@ -581,17 +636,27 @@ def settings_from_config(config, tokenizer, reward_weights=(("model", 1.0),)) ->
                     "must be at least 1")
   if config.value_model not in ("reward", "policy_head"):
     raise UserError(f"--config.value_model={config.value_model}: use reward or policy_head")
-  if p.advantage_estimator not in ("gae", "rloo"):
-    raise UserError(f"--config.ppo.advantage_estimator={p.advantage_estimator}: use gae or rloo")
-  if p.advantage_estimator == "rloo" and int(config.rollout.samples_per_prompt) < 2:
-    raise UserError("--config.ppo.advantage_estimator=rloo compares the answers to one prompt: "
-                    f"set --config.rollout.samples_per_prompt to 2 or more (it is "
-                    f"{config.rollout.samples_per_prompt})")
+  if p.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+    raise UserError(f"--config.ppo.advantage_estimator={p.advantage_estimator}: use one of "
+                    f"{', '.join(ADVANTAGE_ESTIMATORS)}")
+  if p.advantage_estimator in ("rloo", "grpo") and int(config.rollout.samples_per_prompt) < 2:
+    raise UserError(f"--config.rollout.samples_per_prompt={config.rollout.samples_per_prompt}: "
+                    f"advantage_estimator={p.advantage_estimator} compares the answers to one "
+                    "prompt; set it to 2 or more")
+  if p.grpo_scale not in core.GRPO_SCALES:
+    raise UserError(f"--config.ppo.grpo_scale={p.grpo_scale}: use one of "
+                    f"{', '.join(core.GRPO_SCALES)}")
+  if p.loss_normalization not in core.LOSS_NORMALIZATIONS:
+    raise UserError(f"--config.ppo.loss_normalization={p.loss_normalization}: use one of "
+                    f"{', '.join(core.LOSS_NORMALIZATIONS)}")
+  if p.kl_penalty not in ("reward", "loss"):
+    raise UserError(f"--config.ppo.kl_penalty={p.kl_penalty}: use reward or loss")
   return PPOSettings(
       sampling=decode.SamplingSettings.from_config(config.rollout, tokenizer.eos_token_id,
                                                      tokenizer.pad_token_id),
       samples_per_prompt=int(config.rollout.samples_per_prompt),
-      advantage_estimator=p.advantage_estimator, num_epochs=p.num_epochs,
+      advantage_estimator=p.advantage_estimator, grpo_scale=p.grpo_scale,
+      loss_normalization=p.loss_normalization, kl_penalty=p.kl_penalty, num_epochs=p.num_epochs,
       num_minibatches=p.num_minibatches, accum_steps=p.accum_steps,
       gamma=p.gamma, lam=p.lam, clip_range=p.clip_range, clip_range_value=p.clip_range_value,
       vf_coef=p.vf_coef, entropy_coef=p.entropy_coef, kl_estimator=p.kl_estimator,

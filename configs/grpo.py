@@ -1,0 +1,71 @@
+"""GRPO: the RL phase (rlhf_jax/phases/ppo.py, the same rollout -> score -> advantages -> update
+code) with Group Relative Policy Optimization's defaults, on the built-in verifier reward.
+
+Built-in default (offline, after the sft phase in the same workdir; no reward model needed):
+  python -m rlhf_jax.main --phase=grpo --workdir=runs/default
+  Machine: 2 cores of an AMD EPYC, jax 0.10.2 on CPU (queue run). Time: not yet measured.
+  Result: not yet measured.
+
+Defaults and their sources (DeepSeekMath = Shao et al. 2024, "DeepSeekMath: Pushing the Limits of
+Mathematical Reasoning in Open Language Models", section 4.1; Dr. GRPO = Liu et al. 2025,
+"Understanding R1-Zero-Like Training: A Critical Perspective"; DAPO = Yu et al. 2025, "DAPO: An
+Open-Source LLM Reinforcement Learning System at Scale"; TRL = TRL 1.16's `GRPOConfig`; Tunix =
+google/tunix's `GRPOConfig`):
+  reward.sources "verifier" .......... 1 when the built-in answer checker accepts the response,
+                                       else 0: DeepSeekMath's rule-based outcome reward (any
+                                       source of ../shared/CLI.md works)
+  ppo.advantage_estimator "grpo" ..... A = (r - mean of the prompt's group) / (std + 1e-4), the
+                                       same on every token of the answer (DeepSeekMath outcome
+                                       supervision; TRL's eps 1e-4 and unbiased std); no value
+                                       model
+  ppo.grpo_scale "group" ............. DeepSeekMath and TRL scale_rewards="group"; "batch"
+                                       (REINFORCE++'s global std) or "none" (Dr. GRPO: the std
+                                       division up-weights prompts whose answers all score alike)
+  rollout.samples_per_prompt (G) ..... answers per prompt: DeepSeekMath 64, TRL num_generations 8
+  ppo.loss_normalization "sequence_mean" ... GRPO's 1/|o_i| per answer then the mean over answers
+                                       (DeepSeekMath eq. 3, TRL loss_type="grpo"); "constant" is
+                                       Dr. GRPO's sum / (answers x max new tokens) (TRL
+                                       "dr_grpo"), "token" DAPO's token-level mean (TRL "dapo",
+                                       TRL's default)
+  ppo.kl_penalty "loss", kl_estimator "k3", init_kl_coef (beta) ... the KL to the reference as
+                                       a k3 loss term, not a reward penalty (DeepSeekMath eq. 4,
+                                       beta 0.04; Tunix beta 0.04; TRL beta 0.0), reduced like
+                                       the policy loss; adaptive_kl False: a fixed beta, as all
+                                       three
+  ppo.clip_range 0.2 ................. DeepSeekMath epsilon 0.2, TRL epsilon 0.2, Tunix 0.2
+  ppo.num_epochs 1 ................... updates per rollout: TRL num_iterations 1, Tunix
+                                       num_iterations 1 (pi_old = pi_theta: the ratio is 1 at
+                                       each step and the clip never binds; DeepSeekMath's single
+                                       update per exploration stage)
+  ppo.normalize_scores False, missing_eos_penalty 0 ... the group normalisation already removes
+                                       the reward's offset and scale (no SFT-sample normaliser
+                                       pass); TRL has no missing-EOS penalty by default
+  rollout.temperature, optim.lr, train.steps, train.batch_size: measured on the built-in
+                                       checkpoints within the 5-minute budget
+                                       (docs/experiments.md, "GRPO"); TRL's temperature is 1.0
+                                       and lr 1e-6 for billion-parameter models
+"""
+
+import ml_collections
+
+from rlhf_jax.configs import ppo as ppo_config
+
+
+def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
+  config = ppo_config.get_config(variant)
+  config.name = "grpo"  # The WORKDIR subdirectory written.
+  config.reward.sources = "verifier"
+  config.rollout.update(dict(samples_per_prompt=8, temperature=0.7))
+  config.ppo.update(dict(
+      advantage_estimator="grpo", grpo_scale="group", loss_normalization="sequence_mean",
+      kl_penalty="loss", kl_estimator="k3", init_kl_coef=0.04, adaptive_kl=False,
+      num_epochs=1, num_minibatches=2, normalize_scores=False, missing_eos_penalty=0.0))
+  if variant == "gpt_neo_125m":
+    # Dolly has no checkable answers: the reward model scores (../shared/CLI.md's sources).
+    config.reward.sources = "model"
+    config.train.batch_size = 16  # x 8 answers = 128 episodes per iteration.
+    return config
+  config.optim.lr = 3e-5
+  # train.batch_size = prompts per iteration (episodes: times samples_per_prompt).
+  config.train.update(dict(steps=40, batch_size=16, log_every=5, save_every=10, eval_every=10))
+  return config
