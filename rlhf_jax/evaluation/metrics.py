@@ -159,6 +159,44 @@ def answer_verdicts(
                   dtype=np.float64)
 
 
+def oracle_exact_match(
+    records: Sequence[Any],
+    candidates: Sequence[Sequence[str]],
+    check_fn: Callable[[Any, str], bool | None] | None,
+) -> float | None:
+  """The oracle best-of-n: the share of records on which ANY of n candidate responses is
+  accepted by `check_fn` (the same verdicts as `exact_match`), e.g. n samples of the SFT policy:
+  the exact match a perfect reranker of those samples would reach, and the ceiling that RL on a
+  verifier reward sharpens the policy towards.
+
+  Args:
+    records: `num_samples` data records.
+    candidates: n lists of `num_samples` responses (candidate j of every record), n >= 1.
+    check_fn: the answer checker (see `exact_match`), or None.
+
+  Returns:
+    The fraction in [0, 1] over records with a verifiable answer, or `None` (no checker, no
+    verifiable record, or no candidates).
+  """
+  if check_fn is None or not candidates:
+    return None
+  verdicts = np.stack([answer_verdicts(records, texts, check_fn) for texts in candidates])
+  checked = ~np.isnan(verdicts[0])
+  if not checked.any():
+    return None
+  return float(np.any(verdicts[:, checked] > 0, axis=0).mean())
+
+
+def oracle_gap_closed(exact_match_system: float | None, exact_match_sft: float | None,
+                      oracle: float | None) -> float | None:
+  """The share of the gap between SFT's exact match and the oracle best-of-n that a system's
+  gain closes: (system - SFT) / (oracle - SFT); `None` when a value is missing or there is no
+  gap (the oracle no better than SFT)."""
+  if None in (exact_match_system, exact_match_sft, oracle) or oracle <= exact_match_sft:
+    return None
+  return float((exact_match_system - exact_match_sft) / (oracle - exact_match_sft))
+
+
 def paired_difference_ci(
     values_system,
     values_baseline,

@@ -14,7 +14,10 @@ Systems, all answering the same prompts with the same sampler and settings:
 On the built-in data every response is also judged by the simulated teacher (`data.teacher`):
 per system and split the gold mean with its CI, the gold win-rate against SFT's response to the
 same prompt (a tie half, bootstrap CI over prompts) and the paired exact-match difference to SFT
-(`metrics.system_metrics`). Over-optimisation (`overoptimization.png`, `eval.json`'s
+(`metrics.system_metrics`); under SFT, per split, `oracle_best_of_8_exact_match`: the share of
+prompts where any of 8 SFT samples is right (the first 8 of the samples RO ranks), and under each
+other system `exact_match_oracle_gap_closed`, the share of the gap from SFT's exact match to that
+oracle its own gain closes. Over-optimisation (`overoptimization.png`, `eval.json`'s
 `overoptimization`): best-of-n for n = 1, 2, 4, ..., `overoptimization_samples` from that many
 SFT samples per in-distribution (`test`) prompt, scored by the reward model and the teacher
 (the same sampling pass gives RO, the best of its first `best_of_n`), and PPO's held-out
@@ -47,6 +50,11 @@ from rlhf_jax.evaluation import overoptimization
 from rlhf_jax.evaluation import report
 from rlhf_jax.models import decode
 
+
+# SFT samples per prompt of the oracle best-of-n exact match (`metrics.oracle_exact_match`),
+# reported under SFT as `oracle_best_of_8_exact_match`, and each other system's share of the gap
+# to it (`exact_match_oracle_gap_closed`); the first of the same samples RO ranks.
+ORACLE_N = 8
 
 # Policy systems evaluated when their phase has a checkpoint in the workdir (or the config names
 # one): (system, config key, the phase's WORKDIR subdirectory).
@@ -124,6 +132,7 @@ def run(config, workdir: pathlib.Path) -> None:
     donor = np.empty_like(order)
     donor[order] = np.roll(order, -1)
     answers: dict[str, tuple[decode.Responses, np.ndarray]] = {}
+    oracle = None
     gold: dict[str, np.ndarray] = {}
     rr = decode.Responses([references[d] for d in donor], [], [], None, None)
     answers["RR"] = (rr, scorer(prompts, rr.texts))
@@ -140,9 +149,12 @@ def run(config, workdir: pathlib.Path) -> None:
         # the over-optimisation curve (best-of-n for n up to overoptimization_samples).
         curve = (gold_fn is not None and split == report.IN_DISTRIBUTION_SPLIT
                  and config.overoptimization_samples > 0)
-        num = max(config.best_of_n, config.overoptimization_samples if curve else 0)
+        num = max(config.best_of_n, config.overoptimization_samples if curve else 0,
+                  ORACLE_N if check_fn is not None else 0)
         candidates, scores = evaluate.sample_candidates(sft, scorer, prompts, num, rng=ro_rng,
                                                         settings=settings, **settings_args)
+        oracle = metrics.oracle_exact_match(split_records,
+                                            [c.texts for c in candidates[:ORACLE_N]], check_fn)
         ro, ro_scores, choice = evaluate.pick_best(candidates[:config.best_of_n],
                                                    scores[:, :config.best_of_n])
         answers["RO"] = (ro, ro_scores)
@@ -168,6 +180,14 @@ def run(config, workdir: pathlib.Path) -> None:
           check_fn=check_fn, sft_rewards=None if is_sft else sft_scores,
           sft_responses=None if is_sft else sft_texts, gold=gold.get(name),
           sft_gold=None if is_sft or not gold else gold["SFT"], seed=config.seed)
+    if oracle is not None:
+      sft_split = systems["SFT"]["splits"][split]
+      sft_split[f"oracle_best_of_{ORACLE_N}_exact_match"] = oracle
+      for name in answers:
+        if name not in ("SFT", "RR"):
+          split_metrics = systems[name]["splits"][split]
+          split_metrics["exact_match_oracle_gap_closed"] = metrics.oracle_gap_closed(
+              split_metrics["exact_match"], sft_split["exact_match"], oracle)
     if split == report.IN_DISTRIBUTION_SPLIT:
       for i, prompt in enumerate(prompts[:config.num_samples]):
         samples.append({"prompt": prompt, "reference": references[i], "systems": {
