@@ -15,7 +15,7 @@ VARIANTS = {
     "reward": ("builtin", "hh_rlhf", "gpt_neo_125m", "gpt_neo_125m_hh_rlhf"),
     "ppo": ("builtin", "gpt_neo_125m"),
     "eval": ("builtin", "gpt_neo_125m"),
-    "pipeline": ("default", "full"),
+    "pipeline": ("default", "full", "iterated"),
 }
 
 

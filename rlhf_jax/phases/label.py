@@ -21,6 +21,8 @@ Labellers (`labeler`):
              Without any `split`, a seeded `heldout_fraction` of the distinct prompts is held out.
 
 Writes WORKDIR/label/ (or WORKDIR/`name`/):
+  config.json   the run's config (`seed`: the samples, the order of each pair's sides and the
+                teacher's noise; the policy, K, pairing, sampling), written at every start.
   pairs.jsonl   one judged pair a line (`data.labeling`'s rows: pair_id, split, prompt,
                 instruction, context, chosen, rejected, labeler, annotator, judgement), what the
                 reward phase reads by default; ties stay in the file (left out of training).
@@ -59,6 +61,7 @@ LABELERS = ("simulated", "web", "file")
 PAIRS_FILE = "pairs.jsonl"
 SUMMARY_FILE = "summary.json"
 PAIRS_TO_JUDGE_FILE = "pairs_to_judge.jsonl"
+CONFIG_FILE = "config.json"
 
 
 def run(config, workdir: pathlib.Path) -> None:
@@ -71,6 +74,10 @@ def run(config, workdir: pathlib.Path) -> None:
           "or use another --workdir to label again.")
     return
   phase_dir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    # The settings that reproduce the pairs: the seed behind the samples, the side order and the
+    # teacher's noise, the policy, K and the pairing.
+    _write_json(phase_dir / CONFIG_FILE, config.to_dict())
   start = time.time()
   splits = records.load_splits(config.data)
   gold = GoldScores() if config.data.source == "builtin" else None

@@ -6,7 +6,9 @@ the shared loop.
   ... --config.reward.sources=model=1,verifier=2
 
 Reads WORKDIR/sft and, when the reward model scores or seeds the value model, WORKDIR/reward (or
-`sft_checkpoint`, `reward_checkpoint`). With the reward model as the only source an iteration is
+`sft_checkpoint`, `reward_checkpoint`). The policy starts from the SFT policy, or from
+`policy_checkpoint` when set (the iterated pipeline's `ppo_init=last`); the KL penalty is always
+to the SFT policy. With the reward model as the only source an iteration is
 one compiled program; other sources (`training.rewards`) are scored on the host between the
 compiled rollout and the compiled update (`ppo.HostRewardStep`). On a fresh start the combined
 reward's normaliser comes from SFT samples of the training prompts (`ppo.score_normalizer`, kept
@@ -48,10 +50,24 @@ def _reward_checkpoint(config, workdir: pathlib.Path, needed: bool, checkpoint) 
   return checkpoint("", "reward")
 
 
-def run(config, workdir: pathlib.Path, phase: str = "ppo") -> None:
-  """Runs the RL phase; `phase` names it in messages and the manifest (the grpo phase runs this
-  with configs/grpo.py) and is its default WORKDIR subdirectory."""
-  phase_dir = phases.output_dir(config, workdir, phase)
+def _start_checkpoint(config, sft: dict) -> dict:
+  """The checkpoint PPO's policy starts from: `sft` unless `policy_checkpoint` names another
+  policy of the same architecture (its score head, if any, is dropped)."""
+  given = config.get("policy_checkpoint", "")
+  if not given:
+    return sft
+  start = checkpoints.describe_model(given)
+  shapes = lambda info: jax.tree.map(lambda x: x.shape,
+                                     gpt_neo.param_shapes(gpt_neo.build(info["config"])))
+  if shapes(start) != shapes(sft):
+    raise UserError(f"--config.policy_checkpoint={given}: its architecture differs from the SFT "
+                    f"policy's ({sft['source']}), the KL reference; PPO needs the same model")
+  print(f"ppo: the policy starts from {given} (KL reference: {sft['source']})")
+  return start
+
+
+def run(config, workdir: pathlib.Path) -> None:
+  phase_dir = phases.output_dir(config, workdir, "ppo")
   mesh = sharding.mesh_from_config(config.mesh)
   checkpoint = lambda given, phase: checkpoints.describe_model(checkpoints.resolve_checkpoint(
       given, workdir, phase, key=f"{phase}_checkpoint"))
@@ -82,6 +98,11 @@ def run(config, workdir: pathlib.Path, phase: str = "ppo") -> None:
   policy_shardings = shard(policy)
   reward_shardings = shard(reward_model) if reward is not None else None
   sft_shardings = shard(gpt_neo.build(sft["config"], score_head=sft["score_head"]))
+  # The policy's starting point: the SFT policy, or `policy_checkpoint` (the iterated pipeline's
+  # previous round's PPO policy); the KL reference stays the SFT policy either way.
+  start = _start_checkpoint(config, sft)
+  start_shardings = (sft_shardings if start is sft else
+                     shard(gpt_neo.build(start["config"], score_head=start["score_head"])))
 
   splits = records.load_splits(config.data)
   train_records = splits["train"]
@@ -99,15 +120,15 @@ def run(config, workdir: pathlib.Path, phase: str = "ppo") -> None:
           f"std {stats['std']:.4g} (information only; PPO normalises with the SFT policy's "
           "samples)")
 
-  def load_policy():
-    params = checkpoints.load_params(sft, sft_shardings)
+  def load_policy(info=start, info_shardings=start_shardings):
+    params = checkpoints.load_params(info, info_shardings)
     params = {k: v for k, v in params.items() if k != "score"}
     if shared:  # A fresh value head on the policy trunk.
       head = gpt_neo.init_params(policy, jax.random.key(config.train.seed))["score"]
       params["score"] = sharding.global_from_host(np.asarray(head), policy_shardings["score"])
     return params
 
-  reference = load_policy()
+  reference = load_policy(sft, sft_shardings)
   reference = {k: v for k, v in reference.items() if k != "score"}
   reward_params = (checkpoints.load_params(reward, reward_shardings) if reward is not None
                    else None)
@@ -169,9 +190,9 @@ def run(config, workdir: pathlib.Path, phase: str = "ppo") -> None:
       max_prompt_length=config.rollout.max_prompt_length,
       seed=config.train.seed) if eval_prompts else None
   manifest = checkpoints.make_manifest(sft["config"], kind=hf.CAUSAL_LM, score_head=shared,
-                                       phase=phase)
+                                       phase="ppo")
   state = loop.train(
-      loop.Run(phase=phase, phase_dir=phase_dir, config=config.train, mesh=mesh,
+      loop.Run(phase="ppo", phase_dir=phase_dir, config=config.train, mesh=mesh,
                manifest=manifest, tokenizer_dir=sft["tokenizer_dir"], unit="episode",
                progress_keys=("score", "kl", "kl_coef", "response_length", "eos_fraction")),
       loop.Trainable(abstract_state=abstract, init_state=init_state, step_fn=step_fn,
@@ -184,5 +205,5 @@ def run(config, workdir: pathlib.Path, phase: str = "ppo") -> None:
                 count_items=lambda b: float(len(b["prompt_ids"]) * settings.samples_per_prompt)),
       loop.Evaluation(milestone=held_out, milestone_every=int(config.train.eval_every)))
   if state is not None:
-    print(f"{phase}: done; policy checkpoint in {phase_dir / 'checkpoint'}, metrics in "
+    print(f"ppo: done; policy checkpoint in {phase_dir / 'checkpoint'}, metrics in "
           f"{phase_dir / 'metrics.jsonl'}")
