@@ -26,6 +26,9 @@ TRL = `PPOConfig`):
                                        out, Ahmadian et al. 2024; TRL's RLOOTrainer, OpenRLHF's
                                        advantage_estimator=rloo), needs samples_per_prompt >= 2
                                        and no value model
+  ppo.advantage_estimator "grpo" / "reinforce_pp", ppo.grpo_scale, ppo.loss_normalization,
+  ppo.kl_penalty ..................... GRPO's pieces (configs/grpo.py says where each comes
+                                       from); PPO: token-level loss, KL as a reward penalty
   ppo.num_epochs 4 ................... lm-human-preferences noptepochs=4; TRL num_ppo_epochs=4
   ppo.num_minibatches 2 (builtin), 4 (gpt_neo_125m) ... both references use 1 minibatch per
                                        epoch; here 2 and 4 (minibatches of 16 episodes), i.e.
@@ -87,7 +90,8 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
       max_prompt_length=64, max_new_tokens=56, temperature=0.7, top_k=0,
       top_p=1.0, samples_per_prompt=1))
   config.ppo = ml_collections.ConfigDict(dict(
-      advantage_estimator="gae", num_epochs=4, num_minibatches=2, accum_steps=1, gamma=1.0,
+      advantage_estimator="gae", grpo_scale="group", loss_normalization="token",
+      kl_penalty="reward", num_epochs=4, num_minibatches=2, accum_steps=1, gamma=1.0,
       lam=0.95, clip_range=0.2, clip_range_value=0.2, vf_coef=0.1, entropy_coef=0.0, kl_estimator="k1",
       init_kl_coef=0.2, adaptive_kl=True, kl_target=1.0, kl_horizon=200.0,
       whiten_rewards=False, normalize_scores=True, normalize_samples=256,

@@ -66,8 +66,10 @@ def _start_checkpoint(config, sft: dict) -> dict:
   return start
 
 
-def run(config, workdir: pathlib.Path) -> None:
-  phase_dir = phases.output_dir(config, workdir, "ppo")
+def run(config, workdir: pathlib.Path, phase: str = "ppo") -> None:
+  """Runs the RL phase; `phase` names it in messages and the manifest (the grpo phase runs this
+  with configs/grpo.py) and is its default WORKDIR subdirectory."""
+  phase_dir = phases.output_dir(config, workdir, phase)
   mesh = sharding.mesh_from_config(config.mesh)
   checkpoint = lambda given, phase: checkpoints.describe_model(checkpoints.resolve_checkpoint(
       given, workdir, phase, key=f"{phase}_checkpoint"))
@@ -190,9 +192,9 @@ def run(config, workdir: pathlib.Path) -> None:
       max_prompt_length=config.rollout.max_prompt_length,
       seed=config.train.seed) if eval_prompts else None
   manifest = checkpoints.make_manifest(sft["config"], kind=hf.CAUSAL_LM, score_head=shared,
-                                       phase="ppo")
+                                       phase=phase)
   state = loop.train(
-      loop.Run(phase="ppo", phase_dir=phase_dir, config=config.train, mesh=mesh,
+      loop.Run(phase=phase, phase_dir=phase_dir, config=config.train, mesh=mesh,
                manifest=manifest, tokenizer_dir=sft["tokenizer_dir"], unit="episode",
                progress_keys=("score", "kl", "kl_coef", "response_length", "eos_fraction")),
       loop.Trainable(abstract_state=abstract, init_state=init_state, step_fn=step_fn,
@@ -205,5 +207,5 @@ def run(config, workdir: pathlib.Path) -> None:
                 count_items=lambda b: float(len(b["prompt_ids"]) * settings.samples_per_prompt)),
       loop.Evaluation(milestone=held_out, milestone_every=int(config.train.eval_every)))
   if state is not None:
-    print(f"ppo: done; policy checkpoint in {phase_dir / 'checkpoint'}, metrics in "
+    print(f"{phase}: done; policy checkpoint in {phase_dir / 'checkpoint'}, metrics in "
           f"{phase_dir / 'metrics.jsonl'}")
