@@ -1,7 +1,7 @@
 """The whole pipeline on the built-in default, offline: init, sft, label, reward, ppo, eval.
 
   python -m rlhf_jax.main                  # = --config=configs/pipeline.py --workdir=runs/default
-  python -m rlhf_jax.main --config=configs/pipeline.py:full    # + ppo_gold (RLHF-gold)
+  python -m rlhf_jax.main --config=configs/pipeline.py:full    # + ppo_gold (RLHF-gold), grpo
 
 Each phase's settings are its own config file's (`configs/PHASE.py`), nested here under the phase
 name: `--config.sft.train.steps=300`, `--config.ppo.optim.lr=5e-5`. The `data`, `model` and `mesh`
@@ -26,7 +26,8 @@ Variants:
            best-of-8 +0.25 [+0.17, +0.35].
   full     adds `ppo_gold` before eval: the ppo phase with `reward.sources=gold` (the teacher's
            gold score as the reward, the upper bound of RLHF), written to WORKDIR/ppo_gold, which
-           eval reports as RLHF-gold. (GRPO and DPO join here when their phases exist.) Time: not
+           eval reports as RLHF-gold, and `grpo` (configs/grpo.py: GRPO on the built-in verifier
+           reward, WORKDIR/grpo, eval's GRPO). (DPO joins here when its phase exists.) Time: not
            yet measured.
   iterated Iterated RLHF as Anthropic's online rounds did it (issue #23 item 6): init and sft,
            then `rounds` (3) rounds, each in WORKDIR/round_R/: label (the simulated teacher
@@ -51,6 +52,7 @@ import ml_collections
 
 from rlhf_jax.configs import common
 from rlhf_jax.configs import eval as eval_config
+from rlhf_jax.configs import grpo as grpo_config
 from rlhf_jax.configs import init as init_config
 from rlhf_jax.configs import label as label_config
 from rlhf_jax.configs import ppo as ppo_config
@@ -58,7 +60,7 @@ from rlhf_jax.configs import reward as reward_config
 from rlhf_jax.configs import sft as sft_config
 
 PHASES = ("init", "sft", "label", "reward", "ppo", "eval")
-FULL_PHASES = ("init", "sft", "label", "reward", "ppo", "ppo_gold", "eval")
+FULL_PHASES = ("init", "sft", "label", "reward", "ppo", "ppo_gold", "grpo", "eval")
 
 
 ITERATED_PHASES = ("init", "sft")  # Then `rounds` rounds of ROUND_PHASES.
@@ -83,6 +85,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
              ("reward", reward_config), ("ppo", ppo_config), ("eval", eval_config)]
   if variant == "full":
     entries.insert(5, ("ppo_gold", ppo_config))
+    entries.insert(6, ("grpo", grpo_config))  # configs/grpo.py: GRPO on the verifier reward.
   for name, module in entries:
     phase = module.get_config()
     for shared in ("data", "model", "mesh"):
