@@ -45,6 +45,15 @@ Variants:
              python -m rlhf_jax.main --config=configs/pipeline.py:iterated --workdir=runs/iterated
            Machine: 2 cores of an AMD EPYC, jax 0.10.2 on CPU. Time and result: not yet measured.
 A pipeline entry whose name is not a phase names the phase it runs in its config's `phase` field
+  overoptimize  the default pipeline, but PPO with a small fixed KL coefficient (0.01, no
+           adaptive controller) for 150 iterations with a held-out evaluation every 10: the
+           over-optimisation experiment of issue #21 item 6 (Gao et al. 2022). In its workdir
+           `overoptimization.png` plots PPO's gold and reward-model scores against sqrt(KL to
+           SFT): the proxy keeps rising while the gold score turns down. To reuse a finished
+           default run's SFT, labels and reward model:
+             mkdir -p runs/overopt && cp -r runs/default/{init,sft,label,reward} runs/overopt/
+             python -m rlhf_jax.main --config=configs/pipeline.py:overoptimize --workdir=runs/overopt
+           Time and result: README, "Over-optimisation".
 and its WORKDIR subdirectory in `name`.
 """
 
@@ -68,7 +77,7 @@ ROUND_PHASES = ("label", "reward", "ppo", "eval")
 
 
 def get_config(variant: str = "default") -> ml_collections.ConfigDict:
-  common.check_variant(variant, ("default", "full", "iterated"))
+  common.check_variant(variant, ("default", "full", "iterated", "overoptimize"))
   config = ml_collections.ConfigDict()
   # Run a subset with e.g. --config.phases=sft,reward.
   config.phases = ",".join(FULL_PHASES if variant == "full" else
@@ -107,4 +116,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.ppo_gold.phase = "ppo"
     config.ppo_gold.name = "ppo_gold"
     config.ppo_gold.reward.sources = "gold"
+  if variant == "overoptimize":
+    config.ppo.ppo.update(dict(init_kl_coef=0.01, adaptive_kl=False))
+    config.ppo.train.update(dict(steps=150, eval_every=10, save_every=50))
   return config
