@@ -23,11 +23,11 @@ from rlhf_jax.configs import reward as reward_config
 from rlhf_jax.data import batching
 from rlhf_jax.data import label_server
 from rlhf_jax.data import labeling
+from rlhf_jax.data import preferences
 from rlhf_jax.data import records
 from rlhf_jax.data import teacher
 from rlhf_jax.errors import UserError
 from rlhf_jax.phases import label as label_phase
-from rlhf_jax.phases import reward as reward_phase
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ROW_FIELDS = {"pair_id", "split", "prompt", "instruction", "context", "chosen", "rejected",
@@ -272,10 +272,10 @@ def test_synthetic_negatives_make_up_the_configured_share(labelled):
   config.pairs.strategies = dict(corrupted=0.5, truncated=0.5, other_response=0.0,
                                  shuffled=0.0, policy_sample=0.0)
   path = str(labelled / "label" / "pairs.jsonl")
-  assert reward_phase.pairs_source("auto", labelled) == path
-  assert reward_phase.is_judged_pairs_file(path)
+  assert preferences.pairs_source("auto", labelled) == path
+  assert preferences.is_judged_pairs_file(path)
   judged, held_out, _ = labeling.load_judged_pairs(path)
-  train, eval_pairs, stats = reward_phase.load_judged(config, path, None, None)
+  train, eval_pairs, stats = preferences.load_judged(config, path, None, None)
   strategies = [pair["strategy"] for pair in train]
   assert strategies.count("judged") == len(judged) == len(train) // 2
   assert set(strategies) == {"judged", "corrupted", "truncated"}
@@ -283,7 +283,7 @@ def test_synthetic_negatives_make_up_the_configured_share(labelled):
   assert stats["train"]["by_strategy"]["judged"] == len(judged)
   with pytest.raises(UserError, match="synthetic_share"):
     config.pairs.synthetic_share = 1.0
-    reward_phase.load_judged(config, path, None, None)
+    preferences.load_judged(config, path, None, None)
 
 
 def test_eval_reports_gold_and_overoptimization_on_the_builtin_data(rewarded):

@@ -31,6 +31,8 @@ Batch layouts (numpy; int32 unless stated):
     for length statistics such as the "prefer the longer response" baseline.
   - `pair_mask` float32 [B]: 1.0 for a real pair, 0.0 for padding in the last eval batch.
   - `strategy` [B]: index into `PAIR_STRATEGIES` of how the pair was made; -1 on padding.
+  - `pair_index` [B]: the pair's index in the examples batched, -1 on padding: the key to data
+    kept per pair outside the batch (DPO's reference log-probabilities).
   Keeping a pair's two rows together on axis 0 means any split along axis 0 (gradient
   accumulation's micro-batches, hosts, data-parallel devices) keeps whole pairs.
 
@@ -402,8 +404,9 @@ def _fit_pair(tokenizer: Any, pair: dict, prompt: list[int], chosen_ids: list[in
 
 def tokenize_pairs(tokenizer: Any, pairs: Sequence[dict], *, max_length: int,
                    min_response_tokens: int = 1, skip_bad_records: bool = False,
-                   source: str = "pairs", too_long: str = "truncate") -> tuple[list[dict], dict]:
-  """Tokenises preference pairs for the reward model.
+                   source: str = "pairs", too_long: str = "truncate",
+                   append_eos: bool = False) -> tuple[list[dict], dict]:
+  """Tokenises preference pairs for the reward model (and, with `append_eos`, for DPO).
 
   Each example has int32 arrays `prompt_ids`, `chosen_ids`, `rejected_ids` (no EOS) and
   `strategy_id` (index into `PAIR_STRATEGIES`; a pair without a `strategy` counts as "human").
@@ -423,6 +426,11 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[dict], *, max_length: int,
   Bad pairs raise, or with `skip_bad_records` are skipped, logged and counted: never dropped
   silently. `PairWindow` tells a pair builder in advance what this function will keep.
 
+  With `append_eos` each response ends with the tokenizer's EOS before fitting, as TRL's
+  DPOTrainer builds its pairs, so a policy trained on them learns where answers stop; a response
+  cut to fit loses it, as in SFT (the reward model reads its score at the last real token, so
+  its pairs have none).
+
   Args:
     tokenizer: a Hugging Face fast tokenizer.
     pairs: dicts with `prompt`, `chosen`, `rejected`, optional `strategy`, optional
@@ -433,6 +441,7 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[dict], *, max_length: int,
     skip_bad_records: skip (log and count) bad pairs instead of raising.
     source: names the pairs in messages when they carry no `location`.
     too_long: one of `TOO_LONG_POLICIES`.
+    append_eos: end each response with EOS (policy training on pairs: DPO).
 
   Returns:
     (examples, stats): stats has `examples`, `truncated_contexts`, `truncated_responses`
@@ -451,6 +460,10 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[dict], *, max_length: int,
   prompts = _encode(tokenizer, [p["prompt"] for p in pairs])
   chosen = _encode(tokenizer, [p["chosen"] for p in pairs])
   rejected = _encode(tokenizer, [p["rejected"] for p in pairs])
+  if append_eos:
+    eos = _eos_id(tokenizer)
+    # An empty response stays empty: a bad pair either way.
+    chosen, rejected = ([ids + [eos] if ids else ids for ids in side] for side in (chosen, rejected))
   bad = BadRecords(skip_bad_records)
   examples = []
   totals = {"contexts": 0, "prompts": 0, "responses": 0}
@@ -719,6 +732,7 @@ def _pair_batch(examples: Sequence[dict], pairs: Sequence[int | None], max_lengt
       "response_length": np.zeros((len(mine), 2), np.int32),
       "pair_mask": np.zeros((len(mine),), np.float32),
       "strategy": np.full((len(mine),), -1, np.int32),
+      "pair_index": np.full((len(mine),), -1, np.int32),
   }
   for local, index in enumerate(mine):
     if index is None:
@@ -735,6 +749,7 @@ def _pair_batch(examples: Sequence[dict], pairs: Sequence[int | None], max_lengt
       batch["response_length"][local, side] = len(response)
     batch["pair_mask"][local] = 1.0
     batch["strategy"][local] = example["strategy_id"]
+    batch["pair_index"][local] = index
   return batch
 
 

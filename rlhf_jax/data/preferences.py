@@ -1,4 +1,5 @@
-"""Preference pairs for the reward model: from files (incl. Anthropic HH-RLHF) or built from records.
+"""Preference pairs for the reward model and DPO: from files (incl. Anthropic HH-RLHF), the label
+phase's judged pairs, or built from records.
 
 A pair is a dict with `prompt`, `chosen`, `rejected` (the preferred and the worse response to
 `prompt`) and `strategy`, how it was made (one of `batching.PAIR_STRATEGIES`), so reward
@@ -34,11 +35,17 @@ equal as text, is redrawn (random strategies; counted per reason) and, if it sta
 be made, skipped, logged and counted; never kept. A policy sample that is the reference within
 the window is redrawn, and a record whose draws all fail is replaced by another strategy
 (`build_instruction_pairs`; counted).
+
+What a pair-training phase (reward, dpo) reads, from its config's `pairs` section:
+`load_phase_pairs` (the source, "auto" being the label phase's WORKDIR/label/pairs.jsonl when it
+exists; the judged, file or built pairs; tokenised), with `summary_lines` to report it.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import pathlib
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,8 +54,9 @@ import numpy as np
 from absl import logging
 
 from rlhf_jax.data import builtin
+from rlhf_jax.data import labeling
 from rlhf_jax.data import records as records_lib
-from rlhf_jax.data.batching import PAIR_STRATEGIES, PairWindow, format_prompt
+from rlhf_jax.data.batching import PAIR_STRATEGIES, PairWindow, format_prompt, tokenize_pairs
 from rlhf_jax.data.records import BadRecords, iter_jsonl
 from rlhf_jax.errors import UserError, where
 
@@ -530,3 +538,186 @@ def load_preference_pairs(config, sampler_factory: Callable[[], Callable],
                     f"{len(held_out)} held-out pairs; both must be non-empty")
   return train, held_out, {"train": train_stats, "eval": eval_stats,
                            "eval_dropped_shared_prompt": dropped}
+
+
+# ---------------------------------------------------------------------------------------------
+# The pairs a pair-training phase (reward, dpo) reads, as its config's `pairs` section names them.
+
+# The label phase's judged pairs, relative to the workdir: the default source ("auto").
+LABEL_PAIRS = pathlib.Path("label") / "pairs.jsonl"
+
+
+def pairs_source(source: str, workdir: pathlib.Path) -> str:
+  """The pairs a phase reads: `pairs.source`, where "auto" (the default) is the label phase's
+  WORKDIR/label/pairs.jsonl when it exists, else "build"."""
+  if source != "auto":
+    return source
+  label_pairs = pathlib.Path(workdir) / LABEL_PAIRS
+  return str(label_pairs) if label_pairs.is_file() else BUILD
+
+
+def is_judged_pairs_file(source: str) -> bool:
+  """Whether `source` is a judged-pairs file (the label phase's rows: its first line has a
+  `judgement`), read by `labeling.load_judged_pairs`, rather than a plain pairs file."""
+  if source == BUILD or not pathlib.Path(source).is_file():
+    return False
+  for _, obj, error in iter_jsonl(source):
+    return error is None and isinstance(obj, dict) and "judgement" in obj
+  return False
+
+
+def load_judged(config, path: str, sampler_factory: Callable[[], Callable] | None,
+                window: PairWindow | None) -> tuple[list[dict], list[dict], dict]:
+  """Judged pairs (ties and empty sides left out, counted) for training and held out; with
+  `pairs.synthetic_share` > 0, that share of the training pairs are built negatives instead
+  (`pairs.strategies` from the data's training records; held-out pairs stay judged).
+
+  Returns:
+    (train, held-out, stats as `load_preference_pairs` gives them, plus `judged`).
+  """
+  train, held_out, stats = labeling.load_judged_pairs(path)
+  share = float(config.pairs.synthetic_share)
+  if not 0.0 <= share < 1.0:
+    raise UserError(f"--config.pairs.synthetic_share={share}: must be in [0, 1)")
+  skipped = lambda split: {"tie": stats["ties"].get(split, 0),
+                           "empty_side": stats["empty"].get(split, 0)}
+  train_stats = {"source": path, "by_strategy": {labeling.JUDGED_STRATEGY: len(train)},
+                 "skipped": skipped(labeling.TRAIN_SPLIT)}
+  count = int(round(share / (1.0 - share) * len(train)))
+  if count:
+    built_config = config.copy_and_resolve_references()
+    built_config.pairs.source = BUILD
+    built_config.pairs.negatives_per_record = 1
+    if built_config.data.source == "builtin":
+      # Generate only about as many records as needed: twice, since a record whose negative
+      # cannot be built (a bare answer too short to truncate, a non-answer to corrupt) is skipped.
+      built_config.data.num_train = 2 * count
+    built, _, built_stats = load_preference_pairs(built_config, sampler_factory, window=window)
+    if len(built) < count:
+      raise UserError(f"pairs.synthetic_share={share}: {count} built negatives needed, "
+                      f"{len(built)} could be built from data.source={config.data.source}")
+    picked = np.random.default_rng(config.pairs.seed).permutation(len(built))[:count]
+    built = [built[i] for i in sorted(picked)]
+    train = train + built
+    for pair in built:
+      by_strategy = train_stats["by_strategy"]
+      by_strategy[pair["strategy"]] = by_strategy.get(pair["strategy"], 0) + 1
+    train_stats.update({k: v for k, v in built_stats["train"].items()
+                        if k.startswith("policy_")})
+  held_out, dropped = drop_shared_prompts(train, held_out)
+  if not train or not held_out:
+    raise UserError(f"{path}: {len(train)} training and {len(held_out)} held-out judged pairs "
+                    "(ties and empty sides left out); both must be non-empty")
+  return train, held_out, {
+      "train": train_stats, "judged": True,
+      "eval": {"source": path, "by_strategy": {labeling.JUDGED_STRATEGY: len(held_out)},
+               "skipped": skipped(labeling.HELDOUT_SPLIT)},
+      "eval_dropped_shared_prompt": dropped}
+
+
+@dataclasses.dataclass(frozen=True)
+class PhasePairs:
+  """A phase's preference pairs, as texts and tokenised (`batching.tokenize_pairs`).
+
+  Attributes:
+    train, held_out: the tokenised examples (`prompt_ids`, `chosen_ids`, `rejected_ids`,
+      `strategy_id`).
+    train_pairs, held_out_pairs: the pairs as texts (before tokenisation; a pair tokenisation
+      skipped is still here).
+    stats: the loader's (`load_preference_pairs`, `load_judged`): `train`, `eval`,
+      `eval_dropped_shared_prompt`, and `judged` for judged pairs.
+    train_tokens, held_out_tokens: `tokenize_pairs`'s stats.
+    judged: the pairs are a judged-pairs file's (the label phase's).
+  """
+  train: list[dict]
+  held_out: list[dict]
+  train_pairs: list[dict]
+  held_out_pairs: list[dict]
+  stats: dict
+  train_tokens: dict
+  held_out_tokens: dict
+  judged: bool
+
+
+def load_phase_pairs(config, workdir: pathlib.Path, tokenizer: Any,
+                     sampler_factory: Callable[[], Callable] | None, *, phase: str,
+                     append_eos: bool = False) -> PhasePairs:
+  """The training and held-out pairs of a pair-training phase's config, tokenised.
+
+  The source is `pairs.source` (`pairs_source`: "auto" is the label phase's judged pairs when
+  the workdir has them, else "build"): a judged-pairs file (`load_judged`), a pairs file or
+  built pairs (`load_preference_pairs`). Judged pairs are policy samples, at most the label
+  phase's max_new_tokens as sampled; only a decoded sample that re-tokenises longer (stray
+  bytes) can overflow, so they are cut at the end to fit rather than rejected (even under
+  `pairs.too_long="error"`), and a pair the cut leaves identical is skipped and counted. Built
+  pairs are made so that no two sides are identical within what the model sees.
+
+  Args:
+    config: the phase's config: `pairs`, `data`, `max_length`, optional `min_response_tokens`.
+    workdir: the run's workdir (for "auto").
+    tokenizer: the model's tokenizer.
+    sampler_factory: builds the policy sampler for `policy_sample` negatives (see
+      `load_preference_pairs`); None where no config asks for them.
+    phase: names the phase in messages.
+    append_eos: each response ends with EOS (see `batching.tokenize_pairs`).
+
+  Raises:
+    UserError: bad pairs (naming file:line) or none left after tokenisation.
+  """
+  source = pairs_source(config.pairs.source, workdir)
+  judged = is_judged_pairs_file(source)
+  fit = dict(max_length=config.max_length,
+             too_long="truncate" if judged and config.pairs.too_long == "error"
+             else config.pairs.too_long,
+             min_response_tokens=config.get("min_response_tokens", 1))
+  window = PairWindow(tokenizer, **fit)
+  if judged:
+    train_pairs, held_out_pairs, stats = load_judged(config, source, sampler_factory, window)
+  else:
+    built_config = config.copy_and_resolve_references()
+    built_config.pairs.source = source
+    train_pairs, held_out_pairs, stats = load_preference_pairs(built_config, sampler_factory,
+                                                               window=window)
+  tokenize = lambda pairs, name: tokenize_pairs(
+      tokenizer, pairs, skip_bad_records=config.pairs.skip_bad_records or judged, source=name,
+      append_eos=append_eos, **fit)
+  train, train_tokens = tokenize(train_pairs, "training pairs")
+  held_out, held_out_tokens = tokenize(held_out_pairs, "held-out pairs")
+  if not train or not held_out:
+    raise UserError(f"{phase}: {len(train)} training and {len(held_out)} held-out pairs left "
+                    "after tokenisation; check max_length and the data")
+  return PhasePairs(train=train, held_out=held_out, train_pairs=train_pairs,
+                    held_out_pairs=held_out_pairs, stats=stats, train_tokens=train_tokens,
+                    held_out_tokens=held_out_tokens, judged=judged)
+
+
+def _describe_counts(stats: dict) -> str:
+  skipped = {k: v for k, v in stats.items() if v}
+  return ", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"
+
+
+def summary_lines(pairs: PhasePairs) -> list[str]:
+  """What was loaded, skipped, cut and built, one line per split (and the held-out pairs dropped
+  for sharing a training prompt), for the phase to print."""
+  lines = []
+  for name, stats, tokens in (("training", pairs.stats["train"], pairs.train_tokens),
+                              ("held-out", pairs.stats["eval"], pairs.held_out_tokens)):
+    made = stats.get("by_strategy")
+    made_text = f" by strategy {made}" if made else ""
+    policy = {k: v for k, v in stats.items() if k.startswith("policy_")}
+    skipped = {**stats.get("skipped", {}), **tokens["skipped"]}
+    # Why built negatives were redrawn, and why a record got none (equal_text,
+    # identical_in_window: the same tokens within max_length; impossible).
+    redrawn, not_made = stats.get("redrawn", {}), stats.get("skip_reasons", {})
+    lines.append(
+        f"{tokens['examples']} {name} pairs{made_text}; skipped "
+        f"{_describe_counts(skipped)}; truncated {tokens['truncated_contexts']} contexts, "
+        f"{tokens['truncated_responses']} responses, {tokens['truncated_prompts']} prompts"
+        + (f"; negatives redrawn: {_describe_counts(redrawn)}" if any(redrawn.values()) else "")
+        + (f"; no negative made: {_describe_counts(not_made)}" if any(not_made.values())
+           else "")
+        + (f"; policy samples: {_describe_counts(policy)}" if policy else ""))
+  if pairs.stats["eval_dropped_shared_prompt"]:
+    lines.append(f"dropped {pairs.stats['eval_dropped_shared_prompt']} held-out pairs whose "
+                 "prompt is also a training prompt")
+  return lines

@@ -90,12 +90,9 @@ import numpy as np
 from rlhf_jax import checkpoints
 from rlhf_jax import sharding
 from rlhf_jax.data import batching
-from rlhf_jax.data import labeling
 from rlhf_jax.data import preferences
 from rlhf_jax.data import records
 from rlhf_jax.data import teacher
-from rlhf_jax.data.records import iter_jsonl
-from rlhf_jax.errors import UserError
 from rlhf_jax.evaluation import evaluate
 from rlhf_jax.models import decode
 from rlhf_jax.models import gpt_neo
@@ -151,34 +148,12 @@ def run(config, workdir: pathlib.Path) -> None:
     return policy_sampler(gpt_neo.build(info["config"], config.model), policy_params, tokenizer,
                           config.pairs, max_prompt_length=config.max_length)
 
-  source = pairs_source(config.pairs.source, workdir)
-  judged = is_judged_pairs_file(source)
-  # Judged pairs are policy samples, at most the label phase's max_new_tokens as sampled; only a
-  # decoded sample that re-tokenises longer (stray bytes) can overflow, so they are cut at the
-  # end to fit rather than rejected, and a pair the cut leaves identical is skipped and counted.
-  # What the model will see of a pair: built pairs are made so that no two sides are identical
-  # within it.
-  fit = dict(max_length=config.max_length,
-             too_long="truncate" if judged and config.pairs.too_long == "error"
-             else config.pairs.too_long,
-             min_response_tokens=config.get("min_response_tokens", 1))
-  window = batching.PairWindow(tokenizer, **fit)
-  if judged:
-    train_pairs, eval_pairs, data_stats = load_judged(config, source, sampler_factory, window)
-  else:
-    built_config = config.copy_and_resolve_references()
-    built_config.pairs.source = source
-    train_pairs, eval_pairs, data_stats = preferences.load_preference_pairs(
-        built_config, sampler_factory, window=window)
-  tokenize = lambda pairs, name: batching.tokenize_pairs(
-      tokenizer, pairs, skip_bad_records=config.pairs.skip_bad_records or judged, source=name,
-      **fit)
-  train_examples, train_tokens = tokenize(train_pairs, "training pairs")
-  eval_examples, eval_tokens = tokenize(eval_pairs, "held-out pairs")
-  if not train_examples or not eval_examples:
-    raise UserError(f"reward: {len(train_examples)} training and {len(eval_examples)} held-out "
-                    "pairs left after tokenisation; check max_length and the data")
-  _print_data_summary(data_stats, train_tokens, eval_tokens)
+  pairs = preferences.load_phase_pairs(config, workdir, tokenizer, sampler_factory,
+                                       phase="reward")
+  train_examples, eval_examples, eval_pairs = pairs.train, pairs.held_out, pairs.held_out_pairs
+  if jax.process_index() == 0:
+    for line in preferences.summary_lines(pairs):
+      print(f"reward: {line}")
 
   tx = optim.make_optimizer(config.optim, config.train.steps)
   rng = jax.random.key(config.train.seed)
@@ -238,7 +213,7 @@ def run(config, workdir: pathlib.Path) -> None:
   if state is None:
     return
   gold = (gold_accuracy(config, phase_dir, eval_pairs, mesh)
-          if data_stats.get("judged") and config.data.source == "builtin" else {})
+          if pairs.judged and config.data.source == "builtin" else {})
   if jax.process_index() == 0:
     final = _last_held_out_metrics(phase_dir)
     writer = progress.MetricsWriter(phase_dir, resume_step=int(config.train.steps))
@@ -252,78 +227,6 @@ def run(config, workdir: pathlib.Path) -> None:
             f"{gold['gold_pairs']} held-out judged pairs that have one, the reward model "
             f"agrees {100 * gold['gold_accuracy']:.1f}% (a tie half); the labels "
             f"{100 * gold['labeler_gold_agreement']:.1f}%: the ceiling for these labels")
-
-
-LABEL_PAIRS = pathlib.Path("label") / "pairs.jsonl"
-
-
-def pairs_source(source: str, workdir: pathlib.Path) -> str:
-  """The pairs the phase reads: `pairs.source`, where "auto" (the default) is the label phase's
-  WORKDIR/label/pairs.jsonl when it exists, else "build"."""
-  if source != "auto":
-    return source
-  label_pairs = workdir / LABEL_PAIRS
-  return str(label_pairs) if label_pairs.is_file() else preferences.BUILD
-
-
-def is_judged_pairs_file(source: str) -> bool:
-  """Whether `source` is a judged-pairs file (the label phase's rows: its first line has a
-  `judgement`), read by `labeling.load_judged_pairs`, rather than a plain pairs file."""
-  if source == preferences.BUILD or not pathlib.Path(source).is_file():
-    return False
-  for _, obj, error in iter_jsonl(source):
-    return error is None and isinstance(obj, dict) and "judgement" in obj
-  return False
-
-
-def load_judged(config, path: str, sampler_factory, window: batching.PairWindow
-                ) -> tuple[list[dict], list[dict], dict]:
-  """Judged pairs (ties and empty sides left out, counted) for training and held out; with
-  `pairs.synthetic_share` > 0, that share of the training pairs are built negatives instead
-  (`pairs.strategies` from the data's training records; held-out pairs stay judged).
-
-  Returns:
-    (train, held-out, stats as `preferences.load_preference_pairs` gives them, plus `judged`).
-  """
-  train, held_out, stats = labeling.load_judged_pairs(path)
-  share = float(config.pairs.synthetic_share)
-  if not 0.0 <= share < 1.0:
-    raise UserError(f"--config.pairs.synthetic_share={share}: must be in [0, 1)")
-  skipped = lambda split: {"tie": stats["ties"].get(split, 0),
-                           "empty_side": stats["empty"].get(split, 0)}
-  train_stats = {"source": path, "by_strategy": {labeling.JUDGED_STRATEGY: len(train)},
-                 "skipped": skipped(labeling.TRAIN_SPLIT)}
-  count = int(round(share / (1.0 - share) * len(train)))
-  if count:
-    built_config = config.copy_and_resolve_references()
-    built_config.pairs.source = preferences.BUILD
-    built_config.pairs.negatives_per_record = 1
-    if built_config.data.source == "builtin":
-      # Generate only about as many records as needed: twice, since a record whose negative
-      # cannot be built (a bare answer too short to truncate, a non-answer to corrupt) is skipped.
-      built_config.data.num_train = 2 * count
-    built, _, built_stats = preferences.load_preference_pairs(built_config, sampler_factory,
-                                                              window=window)
-    if len(built) < count:
-      raise UserError(f"pairs.synthetic_share={share}: {count} built negatives needed, "
-                      f"{len(built)} could be built from data.source={config.data.source}")
-    picked = np.random.default_rng(config.pairs.seed).permutation(len(built))[:count]
-    built = [built[i] for i in sorted(picked)]
-    train = train + built
-    for pair in built:
-      by_strategy = train_stats["by_strategy"]
-      by_strategy[pair["strategy"]] = by_strategy.get(pair["strategy"], 0) + 1
-    train_stats.update({k: v for k, v in built_stats["train"].items()
-                        if k.startswith("policy_")})
-  held_out, dropped = preferences.drop_shared_prompts(train, held_out)
-  if not train or not held_out:
-    raise UserError(f"{path}: {len(train)} training and {len(held_out)} held-out judged pairs "
-                    "(ties and empty sides left out); both must be non-empty")
-  return train, held_out, {
-      "train": train_stats, "judged": True,
-      "eval": {"source": path, "by_strategy": {labeling.JUDGED_STRATEGY: len(held_out)},
-               "skipped": skipped(labeling.HELDOUT_SPLIT)},
-      "eval_dropped_shared_prompt": dropped}
 
 
 def gold_accuracy(config, phase_dir: pathlib.Path, held_out: Sequence[dict], mesh) -> dict:
@@ -364,35 +267,6 @@ def _last_held_out_metrics(phase_dir: pathlib.Path) -> dict[str, float]:
   lines = (phase_dir / "metrics.jsonl").read_text().splitlines()
   final = next(json.loads(line) for line in reversed(lines) if '"eval/accuracy"' in line)
   return {k[len("eval/"):]: v for k, v in final.items() if k.startswith("eval/")}
-
-
-def _describe_counts(stats: dict) -> str:
-  skipped = {k: v for k, v in stats.items() if v}
-  return ", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"
-
-
-def _print_data_summary(data_stats: dict, train_tokens: dict, eval_tokens: dict) -> None:
-  if jax.process_index() != 0:
-    return
-  for name, stats, tokens in (("training", data_stats["train"], train_tokens),
-                              ("held-out", data_stats["eval"], eval_tokens)):
-    made = stats.get("by_strategy")
-    made_text = f" by strategy {made}" if made else ""
-    policy = {k: v for k, v in stats.items() if k.startswith("policy_")}
-    skipped = {**stats.get("skipped", {}), **tokens["skipped"]}
-    # Why built negatives were redrawn, and why a record got none (equal_text,
-    # identical_in_window: the same tokens within max_length; impossible).
-    redrawn, not_made = stats.get("redrawn", {}), stats.get("skip_reasons", {})
-    print(f"reward: {tokens['examples']} {name} pairs{made_text}; skipped "
-          f"{_describe_counts(skipped)}; truncated {tokens['truncated_contexts']} contexts, "
-          f"{tokens['truncated_responses']} responses, {tokens['truncated_prompts']} prompts"
-          + (f"; negatives redrawn: {_describe_counts(redrawn)}" if any(redrawn.values()) else "")
-          + (f"; no negative made: {_describe_counts(not_made)}" if any(not_made.values())
-             else "")
-          + (f"; policy samples: {_describe_counts(policy)}" if policy else ""))
-  if data_stats["eval_dropped_shared_prompt"]:
-    print(f"reward: dropped {data_stats['eval_dropped_shared_prompt']} held-out pairs whose "
-          "prompt is also a training prompt")
 
 
 def _print_final_summary(metrics: dict, eval_examples: Sequence[dict], reference_count: int,
