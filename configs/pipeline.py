@@ -1,7 +1,7 @@
 """The whole pipeline on the built-in default, offline: init, sft, label, reward, ppo, eval.
 
   python -m rlhf_jax.main                  # = --config=configs/pipeline.py --workdir=runs/default
-  python -m rlhf_jax.main --config=configs/pipeline.py:full    # + ppo_gold (RLHF-gold), grpo
+  python -m rlhf_jax.main --config=configs/pipeline.py:full    # + ppo_gold (RLHF-gold), grpo, dpo
 
 Each phase's settings are its own config file's (`configs/PHASE.py`), nested here under the phase
 name: `--config.sft.train.steps=300`, `--config.ppo.optim.lr=5e-5`. The `data`, `model` and `mesh`
@@ -27,7 +27,8 @@ Variants:
   full     adds `ppo_gold` before eval: the ppo phase with `reward.sources=gold` (the teacher's
            gold score as the reward, the upper bound of RLHF), written to WORKDIR/ppo_gold, which
            eval reports as RLHF-gold, and `grpo` (configs/grpo.py: GRPO on the built-in verifier
-           reward, WORKDIR/grpo, eval's GRPO). (DPO joins here when its phase exists.) Time: not
+           reward, WORKDIR/grpo, eval's GRPO). Then `dpo` (configs/dpo.py: DPO
+           on the label phase's pairs, WORKDIR/dpo, eval's DPO). Time: not
            yet measured.
   iterated Iterated RLHF as Anthropic's online rounds did it (issue #23 item 6): init and sft,
            then `rounds` (3) rounds, each in WORKDIR/round_R/: label (the simulated teacher
@@ -60,6 +61,7 @@ and its WORKDIR subdirectory in `name`.
 import ml_collections
 
 from rlhf_jax.configs import common
+from rlhf_jax.configs import dpo as dpo_config
 from rlhf_jax.configs import eval as eval_config
 from rlhf_jax.configs import grpo as grpo_config
 from rlhf_jax.configs import init as init_config
@@ -69,7 +71,7 @@ from rlhf_jax.configs import reward as reward_config
 from rlhf_jax.configs import sft as sft_config
 
 PHASES = ("init", "sft", "label", "reward", "ppo", "eval")
-FULL_PHASES = ("init", "sft", "label", "reward", "ppo", "ppo_gold", "grpo", "eval")
+FULL_PHASES = ("init", "sft", "label", "reward", "ppo", "ppo_gold", "grpo", "dpo", "eval")
 
 
 ITERATED_PHASES = ("init", "sft")  # Then `rounds` rounds of ROUND_PHASES.
@@ -94,6 +96,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
              ("reward", reward_config), ("ppo", ppo_config), ("eval", eval_config)]
   if variant == "full":
     entries.insert(5, ("ppo_gold", ppo_config))
+    # configs/dpo.py: DPO on the label phase's pairs, before eval (eval's DPO).
+    entries.insert(len(entries) - 1, ("dpo", dpo_config))
     entries.insert(6, ("grpo", grpo_config))  # configs/grpo.py: GRPO on the verifier reward.
   for name, module in entries:
     phase = module.get_config()

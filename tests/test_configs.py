@@ -15,6 +15,7 @@ VARIANTS = {
     "reward": ("builtin", "hh_rlhf", "gpt_neo_125m", "gpt_neo_125m_hh_rlhf"),
     "ppo": ("builtin", "gpt_neo_125m"),
     "grpo": ("builtin", "gpt_neo_125m"),
+    "dpo": ("builtin", "hh_rlhf"),
     "eval": ("builtin", "gpt_neo_125m"),
     "pipeline": ("default", "full", "iterated"),
 }
@@ -61,7 +62,7 @@ def test_configs_do_not_look_around_the_repository():
     assert "__file__" not in text and "shared/data" not in text and "parents[" not in text, path
 
 
-@pytest.mark.parametrize("name", ["init", "sft", "label", "reward", "ppo", "grpo", "eval",
+@pytest.mark.parametrize("name", ["init", "sft", "label", "reward", "ppo", "grpo", "dpo", "eval",
                                   "pipeline"])
 def test_docstring_gives_command_machine_time_and_result(name):
   doc = _module(name).__doc__
@@ -74,7 +75,8 @@ def test_the_full_pipeline_adds_ppo_on_the_gold_score_under_its_own_name():
   pipeline = _module("pipeline")
   default, full = pipeline.get_config(), pipeline.get_config("full")
   assert default.phases == "init,sft,label,reward,ppo,eval"
-  assert full.phases == "init,sft,label,reward,ppo,ppo_gold,grpo,eval"
+  assert full.phases == "init,sft,label,reward,ppo,ppo_gold,grpo,dpo,eval"
+  assert full.dpo.loss.beta == 0.1 and full.dpo.data is full.data
   assert (full.grpo.name, full.grpo.reward.sources) == ("grpo", "verifier")
   assert full.grpo.ppo.advantage_estimator == "grpo" and "phase" not in full.grpo
   assert (full.ppo_gold.phase, full.ppo_gold.name, full.ppo_gold.reward.sources) == (

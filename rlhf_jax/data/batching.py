@@ -868,22 +868,30 @@ def pad_pair_batch(batch: dict[str, np.ndarray], max_length: int,
 
 
 def eval_pair_batches(examples: Sequence[dict], *, batch_size: int, max_length: int,
-                      pad_id: int, process_index: int = 0,
-                      process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Finite pair batches covering every pair exactly once, in order.
+                      pad_id: int, process_index: int = 0, process_count: int = 1,
+                      by_length: bool = False) -> Iterator[dict[str, np.ndarray]]:
+  """Finite pair batches covering every pair exactly once, in order (or by length).
 
   The last batch is filled up with padding pairs whose `pair_mask` is 0.
 
-  Args: as `pair_batches`.
+  Args:
+    by_length: visit the pairs shortest first and pad each batch only to its longest pair
+      rounded up to a multiple of `PAD_MULTIPLE` (one compiled shape per multiple): far fewer
+      padding tokens for sums over all pairs, or per-pair values put back by `pair_index`.
+    Others: as `pair_batches`.
 
   Yields:
     Pair batches; every process gets the same number.
   """
   _check_layout(batch_size, process_index, process_count)
+  order = list(range(len(examples)))
+  if by_length:
+    order.sort(key=lambda i: _pair_length(examples[i]))
   for begin in range(0, len(examples), batch_size):
-    pairs: list[int | None] = list(range(begin, min(begin + batch_size, len(examples))))
+    pairs: list[int | None] = list(order[begin:begin + batch_size])
     pairs += [None] * (batch_size - len(pairs))
-    yield _pair_batch(examples, pairs, max_length, pad_id, process_index, process_count)
+    yield _pair_batch(examples, pairs, max_length, pad_id, process_index, process_count,
+                      PAD_MULTIPLE if by_length else 0)
 
 
 def prompt_batch(tokenizer: Any, prompts: Sequence[str], max_prompt_length: int, *,

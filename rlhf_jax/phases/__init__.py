@@ -21,6 +21,7 @@ PHASES = {
     "reward": "reward:run",
     "ppo": "ppo:run",
     "grpo": "grpo:run",
+    "dpo": "dpo:run",
     "eval": "eval:run",
 }
 ALIASES = {"test": "eval"}

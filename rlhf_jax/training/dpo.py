@@ -7,9 +7,11 @@ reward margin, -log sigmoid(r_chosen - r_rejected). IPO (Azar et al. 2023, eq. 1
 margin of per-token log-ratios to 1 / (2 beta) instead. Both follow TRL 1.16's `DPOTrainer`
 (`_compute_loss`); where they differ, the docstring says so.
 
-The reference model is frozen, so its log-probabilities are computed once per pair (`pair_logps`
-with the reference's parameters, stored with the pairs as `ref_logps`; TRL's
-`precompute_ref_log_probs=True`) and the reference is not kept in memory while training.
+The reference model is frozen, so its log-probabilities are computed once per pair
+(`reference_logps`: `pair_logps` with the reference's parameters over all pairs; TRL's
+`precompute_ref_log_probs=True`), kept per pair outside the batches and looked up into each batch
+as `ref_logps` (`with_reference`), so the reference is not kept in memory while training.
+`make_eval_sums` and `summarize_eval` measure the loss and TRL's metrics on held-out pairs.
 
 Batches are the reward model's pair batches (`rlhf_jax.data.batching`): `input_ids`,
 `segment_ids`, `positions` int32 [B, 2, T], `[b, 0]` prompt + chosen and `[b, 1]` prompt +
@@ -19,11 +21,13 @@ rejected, right-padded; `response_length` int32 [B, 2]; `pair_mask` float32 [B];
 stop; the reward model's pair batches have no trailing EOS.)
 """
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from rlhf_jax import sharding
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.training import ppo_core
@@ -219,3 +223,70 @@ def make_loss_fn(logits_fn: LogitsFn, *, beta: float, loss_type: str = "sigmoid"
     return loss, {**metrics, "weight": jnp.sum(_f32(batch["pair_mask"]))}
 
   return loss_fn
+
+
+def make_eval_sums(logits_fn: LogitsFn, *, beta: float, loss_type: str = "sigmoid",
+                   label_smoothing: float = 0.0) -> Callable:
+  """`eval_sums(params, batch) -> sums` of a held-out pair batch for the loop's `Evaluator`:
+  the loss and TRL's metrics (see `dpo_loss`) times the batch's real pairs, and `weight`, the
+  real pairs; `summarize_eval` turns the summed sums into means over every held-out pair.
+  Deterministic (no dropout)."""
+  loss_fn = make_loss_fn(logits_fn, beta=beta, loss_type=loss_type,
+                         label_smoothing=label_smoothing)
+
+  def eval_sums(params, batch: dict) -> Dict[str, Array]:
+    loss, metrics = loss_fn(params, batch, None)
+    weight = metrics.pop("weight")
+    return {"loss": loss * weight, **{k: v * weight for k, v in metrics.items()},
+            "weight": weight}
+
+  return eval_sums
+
+
+def summarize_eval(sums: Dict[str, float]) -> Dict[str, float]:
+  """Means over the held-out pairs from `make_eval_sums`' summed sums."""
+  weight = max(sums["weight"], 1e-12)
+  return {k: v / weight for k, v in sums.items() if k != "weight"}
+
+
+def with_reference(batch: dict, reference: np.ndarray) -> dict:
+  """A pair batch with its pairs' reference log-probabilities (`ref_logps` float32 [B, 2], 0.0
+  for padding pairs), looked up by `pair_index` (dropped) in `reference` [N, 2], the stored
+  `pair_logps` of the batched examples under the reference model."""
+  index = batch["pair_index"]
+  ref_logps = np.where((index >= 0)[:, None], reference[np.maximum(index, 0)], 0.0)
+  return {**{k: v for k, v in batch.items() if k != "pair_index"},
+          "ref_logps": ref_logps.astype(np.float32)}
+
+
+def reference_logps(logits_fn: LogitsFn, params, batches: Iterable[dict], count: int,
+                    mesh) -> np.ndarray:
+  """The reference model's `pair_logps` of `count` pairs, once, before training.
+
+  Args:
+    logits_fn, params: the reference model.
+    batches: host pair batches covering each of the pairs once, in any order, with `pair_index`
+      (e.g. `batching.eval_pair_batches(..., by_length=True)`), this process's rows of each
+      global batch.
+    count: the number of pairs.
+    mesh: the device mesh the batches are split over; every process gets every pair's values.
+
+  Returns:
+    float32 [count, 2]: row i pair i's, column 0 the chosen, column 1 the rejected response.
+
+  Raises:
+    ValueError: a pair was not covered.
+  """
+  fields = ("input_ids", "segment_ids", "positions", "response_length", "pair_index")
+  step = jax.jit(lambda p, b: (pair_logps(logits_fn, p, b), b["pair_index"]),
+                 out_shardings=sharding.replicated(mesh))
+  results = [step(params, sharding.shard_batch({k: b[k] for k in fields}, mesh))
+             for b in batches]
+  logps = np.full((count, 2), np.nan, np.float32)
+  for values, index in jax.device_get(results):
+    real = index >= 0
+    logps[index[real]] = values[real]
+  if np.isnan(logps).any():
+    raise ValueError(f"reference_logps: {int(np.isnan(logps[:, 0]).sum())} of {count} pairs "
+                     "were not in the batches")
+  return logps
