@@ -2,6 +2,8 @@
 import setuptools
 
 LABEL_REQUIRES = ["starlette>=0.37", "uvicorn>=0.29"]
+# --config.model.lora.rank > 0: LoRA adapters through qwix (Google's LoRA/quantisation library).
+LORA_REQUIRES = ["qwix>=0.1.8"]
 
 setuptools.setup(
     name="rlhf-jax",
@@ -36,11 +38,14 @@ setuptools.setup(
     extras_require={
         # labeler=web: the labelling page for people (a Starlette app on uvicorn).
         "label": LABEL_REQUIRES,
+        # LoRA training (--config.model.lora.rank > 0); full fine-tuning needs nothing more.
+        "lora": LORA_REQUIRES,
         # torch is only the Hugging Face PyTorch reference the parity tests compare against.
         # 2.13.0 is pinned: it is the CPU build; an unpinned torch pulls a multi-GB CUDA build.
         # The label extra, httpx (Starlette's TestClient) and selenium test the labelling page;
         # selenium drives the system's chromium (.ci/run installs it), it downloads no browser.
+        # peft loads the LoRA adapter exports onto the PyTorch reference (tests/test_lora.py).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", *LABEL_REQUIRES,
-                 "httpx>=0.27", "selenium>=4.11"],
+                 "httpx>=0.27", "selenium>=4.11", *LORA_REQUIRES, "peft>=0.17"],
     },
 )

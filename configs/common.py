@@ -33,9 +33,17 @@ def mesh() -> ml_collections.ConfigDict:
 
 def model() -> ml_collections.ConfigDict:
   """Numerics of the model: compute dtype, master-weight dtype, rematerialisation per block, and
-  dropout (-1 keeps the checkpoint's embed/attention/resid dropout; GPT-Neo ships with 0)."""
-  return ml_collections.ConfigDict(dict(dtype="float32", param_dtype="float32", remat=False,
-                                        dropout=-1.0))
+  dropout (-1 keeps the checkpoint's embed/attention/resid dropout; GPT-Neo ships with 0).
+
+  lora: low-rank adapters (rlhf_jax/models/lora.py; needs the `lora` extra): rank (0 = off, full
+    fine-tuning), alpha (outputs scaled by alpha / rank), dropout on the adapters' inputs, targets
+    (comma-separated among q_proj, k_proj, v_proj, out_proj, c_fc, c_proj, or "all"), train_heads
+    (a score/value head trains fully).
+  """
+  return ml_collections.ConfigDict(dict(
+      dtype="float32", param_dtype="float32", remat=False, dropout=-1.0,
+      lora=dict(rank=0, alpha=16.0, dropout=0.0,
+                targets="q_proj,k_proj,v_proj,out_proj,c_fc,c_proj", train_heads=True)))
 
 
 def data(source: str = "builtin") -> ml_collections.ConfigDict:

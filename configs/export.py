@@ -19,5 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.hf_out = ""  # Output directory; "" = WORKDIR/export/hf.
   config.dtype = "float32"  # float32 | bfloat16 for the saved weights.
   config.kind = "auto"  # auto (from the checkpoint) | causal_lm | reward.
+  # A LoRA checkpoint: True writes its adapters in Hugging Face PEFT's format (adapter_config.json +
+  # adapter_model.safetensors) instead of the merged model; hf_out "" = WORKDIR/export/adapter.
+  config.adapters_only = False
   config.mesh = common.mesh()
   return config

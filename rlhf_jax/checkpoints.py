@@ -164,6 +164,8 @@ def load_params(info: dict, shardings: Any = None) -> Any:
   `model_shardings`); default: the first local device (single-process use only).
 
   An Orbax checkpoint restores onto any mesh, whatever mesh or device count saved it."""
+  if info["manifest"].get("lora"):
+    return _load_merged_lora(info, shardings)
   if isinstance(shardings, jax.sharding.Mesh):
     shardings = model_shardings(info["config"], info["score_head"], shardings)
   if info["format"] == "hf":
@@ -177,6 +179,64 @@ def load_params(info: dict, shardings: Any = None) -> Any:
   checkpoints.close()
   logging.info("Loaded %s parameters from %s", info["kind"], info["path"])
   return params
+
+
+def base_pointer(info: dict) -> str:
+  """How a LoRA checkpoint names the checkpoint its adapters apply to: an absolute path (a hub id
+  as given), so later phases find it from any working directory."""
+  if info["format"] == "orbax" or pathlib.Path(info["source"]).exists():
+    return str(pathlib.Path(info["path"]).absolute())
+  return str(info["source"])
+
+
+def load_lora_base(info: dict, lora_model) -> Any:
+  """The frozen part of a LoRA model (`models.lora.LoraModel`) from the base checkpoint described
+  by `info` (adapters of a LoRA base are merged first), placed on its shardings.
+
+  Raises:
+    UserError: the base lacks a frozen parameter (e.g. a score head kept frozen with
+      `train_heads=False` on a base without one)."""
+  from rlhf_jax.models import lora
+  mesh = sharding.mesh_of(lora_model.frozen_shardings)
+  params = load_params(info, mesh)
+  try:
+    frozen = lora.select(params, lora_model.frozen_shapes)
+  except KeyError as missing:
+    raise UserError(f"{info['source']}: the base checkpoint has no parameter {missing}, which "
+                    "LoRA keeps frozen (set --config.model.lora.train_heads=True to train heads)")
+  return jax.device_put(frozen, lora_model.frozen_shardings)
+
+
+def load_lora_trained(info: dict, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """(`models.lora.LoraModel` on `mesh`, the trained params) of a LoRA checkpoint described by
+  `describe_model`: only what it holds (adapters, trained heads), not its base."""
+  from rlhf_jax.models import gpt_neo
+  from rlhf_jax.models import lora
+  settings = lora.LoraSettings.from_dict(info["manifest"]["lora"])
+  planned = lora.plan(gpt_neo.GPTNeo(info["config"], score_head=info["score_head"]), settings,
+                      mesh)
+  saved = Checkpoints(info["path"], create=False)
+  trained = saved.restore(params=jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      planned.trained_shapes, planned.trained_shardings))["params"]
+  saved.close()
+  return planned, trained
+
+
+def _load_merged_lora(info: dict, shardings: Any) -> Any:
+  """A LoRA checkpoint's base (its manifest's `lora.base`, loaded recursively) with the saved
+  adapters merged in: the plain model's params, on `shardings` as in `load_params`."""
+  if isinstance(shardings, jax.sharding.Mesh):
+    mesh = shardings
+  else:
+    mesh = sharding.mesh_of(shardings) if shardings is not None else None
+    mesh = mesh or sharding.make_mesh(devices=jax.local_devices()[:1])
+  planned, trained = load_lora_trained(info, mesh)
+  frozen = load_lora_base(describe_model(info["manifest"]["lora"]["base"]), planned)
+  target = (model_shardings(info["config"], info["score_head"], mesh) if shardings is None
+            or isinstance(shardings, jax.sharding.Mesh) else shardings)
+  logging.info("Loaded LoRA %s adapters from %s (merged)", info["kind"], info["path"])
+  return jax.jit(planned.merged, out_shardings=target)(frozen, trained)
 
 
 def load_model(path: str | os.PathLike, shardings: Any = None) -> dict:

@@ -22,6 +22,7 @@ from rlhf_jax.evaluation import metrics
 from rlhf_jax.models import decode
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
+from rlhf_jax.models import lora
 from rlhf_jax.training import loop
 from rlhf_jax.training import optim
 from rlhf_jax.training import sft
@@ -34,7 +35,7 @@ def run(config, workdir: pathlib.Path) -> None:
       config.init_checkpoint, workdir, ("import", "init"), key="init_checkpoint"))
   tokenizer = checkpoints.load_tokenizer(info, "initial")
   model_config = gpt_neo.with_dropout(info["config"], config.model)
-  model = gpt_neo.build(model_config, config.model)
+  model = plain_model = gpt_neo.build(model_config, config.model)
 
   splits = records.load_splits(config.data)
   tokenize = lambda split: batching.tokenize_sft_examples(
@@ -47,18 +48,34 @@ def run(config, workdir: pathlib.Path) -> None:
         f"truncated, {stats['truncated_responses']} responses truncated, skipped "
         f"{stats['skipped'] or 'none'}), {len(eval_examples)} validation")
 
-  param_shapes = gpt_neo.param_shapes(model)
-  param_shardings = sharding.param_shardings(gpt_neo.logical_axes(model), param_shapes, mesh)
   tx = optim.make_optimizer(config.optim, config.train.steps)
   rng = jax.random.key(config.train.seed)
+  lora_settings = lora.settings_from_config(config.model)
+  manifest_extras, frozen, combine, eval_model = {}, None, None, model
+  if lora_settings.enabled:
+    # LoRA: only the adapters train (and are checkpointed, with a pointer to the base); the base
+    # is loaded once, frozen, and passed to the compiled step as an argument.
+    adapted = lora.plan(model, lora_settings, mesh)
+    param_shapes, param_shardings = adapted.trained_shapes, adapted.trained_shardings
+    frozen = checkpoints.load_lora_base(info, adapted)
+    combine, model, eval_model = adapted.full, adapted.train_model, adapted.eval_model
+    manifest_extras["lora"] = {**lora_settings.to_dict(), "base": checkpoints.base_pointer(info)}
+    init_state = lambda: loop.create_train_state(adapted.init_trained(rng), tx, rng)
+    merged = jax.jit(adapted.merged)
+    print(f"sft: LoRA rank {lora_settings.rank} on {', '.join(lora_settings.targets)}: "
+          f"{lora.count(param_shapes):,} trained parameters, "
+          f"{lora.count(adapted.frozen_shapes):,} frozen")
+  else:
+    param_shapes = gpt_neo.param_shapes(model)
+    param_shardings = sharding.param_shardings(gpt_neo.logical_axes(model), param_shapes, mesh)
 
-  def init_state():
-    # A checkpoint with a score head (an imported reward model) loads it replicated; a policy
-    # has none, so it is dropped.
-    shardings = ({**param_shardings, "score": {"kernel": sharding.replicated(mesh)}}
-                 if info["score_head"] else param_shardings)
-    params = checkpoints.load_params(info, shardings)
-    return loop.create_train_state({k: v for k, v in params.items() if k != "score"}, tx, rng)
+    def init_state():
+      # A checkpoint with a score head (an imported reward model) loads it replicated; a policy
+      # has none, so it is dropped.
+      shardings = ({**param_shardings, "score": {"kernel": sharding.replicated(mesh)}}
+                   if info["score_head"] else param_shardings)
+      params = checkpoints.load_params(info, shardings)
+      return loop.create_train_state({k: v for k, v in params.items() if k != "score"}, tx, rng)
 
   pad_id = tokenizer.pad_token_id
   # The loss sorts each batch shard's own positions (see `sft._loss_chunks`).
@@ -66,7 +83,8 @@ def run(config, workdir: pathlib.Path) -> None:
   batch_args = dict(batch_size=config.train.batch_size, max_length=config.max_length, pad_id=pad_id,
                     process_index=jax.process_index(), process_count=jax.process_count())
   evaluator = loop.Evaluator(
-      step=lambda params, batch: sft.sft_eval_sums(model, params, batch, groups=groups),
+      step=lambda params, batch, *base: sft.sft_eval_sums(
+          eval_model, combine(*base, params) if combine else params, batch, groups=groups),
       batches=lambda: batching.eval_batches(eval_examples, **batch_args),
       summarize=sft.summarize_eval)
   verifiable = [r for r in splits.get("test", []) if r.get("answer")][:config.eval_prompts]
@@ -76,23 +94,29 @@ def run(config, workdir: pathlib.Path) -> None:
   prompts = [batching.record_prompt(r) for r in verifiable]
 
   def exact_match(params) -> dict:
-    """Greedy answers to the verifiable test questions, scored by the built-in checker."""
+    """Greedy answers to the verifiable test questions, scored by the built-in checker (with
+    LoRA, by the plain model with the adapters merged in)."""
+    if lora_settings.enabled:
+      params = merged(frozen, params)
     responses = decode.generate_responses(
-        model, params, tokenizer, prompts, settings=greedy, batch_size=config.eval_batch_size,
+        plain_model, params, tokenizer, prompts, settings=greedy,
+        batch_size=config.eval_batch_size,
         max_prompt_length=config.max_length, rng=jax.random.key(0))
     return {"exact_match": metrics.exact_match(verifiable, responses.texts, builtin.check_answer)}
 
   state = loop.train(
       loop.Run(phase="sft", phase_dir=phase_dir, config=config.train, mesh=mesh,
                manifest=checkpoints.make_manifest(model_config, kind=hf.CAUSAL_LM,
-                                                  score_head=False, phase="sft"),
+                                                  score_head=False, phase="sft",
+                                                  **manifest_extras),
                tokenizer_dir=info["tokenizer_dir"]),
       loop.Trainable(abstract_state=loop.abstract_train_state(param_shapes, param_shardings, tx,
                                                               rng, mesh),
                      init_state=init_state,
                      step_fn=loop.make_train_step(
                          lambda p, b, r: sft.sft_loss(model, p, b, r, groups=groups), tx,
-                         config.train.accum_steps)),
+                         config.train.accum_steps, combine=combine),
+                     frozen=frozen),
       loop.Data(batches=lambda start: batching.sft_batches(
                     train_examples, seed=config.train.seed, pack=config.pack, start_step=start,
                     **batch_args),

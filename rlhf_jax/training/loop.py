@@ -98,12 +98,18 @@ def accumulate_gradients(loss_fn: Callable, params: Any, batch: Batch, rng: jax.
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
-                    accum_steps: int = 1) -> Callable:
-  """`step_fn(state, batch) -> (state, metrics)`: one optimizer step over a (global) batch."""
+                    accum_steps: int = 1, combine: Callable | None = None) -> Callable:
+  """`step_fn(state, batch) -> (state, metrics)`: one optimizer step over a (global) batch.
 
-  def step_fn(state: TrainState, batch: Batch):
+  With `combine(frozen, params) -> model params` (LoRA: the frozen base joined with the trained
+  adapters), the step is `step_fn(state, batch, frozen)` and `loss_fn` sees the combined tree,
+  while gradients and optimizer state cover `state.params` only."""
+
+  def step_fn(state: TrainState, batch: Batch, *frozen):
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
-    grads, loss, metrics = accumulate_gradients(loss_fn, state.params, batch, step_rng, accum_steps)
+    loss_of = loss_fn if combine is None else (
+        lambda params, b, r: loss_fn(combine(frozen[0], params), b, r))
+    grads, loss, metrics = accumulate_gradients(loss_of, state.params, batch, step_rng, accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
@@ -227,9 +233,11 @@ class Evaluator:
   batches: Callable[[], Iterable[Batch]]
   summarize: Callable[[dict[str, float]], dict[str, float]]
 
-  def run(self, compiled_step: Callable, params: Any, mesh) -> dict[str, float]:
+  def run(self, compiled_step: Callable, params: Any, mesh, frozen: tuple = ()) -> dict[str, float]:
+    """Sums `step(params, batch[, frozen])` over the batches (`frozen`: the Trainable's)."""
     totals: dict[str, float] = {}
-    results = [compiled_step(params, sharding.shard_batch(b, mesh)) for b in self.batches()]
+    results = [compiled_step(params, sharding.shard_batch(b, mesh), *frozen)
+               for b in self.batches()]
     for sums in jax.device_get(results):
       for k, v in sums.items():
         totals[k] = totals.get(k, 0.0) + float(v)
@@ -447,7 +455,7 @@ def train(run: Run, trainable: Trainable, data: Data,
     logging.info("%s: saved checkpoint at step %d", run.phase, step)
 
   def evaluate(step: int, milestone: bool = False) -> dict[str, float]:
-    metrics = evaluator.run(compiled_eval, state.params, mesh) if evaluator else {}
+    metrics = evaluator.run(compiled_eval, state.params, mesh, frozen) if evaluator else {}
     if milestone and evaluation.milestone:
       metrics.update({f"eval/{k}": v for k, v in evaluation.milestone(state.params).items()})
     writer.write(step, metrics)
