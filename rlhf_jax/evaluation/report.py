@@ -157,6 +157,13 @@ def _markdown_table(systems: Mapping[str, Any], split: str) -> list[str]:
     columns.append(("exact match - SFT (points, paired 95% CI)",
                     lambda m: _format_percent_ci(m, "exact_match_vs_sft",
                                                  "exact_match_vs_sft_ci95", sign="+")))
+  if _has_metric(systems, split, "exact_match_oracle_gap_closed"):
+    # SFT's row: the oracle best-of-8 itself (any of 8 SFT samples right); the others' rows: the
+    # share of the gap from SFT's exact match to it that their gain closes.
+    columns.append(("oracle best-of-8 (SFT) / share of its gap closed",
+                    lambda m: f"oracle {_format_percent(m['oracle_best_of_8_exact_match'])}"
+                    if "oracle_best_of_8_exact_match" in m
+                    else _format_percent(m.get("exact_match_oracle_gap_closed"))))
   columns += [
       ("KL to SFT (nats)", lambda m: _format(m.get("kl_to_sft"), ".3f")),
       ("length (tokens)", lambda m: _format(m.get("length"), ".1f")),
@@ -236,6 +243,10 @@ def _markdown(results: Mapping[str, Any], ood_levels: Mapping[int, str]) -> str:
          "response to SFT's (a tie counts half), with a bootstrap interval over prompts; exact "
          "match - SFT is the paired difference on the same prompts, in percentage points.", ""]
         if _has_metric(systems, IN_DISTRIBUTION_SPLIT, "gold_mean") else []),
+      *(["The oracle best-of-8 is the share of prompts on which any of 8 SFT samples is right; "
+         "each other system's share of its gap is (its exact match - SFT's) / (oracle - SFT's).",
+         ""] if _has_metric(systems, IN_DISTRIBUTION_SPLIT, "exact_match_oracle_gap_closed")
+        else []),
       f"## In-distribution (`{IN_DISTRIBUTION_SPLIT}`)",
       "",
       *_markdown_table(systems, IN_DISTRIBUTION_SPLIT),
