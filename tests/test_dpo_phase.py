@@ -59,7 +59,8 @@ def small_config(init: pathlib.Path, pairs: pathlib.Path, steps: int = 4, **trai
   config.pairs.source = str(pairs)
   config.pairs.eval_fraction = 0.25
   config.max_length = LENGTH
-  config.train.update(steps=steps, batch_size=4, log_every=1, eval_every=2, save_every=2, **train)
+  config.train.update({**dict(steps=steps, batch_size=4, log_every=1, eval_every=2,
+                              save_every=2), **train})
   config.eval_batch_size = 4
   config.reference_batch_size = 8
   return config
