@@ -4,28 +4,32 @@
   python bench/bench_dpo.py --rounds=1 --train_pairs=64      # a quick smoke run
 
 Both sides train the same ~7M-parameter GPT-Neo causal LM (GPT-2 vocabulary, hidden 128, 4
-layers; the same random initial weights, also the frozen reference) for one epoch on the same
-token ids: TRL's own tokenisation of the pairs (prompt, then each response + EOS), which ours
-reuses, so neither side gets easier inputs. Pairs longer than `MAX_LENGTH` tokens are left out
-of both. Batch 8 pairs, sigmoid loss with beta 0.1, AdamW with the same warmup + linear decay
-and clipping, and the reference log-probabilities computed once before training on both sides:
-  ours  `dpo.pair_logps` with the reference's parameters over the epoch's batches (jitted), then
-        `loop.make_train_step(dpo.make_loss_fn(...))`, jitted, state donated; batches padded to
-        the fixed `MAX_LENGTH`, or with --group_by_length=G length-grouped (multiples of 16);
+layers, the GRPO benchmark's model; the same random initial weights, also the frozen reference)
+for one epoch on the same token ids: TRL's own tokenisation of the pairs (prompt, then each
+response + EOS), which ours reuses, so neither side gets easier inputs. Pairs longer than
+`MAX_LENGTH` tokens are left out of both. Batch 8 pairs, the same number of optimizer steps,
+sigmoid loss with beta 0.1, AdamW with the same warmup + linear decay and clipping, and the
+reference log-probabilities computed once before training on both sides:
+  ours  what `--phase=dpo` runs: the reference pass `dpo.reference_logps` (length-sorted
+        batches of 8), then `loop.make_train_step(dpo.make_loss_fn(...))`, jitted once, state
+        donated, on `batching.training_pair_batches` with configs/dpo.py's length grouping
+        (--group_by_length=0 pads all to `MAX_LENGTH`), each batch with its pairs' reference
+        values (`dpo.with_reference`);
   TRL   `trl.DPOTrainer(precompute_ref_log_probs=True)`, its collator padding to the longest
-        sequence of each batch.
-Reported: pairs trained per second (whole epoch, and after step 1, which holds our
-compilation), the reference pass's seconds on each side (ours including its compilation), and
-the epoch's mean loss and
-rewards/accuracies as a sanity check. The ratio is ours / TRL of the medians.
+        sequence of each (random) batch.
+Warm-up, not timed: one whole run of ours (compiling every batch width of the epoch and of the
+reference pass) and a 2-step TRL run. Then each round trains a fresh copy of the initial model
+on each side. Reported: pairs per second of the training steps, and with the reference pass
+added; the reference pass's seconds; the epoch's mean loss and rewards/accuracies as a sanity
+check. The ratios are ours / TRL of the medians.
 
 Timings on a shared 2-core machine are noisy: the two sides alternate within each round (the
 order flips every round), rounds repeat, medians are printed, with `uptime` before and after.
-Needs bench/requirements.txt (trl; this benchmark was written against trl 1.16).
+Needs bench/requirements-trl116.txt (trl 1.16).
 """
 
 import copy
-import functools
+import itertools
 import math
 import statistics
 import tempfile
@@ -38,7 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import data_dir, run_and_print
+from rlhf_jax import sharding
 from rlhf_jax.configs import common
+from rlhf_jax.configs import dpo as dpo_config
 from rlhf_jax.data import batching
 from rlhf_jax.data import preferences
 from rlhf_jax.models import gpt_neo
@@ -48,10 +54,10 @@ from rlhf_jax.training import loop
 from rlhf_jax.training import optim
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds (medians reported).")
-_TRAIN_PAIRS = flags.DEFINE_integer("train_pairs", 512, "Training pairs per epoch (0: all).")
+_TRAIN_PAIRS = flags.DEFINE_integer("train_pairs", 256, "Training pairs per epoch (0: all).")
 _GROUP = flags.DEFINE_integer(
-    "group_by_length", 0, "Ours: length-grouped batches (G batches per sorted window, each "
-    "padded to a multiple of 16); 0 pads all to MAX_LENGTH.")
+    "group_by_length", -1, "Ours: batches per length-sorted window (-1: configs/dpo.py's "
+    "group_by_length, what the phase runs); 0 pads all to MAX_LENGTH.")
 _TORCH_THREADS = 2
 _DATA = data_dir()  # $RLHF_JAX_DATA, or the shared folder beside the repository.
 PAIRS_FILE = _DATA / "preferences" / "hh_rlhf_helpful_base_test.jsonl.gz"
@@ -129,27 +135,22 @@ def make_trl_trainer(model, tokenizer, pairs, out_dir, steps):
 
 
 def train_trl(model, tokenizer, pairs, out_dir):
-  """One epoch of TRL's DPOTrainer: (pairs, seconds, seconds after step 1, pairs after step 1,
-  steps, reference seconds, mean loss, mean rewards/accuracies)."""
-  import transformers
+  """One epoch of TRL's DPOTrainer: (pairs, seconds of training steps, steps, reference
+  seconds, mean loss, mean rewards/accuracies). The reference pass is timed wherever TRL runs it
+  (in `__init__` or at the start of `train()`) and is not counted in the training seconds."""
   import trl
   steps = math.ceil(len(pairs) / BATCH)
   with PrecomputeClock(trl) as clock:
     trainer = make_trl_trainer(model, tokenizer, pairs, out_dir, steps)
-  step_ends = []
-
-  class Clock(transformers.TrainerCallback):
-    def on_step_end(self, *unused_args, **unused_kwargs):
-      step_ends.append(time.perf_counter())
-
-  trainer.add_callback(Clock())
-  start = time.perf_counter()
-  trainer.train()
-  end = time.perf_counter()
-  per_step = len(pairs) / len(step_ends)
+    before = sum(clock.seconds)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start - (sum(clock.seconds) - before)
+  if trainer.state.global_step != steps:
+    raise AssertionError(f"TRL ran {trainer.state.global_step} steps, expected {steps}")
   logged = [entry for entry in trainer.state.log_history if "rewards/accuracies" in entry][-1]
-  return (len(pairs), end - start, end - step_ends[0], len(pairs) - per_step, len(step_ends),
-          sum(clock.seconds), logged["loss"], logged["rewards/accuracies"])
+  return (len(pairs), seconds, steps, sum(clock.seconds), logged["loss"],
+          logged["rewards/accuracies"])
 
 
 def our_examples(tokenizer, pairs) -> list[dict]:
@@ -176,47 +177,59 @@ def our_examples(tokenizer, pairs) -> list[dict]:
   return examples
 
 
-def train_ours(config, params, examples, pad_id):
-  """One epoch of our DPO step; returns as `train_trl`."""
-  model = gpt_neo.GPTNeo(config)
-  logits_fn = dpo.model_logits_fn(model)
-  steps = math.ceil(len(examples) / BATCH)
-  batches = batching.pair_batches(examples, batch_size=BATCH, max_length=MAX_LENGTH,
-                                  pad_id=pad_id, seed=0, group_by_length=_GROUP.value)
-  epoch = [next(batches) for _ in range(steps)]
-  # The reference is the initial policy; its log-probabilities are computed once, per pair.
-  reference_pass = jax.jit(functools.partial(dpo.pair_logps, logits_fn))
-  start = time.perf_counter()
-  for batch in epoch:
-    batch["ref_logps"] = reference_pass(params, batch)
-  jax.block_until_ready([batch["ref_logps"] for batch in epoch])
-  reference_seconds = time.perf_counter() - start
+class Ours:
+  """What `--phase=dpo` runs, on the benchmark's sizes: the step compiled once (state donated),
+  the reference pass `dpo.reference_logps` over length-sorted batches, and the training batches
+  `batching.training_pair_batches` with configs/dpo.py's length grouping."""
 
-  tx = optim.make_optimizer(common.optim(LR, warmup_steps=warmup_steps(steps), schedule="linear",
-                                         end_lr_fraction=0.0, weight_decay=0.0, clip_norm=1.0),
-                            steps)
-  loss_fn = dpo.make_loss_fn(logits_fn, beta=BETA)
-  state = loop.create_train_state(jax.tree.map(jnp.array, params), tx, jax.random.key(0))
-  # Dropout is 0 on both sides, so the step runs deterministically, like TRL's.
-  step = jax.jit(loop.make_train_step(lambda p, b, rng: loss_fn(p, b, None), tx),
-                 donate_argnums=0)
-  losses, accuracies = [], []
-  start = time.perf_counter()
-  for index, batch in enumerate(epoch):
-    state, metrics = step(state, batch)
-    losses.append(metrics["loss"])
-    accuracies.append(metrics["rewards/accuracies"])
-    if index == 0:  # The first step includes compilation.
-      float(metrics["loss"])
-      after_first = time.perf_counter()
-  float(metrics["loss"])
-  end = time.perf_counter()
-  pairs = steps * BATCH
-  return (pairs, end - start, end - after_first, pairs - BATCH, steps, reference_seconds,
-          float(np.mean(jax.device_get(losses))), float(np.mean(jax.device_get(accuracies))))
+  def __init__(self, config, params, examples, pad_id):
+    self.params, self.examples, self.pad_id = params, examples, pad_id
+    self.config = dpo_config.get_config("hh_rlhf")
+    self.config.max_length, self.config.train.batch_size, self.config.train.seed = (
+        MAX_LENGTH, BATCH, 0)
+    if _GROUP.value >= 0:
+      self.config.group_by_length = _GROUP.value
+    self.mesh = sharding.mesh_from_config(self.config.mesh)
+    self.logits_fn = dpo.model_logits_fn(gpt_neo.GPTNeo(config))
+    self.steps = math.ceil(len(examples) / BATCH)
+    self.tx = optim.make_optimizer(common.optim(
+        LR, warmup_steps=warmup_steps(self.steps), schedule="linear", end_lr_fraction=0.0,
+        weight_decay=0.0, clip_norm=1.0), self.steps)
+    loss_fn = dpo.make_loss_fn(self.logits_fn, beta=BETA)
+    # Dropout is 0 on both sides, so the step runs deterministically, like TRL's.
+    self.step = jax.jit(loop.make_train_step(lambda p, b, rng: loss_fn(p, b, None), self.tx),
+                        donate_argnums=0)
+
+  def batches(self) -> list[dict]:
+    return list(itertools.islice(batching.training_pair_batches(
+        self.examples, self.config, pad_id=self.pad_id), self.steps))
+
+  def train(self):
+    """One epoch from the initial weights, reference pass first: as `train_trl`."""
+    epoch = self.batches()  # Built before the clock starts, as TRL's are tokenised before.
+    start = time.perf_counter()
+    reference = dpo.reference_logps(
+        self.logits_fn, self.params, batching.eval_pair_batches(
+            self.examples, batch_size=BATCH, max_length=MAX_LENGTH, pad_id=self.pad_id,
+            by_length=True), len(self.examples), self.mesh)
+    reference_seconds = time.perf_counter() - start
+    state = loop.create_train_state(jax.tree.map(jnp.array, self.params), self.tx,
+                                    jax.random.key(0))
+    losses, accuracies = [], []
+    start = time.perf_counter()
+    for batch in epoch:
+      state, metrics = self.step(state, dpo.with_reference(batch, reference))
+      losses.append(metrics["loss"])
+      accuracies.append(metrics["rewards/accuracies"])
+    float(metrics["loss"])  # Waits for the last step.
+    seconds = time.perf_counter() - start
+    pairs = self.steps * BATCH
+    return (pairs, seconds, self.steps, reference_seconds,
+            float(np.mean(jax.device_get(losses))), float(np.mean(jax.device_get(accuracies))))
 
 
 def bench_hh() -> list[str]:
+  import torch
   import transformers
   if not PAIRS_FILE.is_file():
     return [f"(skipped: no shared data at {PAIRS_FILE})"]
@@ -226,12 +239,25 @@ def bench_hh() -> list[str]:
   pad = tokenizer.eos_token_id
   config = gpt_neo.GPTNeoConfig(vocab_size=len(tokenizer), bos_token_id=pad, eos_token_id=pad,
                                 **ARCH)
-  import torch
   torch.manual_seed(0)
   torch_model = transformers.GPTNeoForCausalLM(hf_config(config))
   params = torch_params(torch_model, config)
-  print(f"hh: {len(pairs)} training pairs; model {config.num_params / 1e6:.2f}M parameters",
-        flush=True)
+  ours = Ours(config, params, examples, pad)
+  epoch = ours.batches()
+  widths = [b["input_ids"].shape[-1] for b in epoch]
+  real = sum(int(b["segment_ids"].sum()) for b in epoch)
+  print(f"hh: {len(pairs)} training pairs; model {config.num_params / 1e6:.2f}M parameters; "
+        f"ours: group_by_length {ours.config.group_by_length}, batch widths mean "
+        f"{np.mean(widths):.0f} ({len(set(widths))} distinct), real tokens "
+        f"{real / sum(b['input_ids'].size for b in epoch):.0%} of the padded batches", flush=True)
+
+  start = time.perf_counter()
+  ours.train()  # Warm-up: compiles every width of the epoch and of the reference pass.
+  print(f"hh warm-up: ours {time.perf_counter() - start:.1f} s", flush=True)
+  with tempfile.TemporaryDirectory() as out_dir:
+    start = time.perf_counter()
+    train_trl(copy.deepcopy(torch_model), tokenizer, pairs[:2 * BATCH], out_dir)
+    print(f"hh warm-up: TRL 2 steps {time.perf_counter() - start:.1f} s", flush=True)
 
   results: dict[str, list[tuple]] = {"ours": [], "TRL": []}
   for round_index in range(_ROUNDS.value):
@@ -241,25 +267,24 @@ def bench_hh() -> list[str]:
         with tempfile.TemporaryDirectory() as out_dir:
           run = train_trl(copy.deepcopy(torch_model), tokenizer, pairs, out_dir)
       else:
-        run = train_ours(config, params, examples, pad)
+        run = ours.train()
       results[name].append(run)
-      count, seconds, steady_seconds, steady_pairs, steps, reference, loss, accuracy = run
+      count, seconds, steps, reference, loss, accuracy = run
       print(f"hh round {round_index} {name}: {steps} steps, {count:.0f} pairs in {seconds:.1f} s "
-            f"({count / seconds:.1f}/s; after step 1 {steady_pairs / steady_seconds:.1f}/s), "
-            f"reference pass {reference:.1f} s, mean loss {loss:.4f}, rewards/accuracies "
-            f"{accuracy:.3f}", flush=True)
+            f"({count / seconds:.1f}/s), reference pass {reference:.1f} s, mean loss "
+            f"{loss:.4f}, rewards/accuracies {accuracy:.3f}", flush=True)
 
-  lines = ["| trainer | steps | pairs/s (whole epoch) | pairs/s (after step 1) | reference pass (s) "
-           "| mean loss | rewards/accuracies |", "|---|---|---|---|---|---|---|"]
-  rate = lambda runs, a, b: statistics.median(r[a] / r[b] for r in runs)
-  trl_rate, trl_steady = rate(results["TRL"], 0, 1), rate(results["TRL"], 3, 2)
+  median = lambda runs, f: statistics.median(f(r) for r in runs)
+  train_rate = {n: median(runs, lambda r: r[0] / r[1]) for n, runs in results.items()}
+  total_rate = {n: median(runs, lambda r: r[0] / (r[1] + r[3])) for n, runs in results.items()}
+  lines = ["| trainer | steps | pairs/s, training steps (ours / TRL) | pairs/s with the reference "
+           "pass (ours / TRL) | reference pass (s) | mean loss | rewards/accuracies |",
+           "|---|---|---|---|---|---|---|"]
   for name, runs in results.items():
-    whole, steady = rate(runs, 0, 1), rate(runs, 3, 2)
-    ratio = "" if name == "TRL" else f" (**{whole / trl_rate:.2f}x** TRL)"
-    steady_ratio = "" if name == "TRL" else f" (**{steady / trl_steady:.2f}x**)"
-    median = lambda i: statistics.median(r[i] for r in runs)
-    lines.append(f"| {name} | {runs[0][4]} | {whole:.1f}{ratio} | {steady:.1f}{steady_ratio} | "
-                 f"{median(5):.1f} | {median(6):.4f} | {median(7):.3f} |")
+    ratio = lambda rate: "" if name == "TRL" else f" (**{rate[name] / rate['TRL']:.2f}x**)"
+    lines.append(f"| {name} | {runs[0][2]} | {train_rate[name]:.1f}{ratio(train_rate)} | "
+                 f"{total_rate[name]:.1f}{ratio(total_rate)} | {median(runs, lambda r: r[3]):.1f} | "
+                 f"{median(runs, lambda r: r[4]):.4f} | {median(runs, lambda r: r[5]):.3f} |")
   return lines
 
 
