@@ -266,6 +266,44 @@ def test_the_reward_phase_trains_on_the_label_phases_pairs_as_they_are(rewarded)
   assert final[0]["eval/labeler_gold_agreement"] == 1.0
 
 
+def test_the_reward_phase_trains_on_the_pages_pairs_jsonl_as_written(labelled, tmp_path, capsys):
+  """The labelling page's own pairs.jsonl (judged through its HTTP API, with ties, notes and
+  'both bad' rows) is the reward phase's input with no conversion (issue #23)."""
+  pytest.importorskip("starlette", reason="the label extra is not installed")
+  pytest.importorskip("httpx", reason="httpx (Starlette's TestClient) is not installed")
+  from starlette.testclient import TestClient
+  workdir = tmp_path / "page"
+  (workdir / "label").mkdir(parents=True)
+  (workdir / "sft").symlink_to(labelled / "init", target_is_directory=True)
+  shown = [dict(pair_id=row["pair_id"], split=row["split"], prompt=row["prompt"],
+                instruction=row["instruction"], context=row["context"],
+                **dict(zip(("response_a", "response_b"), labeling.shown_sides(row))))
+           for row in read_rows(labelled / "label" / "pairs.jsonl")]
+  out = workdir / "label" / "pairs.jsonl"
+  choices = ["a", "b", "a", "tie", "b", "both_bad"]
+  judged = []
+  app = label_server.create_app(shown, out, double_share=0.0)
+  with TestClient(app, base_url="http://127.0.0.1") as client:
+    while True:
+      view = client.post("/api/next", json={"annotator": "ann"}).json()
+      if view["pair"] is None:
+        break
+      choice = choices[len(judged) % len(choices)]
+      response = client.post("/api/judge", json={"annotator": "ann", "choice": choice,
+                                                 "pair_id": view["pair"]["pair_id"],
+                                                 "note": "n"})
+      assert response.status_code == 200, response.text
+      judged.append(choice)
+  assert len(judged) == len(shown)
+  rows = read_rows(out)
+  decided = sum(1 for r in rows if r["split"] == "train" and r["judgement"] != "tie"
+                and r["chosen"].strip() and r["rejected"].strip())
+  main.run_phase("reward", small_reward_config(), workdir)
+  printed = capsys.readouterr().out
+  assert f"training pairs by strategy {{'judged': {decided}}}" in printed, printed[-2000:]
+  assert any("eval/accuracy/judged" in m for m in read_rows(workdir / "reward" / "metrics.jsonl"))
+
+
 def test_synthetic_negatives_make_up_the_configured_share(labelled):
   config = small_reward_config()
   config.pairs.synthetic_share = 0.5
