@@ -152,6 +152,27 @@ class Ours:
             reward_function(list(responses)), np.float32)},
         state_shardings=shardings, mesh=mesh)
 
+  def breakdown(self, iterations: int) -> dict[str, float]:
+    """Median seconds of each part of `HostRewardStep` (rollout, host decode + reward, the
+    compiled scoring + update), each waited for: where our iteration's time goes."""
+    parts = {"rollout": [], "host": [], "learn": []}
+    step = self.step
+    for _ in range(iterations):
+      start = time.perf_counter()
+      rolled, keys = jax.block_until_ready(step.rollout(self.state, self.batch))
+      parts["rollout"].append(time.perf_counter() - start)
+      start = time.perf_counter()
+      scores = step.host_rewards(np.repeat(self.batch["record_index"], GROUP),
+                                 step.responses(rolled))
+      scores = sharding.global_batch({k: np.asarray(v, np.float32) for k, v in scores.items()},
+                                     step.mesh)
+      parts["host"].append(time.perf_counter() - start)
+      start = time.perf_counter()
+      self.state, metrics = jax.block_until_ready(
+          step.learn(self.state, self.frozen, rolled, keys, scores))
+      parts["learn"].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in parts.items()}
+
   def run(self, iterations: int) -> list[float]:
     times = []
     for _ in range(iterations):
@@ -239,6 +260,7 @@ class Interleave:
 
 
 def bench() -> list[str]:
+  import torch
   prompts, tokenizer = prompts_and_tokenizer()
   threads = [int(n) for n in _THREADS.value]
   with tempfile.TemporaryDirectory() as model_dir, tempfile.TemporaryDirectory() as out_dir:
@@ -246,13 +268,24 @@ def bench() -> list[str]:
     ours = Ours(hf_model, tokenizer, prompts)
     callback = Interleave(ours, threads)
     trainer = trl_trainer(model_dir, tokenizer, prompts, out_dir, len(callback.plan), callback)
+    # Where TRL's time goes: its `generate` calls, timed (one per step).
+    generate, generate_s = trainer.model.generate, []
+
+    def timed_generate(*args, **kwargs):
+      start = time.perf_counter()
+      out = generate(*args, **kwargs)
+      generate_s.append((torch.get_num_threads(), time.perf_counter() - start))
+      return out
+    trainer.model.generate = timed_generate
     print(f"{len(prompts)} prompts of {int(ours.batch['prompt_mask'].sum(1).min())}.."
           f"{ours.batch['prompt_ids'].shape[1]} tokens x {GROUP} answers x {NEW_TOKENS} new "
           f"tokens; model {hf_model.num_parameters() / 1e6:.2f}M parameters", flush=True)
     trainer.train()
+    parts = ours.breakdown(_ITERATIONS.value)
   logs = trainer.state.log_history
   lengths = {entry.get("completions/mean_length") for entry in logs} - {None}
   assert lengths == {float(NEW_TOKENS)}, lengths  # Equal work: TRL never stopped early.
+  generated = {m: [t for n, t in generate_s[1:] if n == m] for m in threads}
   median = {n: statistics.median(callback.trl[n]) for n in threads}
   best = min(threads, key=lambda n: median[n])
   ours_s = statistics.median(callback.ours)
@@ -267,6 +300,11 @@ def bench() -> list[str]:
       f"({min(callback.trl[best]) / min(callback.ours):.1f}x) | {callback.compile_s:.0f} s |",
       f"\n{len(callback.ours)} timed iterations of ours, {len(callback.trl[best])} of TRL per "
       f"thread setting; TRL's mean completion length {lengths}.",
+      "Where the time goes (medians): TRL's `generate` "
+      + ", ".join(f"{statistics.median(generated[m]):.2f} s at {m} thread(s)"
+                  for m in threads if generated[m])
+      + f" ({len(generate_s)} calls seen); ours: rollout (compiled sampler) {parts['rollout']:.3f} s, host decode + reward "
+      f"{parts['host']:.3f} s, compiled scoring + advantages + update {parts['learn']:.3f} s.",
   ]
 
 
