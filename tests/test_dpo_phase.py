@@ -172,6 +172,7 @@ def test_logs_trls_metric_names_for_training_and_held_out_pairs(runs):
   assert manifest["phase"] == "dpo" and manifest["kind"] == hf.CAUSAL_LM
 
 
+@pytest.mark.slow  # A fourth phase run; test_dpo.py's loss-falls test covers the learning faster.
 def test_a_short_run_learns_its_preferences(tmp_path, tiny_hf_model):
   pairs = write_pairs(tmp_path / "pairs.jsonl", 64)
   config = small_config(tiny_hf_model.path, pairs, steps=30, log_every=10, eval_every=0,

@@ -258,7 +258,8 @@ def test_an_interrupted_and_resumed_grpo_run_equals_an_uninterrupted_one(tmp_pat
   assert "value_loss" not in rows[4]
 
 
-@pytest.mark.slow
+# Not marked slow: the default run's test of the grpo phase run for real (the resume test above,
+# two runs of the phase, is).
 def test_grpo_on_the_verifier_reward_learns_to_answer(tmp_path, tiny_tokenizer_dir):
   """From a random tiny policy that states 7 alone in ~2% of its answers, GRPO with the built-in
   verifier as its reward (8 answers per prompt) makes it the usual answer."""

@@ -3,10 +3,12 @@
 
 They must train exactly like one process with 8 devices (same losses, same parameters, within
 float32 summation-order noise), write one set of logs (process 0 only) and one checkpoint that
-Orbax assembles from both processes' shards. A 1-device process then restores that checkpoint
-(a different mesh and device count): `export` turns it into a Hugging Face model, and a run whose
-last checkpoint was lost resumes from the multi-host step-2 checkpoint (params and Adam state) and
-ends where the uninterrupted 8-device run ended.
+Orbax assembles from both processes' shards, which this 1-device test process restores (a
+different mesh and device count). A 1-device process then restores that checkpoint too: `export`
+turns it into a Hugging Face model, and a run whose last checkpoint was lost resumes from the
+multi-host step-2 checkpoint (params and Adam state) and ends where the uninterrupted 8-device run
+ended. Those two are marked slow (export and resume have faster tests of their own: test_cli.py,
+test_training_loop.py); the default run keeps the two-process run and its comparisons.
 """
 
 import json
@@ -38,8 +40,6 @@ PARAM_ATOL = 1e-3 * LR * STEPS
 # such an element moves by well under 1e-3 lr, and every weight with a real gradient still takes a
 # normalised Adam step.
 EPS = 1e-5
-
-pytestmark = pytest.mark.slow
 
 
 def sft_flags(init: pathlib.Path, workdir: pathlib.Path) -> list[str]:
@@ -94,25 +94,35 @@ def runs(tmp_path_factory, make_hf_gpt_neo, tiny_tokenizer_dir) -> dict:
                          max_position_embeddings=128, hidden_size=32, num_heads=4,
                          tokenizer_dir=tiny_tokenizer_dir).path
   root = tmp_path_factory.mktemp("multihost")
-  multi, single, resumed = root / "multi", root / "single", root / "resumed"
+  multi, single = root / "multi", root / "single"
   launched = run([sys.executable, str(REPO / "launch" / "local.py"), "--num_processes=2",
                   "--devices_per_process=4", "--", *sft_flags(init, multi)], devices=4)
   one_process = run(binary(*sft_flags(init, single)), devices=8)
+  return dict(init=init, root=root, multi=multi, single=single, launched=launched,
+              one_process=one_process)
 
-  # A copy of the multi-host run that lost its last checkpoint (as if preempted after step 2),
-  # continued by one process on one device.
+
+@pytest.fixture(scope="module")
+def continued(runs) -> dict:
+  """A copy of the multi-host run that lost its last checkpoint (as if preempted after step 2),
+  continued by one process on one device."""
+  multi, resumed = runs["multi"], runs["root"] / "resumed"
   shutil.copytree(multi, resumed)
   shutil.rmtree(resumed / "sft" / "checkpoint" / str(STEPS))
   (resumed / "sft" / "metrics.jsonl").write_text("".join(
       line + "\n" for line in (multi / "sft" / "metrics.jsonl").read_text().splitlines()
       if json.loads(line)["step"] <= 2))
-  continued = run(binary(*sft_flags(init, resumed)), devices=1)
+  result = run(binary(*sft_flags(runs["init"], resumed)), devices=1)
+  return dict(resumed=resumed, continued=result)
 
-  hf_dir = root / "hf"
-  exported = run(binary("--phase=export", f"--config.checkpoint={multi / 'sft'}",
-                        f"--config.hf_out={hf_dir}", f"--workdir={root / 'export'}"), devices=1)
-  return dict(multi=multi, single=single, resumed=resumed, hf_dir=hf_dir, launched=launched,
-              one_process=one_process, continued=continued, exported=exported)
+
+@pytest.fixture(scope="module")
+def hf_dir(runs) -> pathlib.Path:
+  """The multi-host checkpoint exported by a 1-device `--phase=export`."""
+  out = runs["root"] / "hf"
+  run(binary("--phase=export", f"--config.checkpoint={runs['multi'] / 'sft'}",
+             f"--config.hf_out={out}", f"--workdir={runs['root'] / 'export'}"), devices=1)
+  return out
 
 
 def test_two_processes_train_like_one_process_with_eight_devices(runs):
@@ -140,25 +150,27 @@ def test_multihost_checkpoint_equals_the_single_process_one(runs):
     np.testing.assert_allclose(multi[name], single[name], rtol=0, atol=PARAM_ATOL, err_msg=name)
 
 
-def test_one_device_exports_the_multihost_checkpoint(runs):
+@pytest.mark.slow
+def test_one_device_exports_the_multihost_checkpoint(runs, hf_dir):
   import transformers
-  model = load_cleanly(transformers.AutoModelForCausalLM, runs["hf_dir"])
+  model = load_cleanly(transformers.AutoModelForCausalLM, hf_dir)
   params = final_params(runs["multi"])
   exported = model.state_dict()
   np.testing.assert_array_equal(exported["transformer.wte.weight"].numpy(),
                                 params["['wte']['embedding']"])
   np.testing.assert_array_equal(exported["transformer.ln_f.weight"].numpy(),
                                 params["['ln_f']['scale']"])
-  assert (runs["hf_dir"] / "tokenizer.json").exists() or (runs["hf_dir"] / "vocab.json").exists()
+  assert (hf_dir / "tokenizer.json").exists() or (hf_dir / "vocab.json").exists()
 
 
-def test_one_device_resumes_the_multihost_run(runs):
-  assert "sft: resuming from step 2" in runs["continued"].stdout
-  resumed, single = train_losses(runs["resumed"]), train_losses(runs["single"])
+@pytest.mark.slow
+def test_one_device_resumes_the_multihost_run(runs, continued):
+  assert "sft: resuming from step 2" in continued["continued"].stdout
+  resumed, single = train_losses(continued["resumed"]), train_losses(runs["single"])
   assert sorted(resumed) == sorted(single)
   for step in (3, 4):
     assert resumed[step]["loss"] == pytest.approx(single[step]["loss"], rel=LOSS_RTOL), step
-  params, reference = final_params(runs["resumed"]), final_params(runs["single"])
+  params, reference = final_params(continued["resumed"]), final_params(runs["single"])
   for name in reference:
     np.testing.assert_allclose(params[name], reference[name], rtol=0, atol=PARAM_ATOL,
                                err_msg=name)

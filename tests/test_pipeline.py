@@ -1,6 +1,9 @@
 """The main job: `python -m rlhf_jax.main` with no --phase runs init, sft, label, reward, ppo and eval
 in one workdir, through the binary exactly as a user starts it (shrunk by config overrides so it takes
-a minute or two), writes every file that CLI.md promises, and a second run skips every phase."""
+a minute or two), writes every file that CLI.md promises, and a second run skips every phase.
+
+Not marked slow: it is the default run's one test of the phases chained through the binary, and of
+the sft and ppo phases run for real (their own phase tests in test_sft.py and test_ppo.py are)."""
 
 import json
 import os
@@ -15,8 +18,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PHASES = ("init", "sft", "label", "reward", "ppo", "eval")
 SYSTEMS = ("RR", "SFT", "RO", "RLHF")
 SPLITS = ("test", "ood_1", "ood_2", "ood_3")
-
-pytestmark = pytest.mark.slow
 
 # The built-in default, smaller: a narrow model, few records, a few steps per phase.
 SMALL = (

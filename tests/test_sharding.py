@@ -6,10 +6,12 @@ placement, multi-host detection, bf16 compute with float32 master weights, and r
 
 In a subprocess with 8 fake CPU devices (JAX must not be initialised yet, so it runs this file as
 a script): one SFT step, one reward-model step and one PPO iteration (four GPT-Neos) on a single
-device, on fsdp=8 and on data=2 x fsdp=2 x tensor=2, from the same parameters and batch. They
-must give the same losses and updated parameters (float32; tolerances below: only the summation
-order of the sharded reductions differs), and with fsdp=8 every device holds exactly 1/8 of every
-parameter and of both Adam moments, read from the arrays' own shards.
+device, on fsdp=8 and on data=2 x fsdp=2 x tensor=2, from the same parameters and batch (the PPO
+iteration in a second subprocess, whose tests are marked slow: its compilation is most of the
+time; the SFT and reward steps are the default run's multi-device check). They must give the
+same losses and updated parameters (float32; tolerances below: only the summation order of the
+sharded reductions differs), and with fsdp=8 every device holds exactly 1/8 of every parameter
+and of both Adam moments, read from the arrays' own shards.
 """
 
 import json
@@ -274,22 +276,38 @@ MESHES = {"single": (1, 1, 1), "fsdp8": (1, 8, 1), "mixed": (2, 2, 2)}
 PPO_MESHES = ("single", "fsdp8")  # A PPO iteration compiles slowly: the mixed mesh is SFT/reward's.
 
 
-@pytest.fixture(scope="module")
-def multi_device(tmp_path_factory) -> dict:
-  """Runs this file as a script on 8 fake devices: {"results": json, "arrays": npz}."""
-  out = tmp_path_factory.mktemp("multi_device")
+def _run_worker(out: pathlib.Path, phases: tuple[str, ...]) -> dict:
+  """Runs this file as a script on 8 fake devices for `phases`: {"results": json, "arrays": npz}."""
   env = local.fake_devices_env(DEVICES)
-  result = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+  result = subprocess.run([sys.executable, __file__, str(out), ",".join(phases)], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
   return {"results": json.loads((out / "results.json").read_text()),
           "arrays": dict(np.load(out / "arrays.npz"))}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("phase, mesh", [("sft", "fsdp8"), ("reward", "fsdp8"), ("ppo", "fsdp8"),
+@pytest.fixture(scope="module")
+def multi_device(tmp_path_factory) -> dict:
+  """The SFT and reward-model steps on 8 fake devices (the default run's multi-device check)."""
+  return _run_worker(tmp_path_factory.mktemp("multi_device"), ("sft", "reward"))
+
+
+@pytest.fixture(scope="module")
+def multi_device_ppo(tmp_path_factory) -> dict:
+  """The PPO iteration on 8 fake devices, in its own subprocess: its compilation takes most of
+  the worker's time, so its tests are behind the slow marker."""
+  return _run_worker(tmp_path_factory.mktemp("multi_device_ppo"), ("ppo",))
+
+
+def _worker_output(request, phase: str) -> dict:
+  return request.getfixturevalue("multi_device_ppo" if phase == "ppo" else "multi_device")
+
+
+@pytest.mark.parametrize("phase, mesh", [("sft", "fsdp8"), ("reward", "fsdp8"),
+                                         pytest.param("ppo", "fsdp8", marks=pytest.mark.slow),
                                          ("sft", "mixed"), ("reward", "mixed")])
-def test_sharded_step_equals_single_device(multi_device, phase, mesh):
+def test_sharded_step_equals_single_device(request, phase, mesh):
+  multi_device = _worker_output(request, phase)
   results, arrays = multi_device["results"], multi_device["arrays"]
   assert results["devices"] == DEVICES
   single, sharded = results[phase]["single"], results[phase][mesh]
@@ -311,10 +329,9 @@ def test_sharded_step_equals_single_device(multi_device, phase, mesh):
                                rtol=0, atol=atol, err_msg=f"{phase} {mesh} {name}")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("phase", ["sft", "reward", "ppo"])
-def test_fsdp8_holds_one_eighth_of_params_and_adam_moments(multi_device, phase):
-  layout = multi_device["results"][phase]["layout"]
+@pytest.mark.parametrize("phase", ["sft", "reward", pytest.param("ppo", marks=pytest.mark.slow)])
+def test_fsdp8_holds_one_eighth_of_params_and_adam_moments(request, phase):
+  layout = _worker_output(request, phase)["results"][phase]["layout"]
   params = [e for e in layout if e["group"] == "params"]
   moments = [e for e in layout if e["group"] in ("mu", "nu")]
   assert params and len(moments) == 2 * len(params)
@@ -375,7 +392,8 @@ def _metrics(metrics, names) -> dict[str, float]:
   return {k: float(host[k]) for k in names}
 
 
-def _worker(out: pathlib.Path) -> None:
+def _worker(out: pathlib.Path, phases: set[str]) -> None:
+  """Writes out/results.json and out/arrays.npz for `phases` (of sft, reward and ppo)."""
   from rlhf_jax.models import decode
   from rlhf_jax.training import ppo
   from rlhf_jax.training import reward
@@ -425,34 +443,35 @@ def _worker(out: pathlib.Path) -> None:
     scorer_shardings = shardings_of(scorer, mesh)
     replicated = sharding.replicated(mesh)
 
-    # SFT: one step of the phase's loss through the loop's step function.
-    state, shardings = _place_state(loop.create_train_state(policy_params, tx, jax.random.key(0)), mesh,
-                                    policy_shardings)
-    step = jax.jit(loop.make_train_step(lambda p, b, r: sft.sft_loss(policy, p, b, r), tx),
-                   out_shardings=(shardings, replicated), donate_argnums=0, compiler_options=fast)
-    if label == "fsdp8":
-      mu, nu = _adam_moments(state.opt_state)
-      results["sft"]["layout"] = (_layout(state.params, "params") + _layout(mu, "mu")
-                                  + _layout(nu, "nu"))
-    state, metrics = step(state, sharding.shard_batch(sft_batch, mesh))
-    results["sft"][label] = _metrics(metrics, ("loss", "token_accuracy", "grad_norm"))
-    keep("sft", label, state.params)
+    if phases & {"sft", "reward"}:
+      # SFT: one step of the phase's loss through the loop's step function.
+      state, shardings = _place_state(
+          loop.create_train_state(policy_params, tx, jax.random.key(0)), mesh, policy_shardings)
+      step = jax.jit(loop.make_train_step(lambda p, b, r: sft.sft_loss(policy, p, b, r), tx),
+                     out_shardings=(shardings, replicated), donate_argnums=0, compiler_options=fast)
+      if label == "fsdp8":
+        mu, nu = _adam_moments(state.opt_state)
+        results["sft"]["layout"] = (_layout(state.params, "params") + _layout(mu, "mu")
+                                    + _layout(nu, "nu"))
+      state, metrics = step(state, sharding.shard_batch(sft_batch, mesh))
+      results["sft"][label] = _metrics(metrics, ("loss", "token_accuracy", "grad_norm"))
+      keep("sft", label, state.params)
 
-    # Reward model: one Bradley-Terry step.
-    state, shardings = _place_state(loop.create_train_state(scorer_params, tx, jax.random.key(0)), mesh,
-                                    scorer_shardings)
-    step = jax.jit(loop.make_train_step(lambda p, b, r: reward.reward_loss(scorer, p, b, r), tx),
-                   out_shardings=(shardings, replicated), donate_argnums=0, compiler_options=fast)
-    if label == "fsdp8":
-      mu, nu = _adam_moments(state.opt_state)
-      results["reward"]["layout"] = (_layout(state.params, "params") + _layout(mu, "mu")
-                                     + _layout(nu, "nu"))
-    state, metrics = step(state, sharding.shard_batch(pair_batch, mesh))
-    results["reward"][label] = _metrics(metrics, ("loss", "accuracy", "margin", "grad_norm"))
-    keep("reward", label, state.params)
+      # Reward model: one Bradley-Terry step.
+      state, shardings = _place_state(
+          loop.create_train_state(scorer_params, tx, jax.random.key(0)), mesh, scorer_shardings)
+      step = jax.jit(loop.make_train_step(lambda p, b, r: reward.reward_loss(scorer, p, b, r), tx),
+                     out_shardings=(shardings, replicated), donate_argnums=0, compiler_options=fast)
+      if label == "fsdp8":
+        mu, nu = _adam_moments(state.opt_state)
+        results["reward"]["layout"] = (_layout(state.params, "params") + _layout(mu, "mu")
+                                       + _layout(nu, "nu"))
+      state, metrics = step(state, sharding.shard_batch(pair_batch, mesh))
+      results["reward"][label] = _metrics(metrics, ("loss", "accuracy", "margin", "grad_norm"))
+      keep("reward", label, state.params)
 
-    print(f"{label}: sft and reward done at {time.time() - start:.1f} s", flush=True)
-    if label not in PPO_MESHES:
+      print(f"{label}: sft and reward done at {time.time() - start:.1f} s", flush=True)
+    if "ppo" not in phases or label not in PPO_MESHES:
       continue
     # PPO: one iteration (rollout, scoring, GAE, 2 epochs x 2 minibatches) with four models; the
     # state is built as the ppo phase builds it, the frozen models sharded like the trained ones.
@@ -493,4 +512,4 @@ def _worker(out: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
-  _worker(pathlib.Path(sys.argv[1]))
+  _worker(pathlib.Path(sys.argv[1]), set(sys.argv[2].split(",")))
