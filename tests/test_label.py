@@ -266,6 +266,9 @@ def test_the_reward_phase_trains_on_the_label_phases_pairs_as_they_are(rewarded)
   assert final[0]["eval/labeler_gold_agreement"] == 1.0
 
 
+# Slow: one more reward phase run; the default run has the phase on the label phase's pairs (above)
+# and the reward phase's reader on the page's own rows, ties and 'both bad' (test_label_server.py).
+@pytest.mark.slow
 def test_the_reward_phase_trains_on_the_pages_pairs_jsonl_as_written(labelled, tmp_path, capsys):
   """The labelling page's own pairs.jsonl (judged through its HTTP API, with ties, notes and
   'both bad' rows) is the reward phase's input with no conversion (issue #23)."""
