@@ -81,6 +81,7 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
   # simulated teacher's score), "package.module:function", or weighted "model=1,verifier=2".
   config.reward = ml_collections.ConfigDict(dict(sources="model"))
   config.value_model = "reward"  # reward: a trained copy of the reward model | policy_head (GAE only)
+  # | adapters (LoRA only): the policy's frozen base with the value model's own adapters and head.
   config.data = common.data("builtin")  # Prompts: the train split; held-out: the validation split.
   config.eval_prompts = 128  # Held-out prompts scored before and after PPO.
   config.eval_batch_size = 32

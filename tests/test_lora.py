@@ -314,3 +314,145 @@ def test_eight_devices_give_the_one_device_lora_step():
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr[-3000:]
   assert "same step on 8 devices as on 1" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The reward model with LoRA (on a LoRA SFT checkpoint: its base is loaded merged).
+
+
+def write_pairs(path: pathlib.Path, count: int) -> pathlib.Path:
+  rng = np.random.default_rng(0)
+  words = "the quick brown fox jumps over a lazy dog while cats sleep in the sun".split()
+  with open(path, "w") as f:
+    for i in range(count):
+      good = " ".join(rng.choice(words, rng.integers(2, 6)))
+      f.write(json.dumps({"prompt": f"Question {i}?\n", "chosen": f"Yes, {good}.",
+                          "rejected": f"no {good}"}) + "\n")
+  return path
+
+
+def test_reward_with_lora_trains_adapters_and_head_and_exports_both_forms(lora_sft, tmp_path):
+  import peft
+  import torch
+  import transformers
+  from rlhf_jax.configs import reward as reward_config
+  workdir, _ = lora_sft
+  config = reward_config.get_config()
+  config.init_checkpoint = str(workdir / "sft")
+  config.pairs.source = str(write_pairs(tmp_path / "pairs.jsonl", 24))
+  config.pairs.eval_fraction = 0.25
+  config.max_length = 64
+  config.train.update(steps=3, batch_size=4, log_every=1, eval_every=0, save_every=0)
+  config.eval_batch_size, config.stats_samples = 4, 8
+  config.model.lora.update(rank=2, alpha=4.0, targets="q_proj,v_proj")
+  main.run_phase("reward", config, tmp_path)
+
+  info = checkpoints.describe_model(tmp_path / "reward")
+  assert info["manifest"]["lora"]["base"] == str((workdir / "sft" / "checkpoint").absolute())
+  saved = restore_all(tmp_path / "reward")
+  assert sorted(saved["params"]) == ["h", "score"]  # Adapters and the head, nothing else.
+  assert sorted(saved["params"]["h"]["attn"]) == ["q_proj", "v_proj"]
+
+  for source, out, kind, adapters_only in [("sft", "hf_sft", "causal_lm", False),
+                                           ("reward", "hf_reward", "auto", False),
+                                           ("reward", "reward_adapter", "auto", True)]:
+    export = export_config.get_config()
+    export.checkpoint, export.hf_out = str(tmp_path / source if source == "reward"
+                                           else workdir / source), str(tmp_path / out)
+    export.kind, export.adapters_only = kind, adapters_only
+    main.run_phase("export", export, tmp_path)
+  planned, trained = checkpoints.load_lora_trained(info, one_device_mesh())
+  frozen = checkpoints.load_lora_base(checkpoints.describe_model(workdir / "sft"), planned)
+  ids = np.random.default_rng(2).integers(0, 512, (2, 12)).astype(np.int32)
+  ours = np.asarray(planned.eval_model.apply({"params": planned.full(frozen, trained)}, ids,
+                                             np.ones_like(ids), lm_head=False)["scores"][:, -1])
+  torch_ids = torch.tensor(ids, dtype=torch.long)
+  merged = transformers.GPTNeoForSequenceClassification.from_pretrained(
+      tmp_path / "hf_reward").eval()
+  base_model = transformers.GPTNeoForSequenceClassification.from_pretrained(
+      tmp_path / "hf_sft", num_labels=1).eval()
+  with_peft = peft.PeftModel.from_pretrained(base_model, tmp_path / "reward_adapter").eval()
+  with torch.no_grad():  # One row at a time: HF's classifier needs a pad id for batches.
+    merged_scores = np.concatenate([merged(row[None]).logits.numpy()[:, 0] for row in torch_ids])
+    peft_scores = np.concatenate([with_peft(row[None]).logits.numpy()[:, 0] for row in torch_ids])
+  np.testing.assert_allclose(merged_scores, ours, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(peft_scores, ours, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO with LoRA: the reference is the base with the adapters off.
+
+
+def ppo_lora_config(value_model: str = "adapters"):
+  from rlhf_jax.configs import ppo as ppo_config
+  config = ppo_config.get_config()
+  config.data.update(dict(num_train=16, num_eval=4))
+  config.eval_prompts = 0
+  config.rollout.update(dict(max_prompt_length=24, max_new_tokens=6))
+  config.train.update(dict(steps=4, batch_size=4, log_every=2, save_every=2, keep_checkpoints=2))
+  config.ppo.normalize_samples = 16
+  config.eval_batch_size = 8
+  config.model.lora.update(rank=2, alpha=4.0)
+  config.value_model = value_model
+  return config
+
+
+def tiny_sft_and_reward(workdir: pathlib.Path, tokenizer_dir) -> None:
+  from rlhf_jax.models import hf
+  tokenizer = hf.load_tokenizer(tokenizer_dir)
+  config = gpt_neo.tiny_config(vocab_size=len(tokenizer), hidden_size=32, num_heads=2,
+                               window_size=8, eos_token_id=tokenizer.eos_token_id,
+                               bos_token_id=tokenizer.eos_token_id)
+  init = lambda seed, head: jax.device_get(gpt_neo.init_params(
+      gpt_neo.GPTNeo(config, score_head=head), jax.random.key(seed)))
+  checkpoints.save_model(workdir / "sft", init(0, False), config, kind=hf.CAUSAL_LM, phase="sft",
+                         tokenizer_dir=tokenizer_dir)
+  checkpoints.save_model(workdir / "reward", init(1, True), config, kind=hf.REWARD,
+                         phase="reward", tokenizer_dir=tokenizer_dir,
+                         reward_stats={"mean": 0.5, "std": 2.0})
+
+
+@pytest.mark.slow
+def test_ppo_with_lora_saves_only_adapters_and_resumes_bit_exactly(tmp_path, tiny_tokenizer_dir,
+                                                                   capsys):
+  """value_model=adapters: the policy and the value model are adapters (and a value head) on the
+  one frozen SFT base, which is also the KL reference; nothing else is trained or saved."""
+  tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
+  main.run_phase("ppo", ppo_lora_config(), tmp_path)
+  out = capsys.readouterr().out
+  assert "LoRA rank 2" in out and "frozen (the reference)" in out
+  uninterrupted = restore_all(tmp_path / "ppo", 4)
+  params, extra = uninterrupted["params"], uninterrupted["train_state"]["extra"]
+  assert jax.tree.structure(params) == jax.tree.structure(lora.adapters_only(params))
+  assert sorted(extra["value"]) == ["h", "score"]  # The value model's own adapters and head.
+  assert jax.tree.structure(extra["value"]["h"]) == jax.tree.structure(
+      lora.adapters_only(extra["value"]["h"]))
+  assert any(np.any(b) for b in jax.tree.leaves(params) if b.shape[-2] == 2)  # B moved.
+  moments = [x for x in jax.tree.leaves(uninterrupted["train_state"]["opt_state"]) if x.ndim]
+  trained = [x.shape for x in jax.tree.leaves((params, extra["value"]))]
+  assert sorted(x.shape for x in moments) == sorted(trained * 2)
+  info = checkpoints.describe_model(tmp_path / "ppo")
+  assert info["manifest"]["lora"]["base"] == str((tmp_path / "sft" / "checkpoint").absolute())
+
+  shutil.rmtree(tmp_path / "ppo" / "checkpoint" / "4")
+  main.run_phase("ppo", ppo_lora_config(), tmp_path)
+  assert "resuming from step 2" in capsys.readouterr().out
+  jax.tree.map(np.testing.assert_array_equal, restore_all(tmp_path / "ppo", 4), uninterrupted)
+  # The merged policy loads as a plain causal LM (export, eval, generate read it so).
+  merged = checkpoints.load_model(tmp_path / "ppo")
+  assert "h" in merged["params"] and "kernel_lora_a" not in merged["params"]["h"]["attn"]["q_proj"]
+
+
+@pytest.mark.slow
+def test_ppo_with_lora_host_source_policy_head_and_held_out_eval(tmp_path, tiny_tokenizer_dir):
+  tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
+  config = ppo_lora_config(value_model="policy_head")
+  config.reward.sources = "gold"
+  config.eval_prompts, config.train.eval_every = 4, 2
+  config.train.update(steps=2)
+  main.run_phase("ppo", config, tmp_path)
+  rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+  assert [row["step"] for row in rows if "eval/kl" in row] == [0, 2]
+  assert all(np.isfinite(row["loss"]) for row in rows if "loss" in row)
+  saved = restore_all(tmp_path / "ppo")["params"]
+  assert sorted(saved) == ["h", "score"]  # Adapters and the policy's value head.

@@ -19,6 +19,7 @@ eval/gold_mean (teacher) and eval/exact_match on the built-in data. Writes
 WORKDIR/NAME/{checkpoint/, metrics.jsonl, TensorBoard events}, NAME = `name` (default ppo).
 """
 
+import dataclasses
 import pathlib
 import time
 
@@ -35,6 +36,8 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.evaluation import evaluate
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
+from rlhf_jax.models import lora
+from rlhf_jax.training import adapters
 from rlhf_jax.training import loop
 from rlhf_jax.training import ppo
 from rlhf_jax.training import rewards
@@ -80,8 +83,13 @@ def run(config, workdir: pathlib.Path, phase: str = "ppo") -> None:
   shared = settings.shared_value_head
   # A separate value model: GAE with value_model=reward (RLOO and a policy value head need none).
   separate_value = settings.uses_critic and not shared
-  reward = _reward_checkpoint(config, workdir, settings.uses_reward_model or separate_value,
-                              checkpoint)
+  lora_settings = lora.settings_from_config(config.model)
+  # value_model=adapters (LoRA): the value model is the policy's frozen base with its own adapters
+  # and a fresh head, so it needs no reward model.
+  value_on_base = separate_value and config.value_model == "adapters"
+  reward = _reward_checkpoint(
+      config, workdir, settings.uses_reward_model or (separate_value and not value_on_base),
+      checkpoint)
   if reward is not None:
     if not reward["score_head"]:
       raise UserError(f"{reward['source']}: not a reward model (no score head)")
@@ -93,11 +101,37 @@ def run(config, workdir: pathlib.Path, phase: str = "ppo") -> None:
   policy = gpt_neo.build(sft["config"], config.model, score_head=shared)
   reward_model = (gpt_neo.build(reward["config"], config.model, score_head=True)
                   if reward is not None else None)
-  models = ppo.Models(policy=policy, reference=gpt_neo.build(sft["config"], config.model),
-                      value=reward_model if separate_value else None, reward=reward_model)
   shard = lambda model: sharding.param_shardings(gpt_neo.logical_axes(model),
                                                  gpt_neo.param_shapes(model), mesh)
-  policy_shardings = shard(policy)
+  reference_model = gpt_neo.build(sft["config"], config.model)
+  plain_models = ppo.Models(policy=policy, reference=reference_model,
+                            value=reward_model if separate_value else None, reward=reward_model)
+  policy_shapes, policy_shardings = gpt_neo.param_shapes(policy), shard(policy)
+  copies_reward = separate_value and not value_on_base
+  value_shapes = gpt_neo.param_shapes(reward_model) if copies_reward else {}
+  value_shardings = shard(reward_model) if copies_reward else None
+  if lora_settings.enabled:
+    # LoRA: the policy trains adapters on the SFT policy, which stays frozen and is the KL
+    # reference too (adapters off): one copy of the base on the mesh.
+    if config.get("policy_checkpoint", ""):
+      raise UserError("--config.policy_checkpoint with LoRA: the adapters' base is the SFT "
+                      "policy (the reference); continue from a merged policy as sft_checkpoint")
+    policy_lora = lora.plan(policy, lora_settings, mesh)
+    policy_shapes, policy_shardings = policy_lora.trained_shapes, policy_lora.trained_shardings
+    value = plain_models.value
+    if value_on_base:
+      value_lora = lora.plan(gpt_neo.build(sft["config"], config.model, score_head=True),
+                             lora_settings, mesh)
+      value = adapters.OnBase(value_lora, value_lora.eval_model)
+      value_shapes, value_shardings = value_lora.trained_shapes, value_lora.trained_shardings
+    models = dataclasses.replace(plain_models, policy=adapters.OnBase(policy_lora, policy),
+                                 value=value)
+    print(f"{phase}: LoRA rank {lora_settings.rank} on {', '.join(lora_settings.targets)}: "
+          f"{lora.count(policy_shapes):,} trained policy parameters, "
+          f"{lora.count(policy_lora.frozen_shapes):,} frozen (the reference); value model: "
+          f"{config.value_model if separate_value else 'none' if not shared else 'policy head'}")
+  else:
+    models = plain_models
   reward_shardings = shard(reward_model) if reward is not None else None
   sft_shardings = shard(gpt_neo.build(sft["config"], score_head=sft["score_head"]))
   # The policy's starting point: the SFT policy, or `policy_checkpoint` (the iterated pipeline's
@@ -123,6 +157,8 @@ def run(config, workdir: pathlib.Path, phase: str = "ppo") -> None:
           "samples)")
 
   def load_policy(info=start, info_shardings=start_shardings):
+    if lora_settings.enabled:  # Fresh adapters (B = 0: the policy starts as the reference).
+      return models.policy.lora_model.init_trained(jax.random.key(config.train.seed))
     params = checkpoints.load_params(info, info_shardings)
     params = {k: v for k, v in params.items() if k != "score"}
     if shared:  # A fresh value head on the policy trunk.
@@ -130,8 +166,11 @@ def run(config, workdir: pathlib.Path, phase: str = "ppo") -> None:
       params["score"] = sharding.global_from_host(np.asarray(head), policy_shardings["score"])
     return params
 
-  reference = load_policy(sft, sft_shardings)
-  reference = {k: v for k, v in reference.items() if k != "score"}
+  if lora_settings.enabled:
+    reference = checkpoints.load_lora_base(sft, models.policy.lora_model)
+  else:
+    reference = load_policy(sft, sft_shardings)
+    reference = {k: v for k, v in reference.items() if k != "score"}
   reward_params = (checkpoints.load_params(reward, reward_shardings) if reward is not None
                    else None)
   frozen = {"reference": reference,
@@ -147,13 +186,13 @@ def run(config, workdir: pathlib.Path, phase: str = "ppo") -> None:
     return state.replace(params=learner["policy"],
                          extra={**state.extra, "value": learner["value"]})
 
-  value_shapes = gpt_neo.param_shapes(reward_model) if separate_value else {}
   stats_shapes = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in ("mean", "std")}
-  abstract = jax.eval_shape(make_state, gpt_neo.param_shapes(policy), value_shapes, stats_shapes)
+  abstract = jax.eval_shape(make_state, policy_shapes, value_shapes, stats_shapes)
   param_shardings = policy_shardings
-  # The value model and its Adam moments are laid out like the reward model it starts from.
+  # The value model and its Adam moments are laid out like the reward model it starts from (or
+  # like its adapters, on the shared base).
   shardings = loop.state_shardings(abstract, param_shardings, mesh,
-                                   extra_shardings={"value": reward_shardings}
+                                   extra_shardings={"value": value_shardings}
                                    if separate_value else None)
   abstract = loop.with_shardings(abstract, shardings)
 
@@ -174,7 +213,10 @@ def run(config, workdir: pathlib.Path, phase: str = "ppo") -> None:
     return stats
 
   def init_state():
-    value = jax.tree.map(jnp.copy, reward_params) if separate_value else {}
+    if value_on_base:
+      value = models.value.lora_model.init_trained(jax.random.key(config.train.seed + 1))
+    else:
+      value = jax.tree.map(jnp.copy, reward_params) if separate_value else {}
     stats = normalizer()
     return make_state(load_policy(), value, {k: jnp.float32(stats[k]) for k in ("mean", "std")})
 
@@ -187,18 +229,26 @@ def run(config, workdir: pathlib.Path, phase: str = "ppo") -> None:
                                                              settings=settings, tx=tx)
 
   held_out = evaluate.held_out_policy_eval(
-      models, tokenizer, eval_prompts, verifiable, reference=reference,
+      plain_models, tokenizer, eval_prompts, verifiable, reference=reference,
       reward_params=reward_params, settings=settings, batch_size=config.eval_batch_size,
       max_prompt_length=config.rollout.max_prompt_length,
       seed=config.train.seed) if eval_prompts else None
+  if held_out is not None and lora_settings.enabled:  # Measured on the merged policy.
+    merge = jax.jit(lambda base, trained: models.policy.bind(base).merged(trained))
+    held_out_plain, held_out = held_out, lambda trained: held_out_plain(merge(reference, trained))
+  lora_manifest = ({"lora": {**lora_settings.to_dict(), "base": checkpoints.base_pointer(sft)}}
+                   if lora_settings.enabled else {})
   manifest = checkpoints.make_manifest(sft["config"], kind=hf.CAUSAL_LM, score_head=shared,
-                                       phase=phase)
+                                       phase=phase, **lora_manifest)
   state = loop.train(
       loop.Run(phase=phase, phase_dir=phase_dir, config=config.train, mesh=mesh,
                manifest=manifest, tokenizer_dir=sft["tokenizer_dir"], unit="episode",
                progress_keys=("score", "kl", "kl_coef", "response_length", "eos_fraction")),
       loop.Trainable(abstract_state=abstract, init_state=init_state, step_fn=step_fn,
-                     frozen=frozen, step_compiled=bool(settings.host_sources)),
+                     frozen=frozen, step_compiled=bool(settings.host_sources),
+                     memory_labels={"params": "policy adapters", "extra": "value model",
+                                    "frozen": "frozen base (= reference) + reward model"}
+                     if lora_settings.enabled else None),
       loop.Data(batches=lambda start: ppo.prompt_batches(
                     train_prompts, tokenizer, batch_size=config.train.batch_size,
                     max_prompt_length=config.rollout.max_prompt_length, seed=config.train.seed,

@@ -97,6 +97,7 @@ from rlhf_jax.evaluation import evaluate
 from rlhf_jax.models import decode
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
+from rlhf_jax.training import adapters
 from rlhf_jax.training import loop
 from rlhf_jax.training import optim
 from rlhf_jax.training import progress
@@ -136,11 +137,11 @@ def run(config, workdir: pathlib.Path) -> None:
   tokenizer = checkpoints.load_tokenizer(info, "initial")
   model_config = gpt_neo.with_dropout(info["config"], config.model)
   model = gpt_neo.build(model_config, config.model, score_head=True)
-  param_shapes = gpt_neo.param_shapes(model)
-  param_shardings = sharding.param_shardings(gpt_neo.logical_axes(model), param_shapes, mesh)
-  trunk_shardings = {k: v for k, v in param_shardings.items() if k != "score"}
+  full_shardings = sharding.param_shardings(gpt_neo.logical_axes(model),
+                                            gpt_neo.param_shapes(model), mesh)
+  trunk_shardings = {k: v for k, v in full_shardings.items() if k != "score"}
   load_initial = lambda: dict(checkpoints.load_params(
-      info, param_shardings if info["score_head"] else trunk_shardings))
+      info, full_shardings if info["score_head"] else trunk_shardings))
 
   def sampler_factory():
     print(f"reward: sampling policy negatives from {info['source']}")
@@ -158,10 +159,24 @@ def run(config, workdir: pathlib.Path) -> None:
   tx = optim.make_optimizer(config.optim, config.train.steps)
   rng = jax.random.key(config.train.seed)
 
+  # With LoRA only the adapters (and the score head, with train_heads) train and are saved, with
+  # a pointer to the base (the SFT checkpoint), which stays frozen.
+  trained = adapters.setup(model, config.model, info, mesh)
+  param_shapes, param_shardings = trained.param_shapes, trained.param_shardings
+  frozen = () if trained.frozen is None else (trained.frozen,)
+  if trained.enabled:
+    print(f"reward: {trained.describe()}")
+
   def init_state():
-    params = load_initial()
-    if "score" not in params:
-      params["score"] = reward.init_score_head(model, jax.random.fold_in(rng, 1))
+    fresh_score = lambda: reward.init_score_head(model, jax.random.fold_in(rng, 1))
+    if trained.enabled:
+      params = dict(trained.lora_model.init_trained(rng))
+      if "score" in params:  # Trained fully (train_heads): the initial model's, or a fresh one.
+        params["score"] = load_initial()["score"] if info["score_head"] else fresh_score()
+    else:
+      params = load_initial()
+      if "score" not in params:
+        params["score"] = fresh_score()
     return loop.create_train_state(params, tx, rng)
 
   pad_id = tokenizer.pad_token_id
@@ -169,12 +184,14 @@ def run(config, workdir: pathlib.Path) -> None:
   eval_args = dict(batch_size=config.eval_batch_size, max_length=config.max_length, pad_id=pad_id,
                    **hosts)
   evaluator = loop.Evaluator(
-      step=lambda params, batch: reward.eval_sums(model, params, batch, margin=config.loss.margin),
+      step=lambda params, batch, *base: reward.eval_sums(
+          trained.eval_model, trained.full(params, *base), batch, margin=config.loss.margin),
       batches=lambda: batching.eval_pair_batches(eval_examples, **eval_args),
       summarize=reward.summarize_eval)
   references = reward.reference_examples(train_examples, config.stats_samples, config.pairs.seed)
   reference_evaluator = loop.Evaluator(
-      step=lambda params, batch: reward.reference_sums(model, params, batch),
+      step=lambda params, batch, *base: reward.reference_sums(
+          trained.eval_model, trained.full(params, *base), batch),
       batches=lambda: batching.eval_batches(references, **eval_args),
       summarize=reward.summarize_reference)
   compiled_reference = jax.jit(reference_evaluator.step)
@@ -182,7 +199,7 @@ def run(config, workdir: pathlib.Path) -> None:
   def reference_statistics(params) -> dict:
     """The reward on reference responses, measured at the start and at the end; the final one
     goes into the finished checkpoint's manifest for PPO's normalisation."""
-    measured = reference_evaluator.run(compiled_reference, params, mesh)
+    measured = reference_evaluator.run(compiled_reference, params, mesh, frozen)
     return {"reward_mean": measured["eval/mean"], "reward_std": measured["eval/std"]}
 
   def final_manifest(metrics: dict) -> dict:
@@ -194,16 +211,17 @@ def run(config, workdir: pathlib.Path) -> None:
   state = loop.train(
       loop.Run(phase="reward", phase_dir=phase_dir, config=config.train, mesh=mesh,
                manifest=checkpoints.make_manifest(model_config, kind=hf.REWARD, score_head=True,
-                                                  phase="reward"),
+                                                  phase="reward", **trained.manifest),
                tokenizer_dir=info["tokenizer_dir"], progress_keys=("loss", "accuracy"),
                unit="pair", final_manifest=final_manifest),
       loop.Trainable(
           abstract_state=loop.abstract_train_state(param_shapes, param_shardings, tx, rng, mesh),
           init_state=init_state,
           step_fn=loop.make_train_step(
-              lambda p, b, r: reward.reward_loss(model, p, b, r, margin=margin,
+              lambda p, b, r: reward.reward_loss(trained.model, p, b, r, margin=margin,
                                                  center_coef=center_coef, lm_coef=lm_coef),
-              tx, config.train.accum_steps)),
+              tx, config.train.accum_steps, combine=trained.combine),
+          frozen=trained.frozen, memory_labels=trained.memory_labels),
       loop.Data(
           batches=lambda start: batching.training_pair_batches(
               train_examples, config, pad_id=pad_id, start_step=start, **hosts),

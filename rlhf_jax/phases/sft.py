@@ -22,7 +22,7 @@ from rlhf_jax.evaluation import metrics
 from rlhf_jax.models import decode
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
-from rlhf_jax.models import lora
+from rlhf_jax.training import adapters
 from rlhf_jax.training import loop
 from rlhf_jax.training import optim
 from rlhf_jax.training import sft
@@ -35,7 +35,7 @@ def run(config, workdir: pathlib.Path) -> None:
       config.init_checkpoint, workdir, ("import", "init"), key="init_checkpoint"))
   tokenizer = checkpoints.load_tokenizer(info, "initial")
   model_config = gpt_neo.with_dropout(info["config"], config.model)
-  model = plain_model = gpt_neo.build(model_config, config.model)
+  model = gpt_neo.build(model_config, config.model)
 
   splits = records.load_splits(config.data)
   tokenize = lambda split: batching.tokenize_sft_examples(
@@ -50,25 +50,14 @@ def run(config, workdir: pathlib.Path) -> None:
 
   tx = optim.make_optimizer(config.optim, config.train.steps)
   rng = jax.random.key(config.train.seed)
-  lora_settings = lora.settings_from_config(config.model)
-  manifest_extras, frozen, combine, eval_model = {}, None, None, model
-  if lora_settings.enabled:
-    # LoRA: only the adapters train (and are checkpointed, with a pointer to the base); the base
-    # is loaded once, frozen, and passed to the compiled step as an argument.
-    adapted = lora.plan(model, lora_settings, mesh)
-    param_shapes, param_shardings = adapted.trained_shapes, adapted.trained_shardings
-    frozen = checkpoints.load_lora_base(info, adapted)
-    combine, model, eval_model = adapted.full, adapted.train_model, adapted.eval_model
-    manifest_extras["lora"] = {**lora_settings.to_dict(), "base": checkpoints.base_pointer(info)}
-    init_state = lambda: loop.create_train_state(adapted.init_trained(rng), tx, rng)
-    merged = jax.jit(adapted.merged)
-    print(f"sft: LoRA rank {lora_settings.rank} on {', '.join(lora_settings.targets)}: "
-          f"{lora.count(param_shapes):,} trained parameters, "
-          f"{lora.count(adapted.frozen_shapes):,} frozen")
+  # With LoRA only the adapters train (and are checkpointed, with a pointer to the base); the base
+  # is loaded once, frozen, and passed to the compiled step as an argument.
+  trained = adapters.setup(model, config.model, info, mesh)
+  param_shapes, param_shardings = trained.param_shapes, trained.param_shardings
+  if trained.enabled:
+    print(f"sft: {trained.describe()}")
+    init_state = lambda: loop.create_train_state(trained.lora_model.init_trained(rng), tx, rng)
   else:
-    param_shapes = gpt_neo.param_shapes(model)
-    param_shardings = sharding.param_shardings(gpt_neo.logical_axes(model), param_shapes, mesh)
-
     def init_state():
       # A checkpoint with a score head (an imported reward model) loads it replicated; a policy
       # has none, so it is dropped.
@@ -84,7 +73,7 @@ def run(config, workdir: pathlib.Path) -> None:
                     process_index=jax.process_index(), process_count=jax.process_count())
   evaluator = loop.Evaluator(
       step=lambda params, batch, *base: sft.sft_eval_sums(
-          eval_model, combine(*base, params) if combine else params, batch, groups=groups),
+          trained.eval_model, trained.full(params, *base), batch, groups=groups),
       batches=lambda: batching.eval_batches(eval_examples, **batch_args),
       summarize=sft.summarize_eval)
   verifiable = [r for r in splits.get("test", []) if r.get("answer")][:config.eval_prompts]
@@ -96,10 +85,8 @@ def run(config, workdir: pathlib.Path) -> None:
   def exact_match(params) -> dict:
     """Greedy answers to the verifiable test questions, scored by the built-in checker (with
     LoRA, by the plain model with the adapters merged in)."""
-    if lora_settings.enabled:
-      params = merged(frozen, params)
     responses = decode.generate_responses(
-        plain_model, params, tokenizer, prompts, settings=greedy,
+        model, trained.merged(params), tokenizer, prompts, settings=greedy,
         batch_size=config.eval_batch_size,
         max_prompt_length=config.max_length, rng=jax.random.key(0))
     return {"exact_match": metrics.exact_match(verifiable, responses.texts, builtin.check_answer)}
@@ -108,15 +95,15 @@ def run(config, workdir: pathlib.Path) -> None:
       loop.Run(phase="sft", phase_dir=phase_dir, config=config.train, mesh=mesh,
                manifest=checkpoints.make_manifest(model_config, kind=hf.CAUSAL_LM,
                                                   score_head=False, phase="sft",
-                                                  **manifest_extras),
+                                                  **trained.manifest),
                tokenizer_dir=info["tokenizer_dir"]),
       loop.Trainable(abstract_state=loop.abstract_train_state(param_shapes, param_shardings, tx,
                                                               rng, mesh),
                      init_state=init_state,
                      step_fn=loop.make_train_step(
-                         lambda p, b, r: sft.sft_loss(model, p, b, r, groups=groups), tx,
-                         config.train.accum_steps, combine=combine),
-                     frozen=frozen),
+                         lambda p, b, r: sft.sft_loss(trained.model, p, b, r, groups=groups), tx,
+                         config.train.accum_steps, combine=trained.combine),
+                     frozen=trained.frozen, memory_labels=trained.memory_labels),
       loop.Data(batches=lambda start: batching.sft_batches(
                     train_examples, seed=config.train.seed, pack=config.pack, start_step=start,
                     **batch_args),

@@ -203,12 +203,15 @@ def memory_report(state: Any, frozen: Any = None, compiled: Any = None) -> dict[
           "activations": activations, "params_total": total}
 
 
-def format_memory(report: dict[str, int], devices: int) -> str:
-  """One console line of `memory_report`, in MiB per device."""
+def format_memory(report: dict[str, int], devices: int,
+                  labels: dict[str, str] | None = None) -> str:
+  """One console line of `memory_report`, in MiB per device; `labels` renames its parts (LoRA:
+  the trained params are adapters, the frozen part is the base)."""
+  labels = {"params": "params", "extra": "extra", "frozen": "frozen", **(labels or {})}
   mib = lambda key: f"{report[key] / MiB:.1f}"
-  parts = [f"params {mib('params')} (of {mib('params_total')} unsharded)",
+  parts = [f"{labels['params']} {mib('params')} (of {mib('params_total')} unsharded)",
            f"optimizer {mib('optimizer')}"]
-  parts += [f"{key} {mib(key)}" for key in ("extra", "frozen") if report[key]]
+  parts += [f"{labels[key]} {mib(key)}" for key in ("extra", "frozen") if report[key]]
   if report["activations"] >= 0:
     parts.append(f"activations (XLA temporaries of one step) {mib('activations')}")
   held = sum(report[k] for k in ("params", "optimizer", "extra", "frozen"))
@@ -287,12 +290,15 @@ class Trainable:
   step_compiled: `step_fn` is already made of compiled parts (e.g. PPO with host reward
     sources: compiled rollout -> host scoring -> compiled update, the state donated and laid out
     on `abstract_state`'s shardings by the step itself); the loop calls it as it is.
+  memory_labels: names of the memory line's parts ({"params": "adapters", "frozen": "frozen
+    base"} with LoRA; see `format_memory`).
   """
   abstract_state: TrainState
   init_state: Callable[[], TrainState]
   step_fn: Callable
   frozen: Any = None
   step_compiled: bool = False
+  memory_labels: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,7 +382,8 @@ def report_memory(run: Run, trainable: Trainable, compiled_step, first_inputs: t
   report = memory_report(trainable.abstract_state, trainable.frozen, compiled)
   logging.info("%s: %s", run.phase, report)
   if jax.process_index() == 0:
-    print(f"{run.phase}: {format_memory(report, run.mesh.size)}", flush=True)
+    print(f"{run.phase}: {format_memory(report, run.mesh.size, trainable.memory_labels)}",
+          flush=True)
 
 
 class LogWindow:

@@ -44,6 +44,7 @@ from rlhf_jax.data import batching
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import decode
 from rlhf_jax.models import gpt_neo
+from rlhf_jax.training import adapters
 from rlhf_jax.training import loop
 from rlhf_jax.training import optim
 from rlhf_jax.training import ppo_core as core
@@ -111,11 +112,23 @@ class PPOSettings:
 @dataclasses.dataclass(frozen=True)
 class Models:
   """The modules (static): policy, reference (the policy's architecture without a value head),
-  value (None when the policy carries the value head) and reward."""
-  policy: gpt_neo.GPTNeo
+  value (None when the policy carries the value head) and reward.
+
+  With LoRA the policy (and a value model sharing the base) is an `adapters.OnBase`: its trained
+  params are adapters (and heads), its base is the reference's params, bound in the compiled step
+  by `bind`."""
+  policy: gpt_neo.GPTNeo | adapters.OnBase
   reference: gpt_neo.GPTNeo
-  value: gpt_neo.GPTNeo | None
+  value: gpt_neo.GPTNeo | adapters.OnBase | None
   reward: gpt_neo.GPTNeo
+
+  def bind(self, frozen: dict | None) -> "Models":
+    """The models with LoRA modules bound to their base, the frozen reference (a no-op without
+    LoRA)."""
+    if not frozen:
+      return self
+    bound = lambda m: m.bind(frozen["reference"]) if isinstance(m, adapters.OnBase) else m
+    return dataclasses.replace(self, policy=bound(self.policy), value=bound(self.value))
 
 
 def response_outputs(model: gpt_neo.GPTNeo, params, sequences: dict, prompt_length: int,
@@ -224,7 +237,10 @@ def rollout(models: Models, settings: PPOSettings, policy_params, batch: dict,
   """
   repeat = lambda x: jnp.repeat(x, settings.samples_per_prompt, axis=0)
   prompt_ids, prompt_mask = repeat(batch["prompt_ids"]), repeat(batch["prompt_mask"])
-  samples = decode.generate(models.policy, policy_params, prompt_ids, prompt_mask, rng,
+  policy = models.policy
+  if isinstance(policy, adapters.OnBase):  # LoRA: the sampler runs on the merged weights.
+    policy, policy_params = policy.plain, policy.merged(policy_params)
+  samples = decode.generate(policy, policy_params, prompt_ids, prompt_mask, rng,
                             settings.sampling)
   return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, samples=samples,
               sequences=sequences(prompt_ids, prompt_mask, samples.tokens, samples.mask))
@@ -451,8 +467,8 @@ def kl_control(settings: PPOSettings, kl_coef, samples: decode.Samples,
   return core.fixed_kl_update(kl_coef, measured, episodes), kl
 
 
-def rollout_phase(state: loop.TrainState, batch: dict, *, models: Models,
-                  settings: PPOSettings) -> tuple[dict, dict]:
+def rollout_phase(state: loop.TrainState, batch: dict, frozen: dict | None = None, *,
+                  models: Models, settings: PPOSettings) -> tuple[dict, dict]:
   """The first part of an iteration: the iteration's keys and its `rollout`.
 
   Returns:
@@ -461,7 +477,7 @@ def rollout_phase(state: loop.TrainState, batch: dict, *, models: Models,
   """
   rng = jax.random.wrap_key_data(state.rng)
   rng, sample_rng, permutation_rng, update_rng = jax.random.split(rng, 4)
-  rolled = rollout(models, settings, state.params, batch, sample_rng)
+  rolled = rollout(models.bind(frozen), settings, state.params, batch, sample_rng)
   return rolled, {"next": rng, "permutation": permutation_rng, "update": update_rng}
 
 
@@ -470,6 +486,7 @@ def learn_phase(state: loop.TrainState, frozen: dict, rolled: dict, keys: dict,
                 tx: optax.GradientTransformation) -> tuple:
   """The rest of an iteration after `rollout_phase`: `score_rollout` (with the host sources'
   scores, if any), `compute_advantages`, `update`, `kl_control`. Returns (new state, metrics)."""
+  models = models.bind(frozen)
   samples, seqs = rolled["samples"], rolled["sequences"]
   reward_stats = state.extra["reward_stats"]
   scored = score_rollout(models, settings, state.params, state.extra["value"], frozen, rolled,
@@ -537,7 +554,7 @@ def ppo_iteration(state: loop.TrainState, batch: dict, frozen: dict, *, models: 
   """
   if settings.host_sources:
     raise ValueError(f"host reward sources {settings.host_sources} need HostRewardStep")
-  rolled, keys = rollout_phase(state, batch, models=models, settings=settings)
+  rolled, keys = rollout_phase(state, batch, frozen, models=models, settings=settings)
   return learn_phase(state, frozen, rolled, keys, None, models=models, settings=settings, tx=tx)
 
 
@@ -572,7 +589,7 @@ class HostRewardStep:
                                    bool(samples.ended[i])) for i in range(len(samples.lengths))]
 
   def __call__(self, state: loop.TrainState, batch: dict, frozen: dict) -> tuple:
-    rolled, keys = self.rollout(state, batch)
+    rolled, keys = self.rollout(state, batch, frozen)
     record_index = np.repeat(np.asarray(sharding.to_host(batch["record_index"])),
                              self.settings.samples_per_prompt)
     scores = self.host_rewards(record_index, self.responses(rolled))
@@ -634,8 +651,12 @@ def settings_from_config(config, tokenizer, reward_weights=(("model", 1.0),)) ->
   if int(config.rollout.samples_per_prompt) < 1:
     raise UserError(f"--config.rollout.samples_per_prompt={config.rollout.samples_per_prompt}: "
                     "must be at least 1")
-  if config.value_model not in ("reward", "policy_head"):
-    raise UserError(f"--config.value_model={config.value_model}: use reward or policy_head")
+  if config.value_model not in ("reward", "policy_head", "adapters"):
+    raise UserError(f"--config.value_model={config.value_model}: use reward, policy_head or "
+                    "adapters")
+  if config.value_model == "adapters" and not int(config.model.get("lora", {}).get("rank", 0)):
+    raise UserError("--config.value_model=adapters: the value model shares the policy's frozen "
+                    "base with its own LoRA adapters; set --config.model.lora.rank > 0")
   if p.advantage_estimator not in ADVANTAGE_ESTIMATORS:
     raise UserError(f"--config.ppo.advantage_estimator={p.advantage_estimator}: use one of "
                     f"{', '.join(ADVANTAGE_ESTIMATORS)}")
