@@ -40,7 +40,8 @@ def run_main(workdir: pathlib.Path, *extra: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
   result = subprocess.run(
       [sys.executable, "-m", "rlhf_jax.main", f"--workdir={workdir}", *SMALL, *extra],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+      # Two rounds compile every phase twice: minutes on 2 idle cores, far more on a loaded machine.
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
   assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
   return result
 
