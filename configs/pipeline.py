@@ -44,7 +44,12 @@ Variants:
            after its `phases`). To start from a finished run's SFT:
              mkdir -p runs/iterated && cp -r runs/default/{init,sft} runs/iterated/
              python -m rlhf_jax.main --config=configs/pipeline.py:iterated --workdir=runs/iterated
-           Machine: 2 cores of an AMD EPYC, jax 0.10.2 on CPU. Time and result: not yet measured.
+           Machine: 2 cores of an AMD EPYC, jax 0.10.2 on CPU. Result: not yet measured (the
+           3-round run was cancelled from the over-full queue). Time per round, estimated from the
+           phases of a queued default-pipeline run (seed 1, full variant, loaded machine): label
+           about 35 s (127 s there for 2,000 + 200 prompts), reward 552 s (the same 400 steps,
+           whatever the number of pairs), ppo 595 s (60 iterations), eval about 2 min (SFT, RO of
+           4, RLHF on 4 x 200 prompts): about 22 minutes a round, 66 for three, at that load.
 A pipeline entry whose name is not a phase names the phase it runs in its config's `phase` field
   overoptimize  the default pipeline, but PPO with a small fixed KL coefficient (0.01, no
            adaptive controller) for 150 iterations with a held-out evaluation every 10: the
