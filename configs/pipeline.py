@@ -39,9 +39,9 @@ Variants:
            skipped, a partial one resumes; after each round the gold score (RLHF's gold mean and
            gold win-rate vs SFT on the test prompts) and the round's time are printed and saved
            in WORKDIR/rounds.json. Per round 500 training + 100 held-out prompts are labelled (a
-           quarter of the default's); eval draws no best-of-n curve and RO is the best of 4. Other round counts:
-           --config.rounds=N (any pipeline variant's label/reward/ppo/eval sections run as rounds
-           after its `phases`). To start from a finished run's SFT:
+           quarter of the default's); eval draws no best-of-n curve and RO is the best of 4.
+           Other round counts: --config.rounds=N (any pipeline variant's label/reward/ppo/eval
+           sections run as rounds after its `phases`). To start from a finished run's SFT:
              mkdir -p runs/iterated && cp -r runs/default/{init,sft} runs/iterated/
              python -m rlhf_jax.main --config=configs/pipeline.py:iterated --workdir=runs/iterated
            Machine: 2 cores of an AMD EPYC, jax 0.10.2 on CPU. Result: not yet measured (the
