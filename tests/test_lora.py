@@ -456,3 +456,29 @@ def test_ppo_with_lora_host_source_policy_head_and_held_out_eval(tmp_path, tiny_
   assert all(np.isfinite(row["loss"]) for row in rows if "loss" in row)
   saved = restore_all(tmp_path / "ppo")["params"]
   assert sorted(saved) == ["h", "score"]  # Adapters and the policy's value head.
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO with LoRA: the reference is the initial policy, the adapters' base.
+
+
+def test_dpo_with_lora_starts_at_the_reference_and_saves_only_adapters(lora_sft, tmp_path):
+  from rlhf_jax.configs import dpo as dpo_config
+  workdir, _ = lora_sft
+  config = dpo_config.get_config()
+  config.init_checkpoint = str(workdir / "sft")  # A LoRA checkpoint: its base loads merged.
+  config.pairs.source = str(write_pairs(tmp_path / "pairs.jsonl", 24))
+  config.pairs.eval_fraction = 0.25
+  config.max_length = 64
+  config.train.update(steps=2, batch_size=4, log_every=1, eval_every=0, save_every=0)
+  config.eval_batch_size, config.reference_batch_size = 4, 8
+  config.model.lora.update(rank=2, alpha=4.0)
+  main.run_phase("dpo", config, tmp_path)
+  rows = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+  first = next(row for row in rows if row["step"] == 0 and "eval/rewards/margins" in row)
+  # Fresh adapters: the policy is its base, the reference, so every implicit reward is 0.
+  assert abs(first["eval/rewards/chosen"]) < 1e-6 and abs(first["eval/rewards/margins"]) < 1e-6
+  saved = restore_all(tmp_path / "dpo")["params"]
+  assert jax.tree.structure(saved) == jax.tree.structure(lora.adapters_only(saved))
+  info = checkpoints.describe_model(tmp_path / "dpo")
+  assert info["manifest"]["lora"]["base"] == str((workdir / "sft" / "checkpoint").absolute())

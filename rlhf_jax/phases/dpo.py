@@ -49,6 +49,7 @@ from rlhf_jax.data import preferences
 from rlhf_jax.errors import UserError
 from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
+from rlhf_jax.training import adapters
 from rlhf_jax.training import dpo
 from rlhf_jax.training import loop
 from rlhf_jax.training import optim
@@ -143,8 +144,12 @@ def run(config, workdir: pathlib.Path) -> None:
   tokenizer = checkpoints.load_tokenizer(info, "initial")
   model_config = gpt_neo.with_dropout(info["config"], config.model)
   model = gpt_neo.build(model_config, config.model)
-  param_shapes = gpt_neo.param_shapes(model)
-  param_shardings = sharding.param_shardings(gpt_neo.logical_axes(model), param_shapes, mesh)
+  # With LoRA (--config.model.lora.rank) only adapters train on the frozen initial policy, which
+  # is also the default reference (the base with the adapters off).
+  trained = adapters.setup(model, config.model, info, mesh)
+  param_shapes, param_shardings = trained.param_shapes, trained.param_shardings
+  if trained.enabled:
+    print(f"dpo: {trained.describe()}")
 
   pairs = preferences.load_phase_pairs(config, workdir, tokenizer, _no_policy_samples,
                                        phase="dpo", append_eos=config.append_eos)
@@ -158,6 +163,8 @@ def run(config, workdir: pathlib.Path) -> None:
   rng = jax.random.key(config.train.seed)
 
   def init_state():
+    if trained.enabled:
+      return loop.create_train_state(trained.lora_model.init_trained(rng), tx, rng)
     shardings = ({**param_shardings, "score": {"kernel": sharding.replicated(mesh)}}
                  if info["score_head"] else param_shardings)
     params = checkpoints.load_params(info, shardings)
@@ -165,10 +172,11 @@ def run(config, workdir: pathlib.Path) -> None:
 
   loss_settings = dict(beta=float(config.loss.beta), loss_type=config.loss.loss_type,
                        label_smoothing=float(config.loss.label_smoothing))
-  logits_fn = dpo.model_logits_fn(model)
+  logits_fn = dpo.model_logits_fn(trained.model)
+  eval_sums = dpo.make_eval_sums(dpo.model_logits_fn(trained.eval_model), **loss_settings)
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
   evaluator = loop.Evaluator(
-      step=dpo.make_eval_sums(logits_fn, **loss_settings),
+      step=lambda params, batch, *base: eval_sums(trained.full(params, *base), batch),
       batches=lambda: (dpo.with_reference(b, ref["held_out"]) for b in batching.eval_pair_batches(
           pairs.held_out, batch_size=config.eval_batch_size, max_length=config.max_length,
           pad_id=pad_id, by_length=True, **hosts)),
@@ -182,14 +190,16 @@ def run(config, workdir: pathlib.Path) -> None:
   state = loop.train(
       loop.Run(phase="dpo", phase_dir=phase_dir, config=config.train, mesh=mesh,
                manifest=checkpoints.make_manifest(model_config, kind=hf.CAUSAL_LM,
-                                                  score_head=False, phase="dpo"),
+                                                  score_head=False, phase="dpo",
+                                                  **trained.manifest),
                tokenizer_dir=info["tokenizer_dir"],
                progress_keys=("loss", "rewards/accuracies", "rewards/margins"), unit="pair"),
       loop.Trainable(
           abstract_state=loop.abstract_train_state(param_shapes, param_shardings, tx, rng, mesh),
           init_state=init_state,
           step_fn=loop.make_train_step(dpo.make_loss_fn(logits_fn, **loss_settings), tx,
-                                       config.train.accum_steps)),
+                                       config.train.accum_steps, combine=trained.combine),
+          frozen=trained.frozen, memory_labels=trained.memory_labels),
       loop.Data(batches=train_batches, count_items=lambda b: float(b["pair_mask"].sum()),
                 widest_batch=lambda b: batching.pad_pair_batch(b, config.max_length, pad_id)),
       loop.Evaluation(evaluator=evaluator))
