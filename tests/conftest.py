@@ -11,6 +11,7 @@ Everything is built offline from `transformers`/`tokenizers` in a session temp d
 """
 
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -181,3 +182,16 @@ def load_cleanly(model_class, path: pathlib.Path, **kwargs):
   weight_warnings = [m for m in records.messages if any(w in m.lower() for w in words)]
   assert not weight_warnings, weight_warnings
   return model.eval()
+
+
+def write_pairs(path: pathlib.Path, count: int) -> pathlib.Path:
+  """`count` preference pairs with a learnable preference ("Yes, <words>." over "no <words>"),
+  as JSONL at `path` (prompt / chosen / rejected)."""
+  rng = np.random.default_rng(0)
+  words = "the quick brown fox jumps over a lazy dog while cats sleep in the sun".split()
+  with open(path, "w") as f:
+    for i in range(count):
+      good = " ".join(rng.choice(words, rng.integers(2, 6)))
+      f.write(json.dumps({"prompt": f"Question {i}?\n", "chosen": f"Yes, {good}.",
+                          "rejected": f"no {good}"}) + "\n")
+  return path

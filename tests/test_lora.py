@@ -29,6 +29,7 @@ from rlhf_jax.models import lora
 from rlhf_jax.training import loop
 from rlhf_jax.training import optim
 from rlhf_jax.training import sft
+from conftest import write_pairs  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SETTINGS = lora.LoraSettings(rank=4, alpha=8.0)
@@ -320,15 +321,6 @@ def test_eight_devices_give_the_one_device_lora_step():
 # The reward model with LoRA (on a LoRA SFT checkpoint: its base is loaded merged).
 
 
-def write_pairs(path: pathlib.Path, count: int) -> pathlib.Path:
-  rng = np.random.default_rng(0)
-  words = "the quick brown fox jumps over a lazy dog while cats sleep in the sun".split()
-  with open(path, "w") as f:
-    for i in range(count):
-      good = " ".join(rng.choice(words, rng.integers(2, 6)))
-      f.write(json.dumps({"prompt": f"Question {i}?\n", "chosen": f"Yes, {good}.",
-                          "rejected": f"no {good}"}) + "\n")
-  return path
 
 
 def test_reward_with_lora_trains_adapters_and_head_and_exports_both_forms(lora_sft, tmp_path):

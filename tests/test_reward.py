@@ -29,6 +29,7 @@ from rlhf_jax.models import gpt_neo
 from rlhf_jax.models import hf
 from rlhf_jax.training import loop
 from rlhf_jax.training import reward
+from conftest import write_pairs  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LENGTH = 48
@@ -313,15 +314,6 @@ def tiny_hf_model(make_hf_gpt_neo, tiny_tokenizer_dir, tokenizer):
                          max_position_embeddings=64, tokenizer_dir=tiny_tokenizer_dir)
 
 
-def write_pairs(path: pathlib.Path, count: int) -> pathlib.Path:
-  rng = np.random.default_rng(0)
-  words = "the quick brown fox jumps over a lazy dog while cats sleep in the sun".split()
-  with open(path, "w") as f:
-    for i in range(count):
-      good = " ".join(rng.choice(words, rng.integers(2, 6)))
-      f.write(json.dumps({"prompt": f"Question {i}?\n", "chosen": f"Yes, {good}.",
-                          "rejected": f"no {good}"}) + "\n")
-  return path
 
 
 def small_config(init: pathlib.Path, pairs: pathlib.Path, steps: int = 4):
