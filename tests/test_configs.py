@@ -17,7 +17,7 @@ VARIANTS = {
     "grpo": ("builtin", "gpt_neo_125m"),
     "dpo": ("builtin", "hh_rlhf"),
     "eval": ("builtin", "gpt_neo_125m"),
-    "pipeline": ("default", "full", "iterated"),
+    "pipeline": ("default", "full", "iterated", "overoptimize"),
 }
 
 
@@ -35,6 +35,16 @@ def test_variants_match_by_exact_name(name):
       module.get_config(wrong)
     assert f"unknown variant {wrong!r}" in str(error.value)
     assert ", ".join(VARIANTS[name]) in str(error.value)  # Lists the valid names.
+
+
+def test_the_overoptimize_pipeline_changes_only_ppos_kl_and_length():
+  pipeline = _module("pipeline")
+  default, overopt = pipeline.get_config("default"), pipeline.get_config("overoptimize")
+  assert (overopt.ppo.ppo.init_kl_coef, overopt.ppo.ppo.adaptive_kl) == (0.01, False)
+  assert (overopt.ppo.train.steps, overopt.ppo.train.eval_every) == (150, 10)
+  assert overopt.phases == default.phases
+  for phase in ("sft", "label", "reward", "eval"):
+    assert overopt[phase].to_dict() == default[phase].to_dict(), phase
 
 
 def test_the_large_variants_differ_from_125m():
