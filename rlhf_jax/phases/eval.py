@@ -159,10 +159,14 @@ def run(config, workdir: pathlib.Path) -> None:
                                                    scores[:, :config.best_of_n])
         answers["RO"] = (ro, ro_scores)
         if curve:
-          candidate_gold = np.stack([gold_fn(split_records, c.texts) for c in candidates], 1)
+          # The curve stops at overoptimization_samples even when the oracle drew more.
+          curve_n = max(config.overoptimization_samples, config.best_of_n)
+          candidate_gold = np.stack(
+              [gold_fn(split_records, c.texts) for c in candidates[:curve_n]], 1)
           gold["RO"] = candidate_gold[np.arange(len(prompts)), choice]
           points += overoptimization.best_of_n_points(
-              scores, candidate_gold, ns=[n for n in overoptimization.DEFAULT_NS if n <= num])
+              scores[:, :curve_n], candidate_gold,
+              ns=[n for n in overoptimization.DEFAULT_NS if n <= config.overoptimization_samples])
     if gold_fn is not None:
       for name, (responses, _) in answers.items():
         if name not in gold:
