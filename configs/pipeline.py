@@ -31,22 +31,18 @@ Variants:
            then `rounds` (3) rounds, each in WORKDIR/round_R/: label (the simulated teacher
            judges samples of the current policy: round 1 the SFT policy, later the previous
            round's PPO policy), reward (from SFT, on every round's judgements so far:
-           round_R/all_pairs.jsonl), ppo (from the SFT policy, or with --config.ppo_init=last
-           from the previous round's; KL to SFT either way) and eval. A finished round is
+           round_R/all_pairs.jsonl), ppo (from the previous round's policy, or with
+           --config.ppo_init=sft from the SFT policy; KL to SFT either way) and eval. A finished round is
            skipped, a partial one resumes; after each round the gold score (RLHF's gold mean and
            gold win-rate vs SFT on the test prompts) and the round's time are printed and saved
            in WORKDIR/rounds.json. Per round 500 training + 100 held-out prompts are labelled (a
-           quarter of the default's); eval draws no best-of-n curve and RO is the best of 4.
+           quarter of the default's), the reward model trains 200 steps, PPO runs 30 iterations; eval draws no best-of-n curve and RO
+           is the best of 4.
            Other round counts: --config.rounds=N (any pipeline variant's label/reward/ppo/eval
            sections run as rounds after its `phases`). To start from a finished run's SFT:
              mkdir -p runs/iterated && cp -r runs/default/{init,sft} runs/iterated/
              python -m rlhf_jax.main --config=configs/pipeline.py:iterated --workdir=runs/iterated
-           Machine: 2 cores of an AMD EPYC, jax 0.10.2 on CPU. Result: not yet measured (the
-           3-round run was cancelled from the over-full queue). Time per round, estimated from the
-           phases of a queued default-pipeline run (seed 1, full variant, loaded machine): label
-           about 35 s (127 s there for 2,000 + 200 prompts), reward 552 s (the same 400 steps,
-           whatever the number of pairs), ppo 595 s (60 iterations), eval about 2 min (SFT, RO of
-           4, RLHF on 4 x 200 prompts): about 22 minutes a round, 66 for three, at that load.
+           Machine, time per round and result: README, "Iterated rounds" (being measured).
   overoptimize  the default pipeline, but PPO with a small fixed KL coefficient (0.01, no
            adaptive controller) for 150 iterations with a held-out evaluation every 10: the
            over-optimisation experiment of issue #21 item 6 (Gao et al. 2022). In its workdir
@@ -118,6 +114,12 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     # test prompt), and RO is the best of 4.
     config.eval.overoptimization_samples = 0
     config.eval.best_of_n = 4
+    # Online rounds continue the policy (Bai et al. 2022's online RLHF): each round's PPO starts
+    # from the last round's policy for 30 iterations (90 over three rounds, the default's 60 plus
+    # half), and its reward model trains 200 steps (half the default's) on all pairs so far.
+    config.ppo_init = "last"
+    config.reward.train.steps = 200
+    config.ppo.train.steps = 30
   if variant == "overoptimize":
     config.ppo.ppo.update(dict(init_kl_coef=0.01, adaptive_kl=False))
     config.ppo.train.update(dict(steps=150, eval_every=10, save_every=50))
