@@ -15,10 +15,33 @@ import json
 import logging
 import os
 import pathlib
+import shutil
+import tempfile
 from typing import Any, Callable
 
 import numpy as np
 import pytest
+
+# One compilation cache for the whole run, shared by the xdist workers and the binaries the tests
+# start: many tests run a phase two or three times (straight, interrupted, resumed), and each run
+# compiles the same steps again; XLA's persistent cache (keyed by the program, the backend and
+# the flags) returns the same executable, which cut test_dpo_phase.py's CPU time by about a third.
+# Set in the controller before jax is imported anywhere; the workers and subprocesses inherit it.
+_CACHE_VARIABLES = dict(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
+
+def pytest_configure(config):
+  if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return  # An xdist worker (the controller set it up), or the user chose a cache.
+  config.jit_cache_dir = tempfile.mkdtemp(prefix="rlhf_jax_tests_jit_cache_")
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=config.jit_cache_dir, **_CACHE_VARIABLES)
+
+
+def pytest_unconfigure(config):
+  if getattr(config, "jit_cache_dir", None):
+    shutil.rmtree(config.jit_cache_dir, ignore_errors=True)
+
 
 SHARED_DATA = pathlib.Path(os.environ.get("RLHF_JAX_DATA")
                            or pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")

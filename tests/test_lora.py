@@ -474,3 +474,34 @@ def test_dpo_with_lora_starts_at_the_reference_and_saves_only_adapters(lora_sft,
   assert jax.tree.structure(saved) == jax.tree.structure(lora.adapters_only(saved))
   info = checkpoints.describe_model(tmp_path / "dpo")
   assert info["manifest"]["lora"]["base"] == str((workdir / "sft" / "checkpoint").absolute())
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO with LoRA: no value model, the reference is the SFT base with the adapters off.
+
+
+def test_grpo_with_lora_starts_at_the_reference_and_saves_only_adapters(tmp_path,
+                                                                        tiny_tokenizer_dir,
+                                                                        capsys):
+  from rlhf_jax.configs import grpo as grpo_config
+  tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
+  config = grpo_config.get_config()
+  config.data.update(dict(num_train=16, num_eval=4))
+  config.eval_prompts = 0
+  config.rollout.update(dict(max_prompt_length=24, max_new_tokens=6, samples_per_prompt=4))
+  config.train.update(dict(steps=2, batch_size=4, log_every=1, save_every=0, eval_every=0))
+  config.reward.sources = "model"  # The tiny reward model: scores that differ within a group.
+  config.optim.lr = 1e-2
+  config.model.lora.update(rank=2, alpha=4.0)
+  main.run_phase("grpo", config, tmp_path)
+  assert "LoRA rank 2" in capsys.readouterr().out
+  rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+  first, second = (next(r for r in rows if r.get("step") == s and "loss" in r) for s in (1, 2))
+  # Fresh adapters (B = 0): the first rollout's policy is the reference, the second's is not.
+  assert abs(first["kl"]) < 1e-5 and abs(second["kl"]) > 1e-4, (first, second)
+  assert first["advantage_std_before_whitening"] > 0  # Something to learn from.
+  saved = restore_all(tmp_path / "grpo")["params"]
+  assert jax.tree.structure(saved) == jax.tree.structure(lora.adapters_only(saved))
+  assert any(np.any(b) for b in jax.tree.leaves(saved) if b.shape[-2] == 2)  # B moved.
+  info = checkpoints.describe_model(tmp_path / "grpo")
+  assert info["manifest"]["lora"]["base"] == str((tmp_path / "sft" / "checkpoint").absolute())
