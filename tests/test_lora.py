@@ -480,6 +480,7 @@ def test_dpo_with_lora_starts_at_the_reference_and_saves_only_adapters(lora_sft,
 # GRPO with LoRA: no value model, the reference is the SFT base with the adapters off.
 
 
+@pytest.mark.slow  # The default run has the grpo phase (test_grpo.py) and LoRA's reference (DPO's test).
 def test_grpo_with_lora_starts_at_the_reference_and_saves_only_adapters(tmp_path,
                                                                         tiny_tokenizer_dir,
                                                                         capsys):
