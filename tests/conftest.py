@@ -218,3 +218,41 @@ def write_pairs(path: pathlib.Path, count: int) -> pathlib.Path:
       f.write(json.dumps({"prompt": f"Question {i}?\n", "chosen": f"Yes, {good}.",
                           "rejected": f"no {good}"}) + "\n")
   return path
+
+
+def save_tiny_sft_and_reward(workdir: pathlib.Path, tokenizer_dir) -> tuple:
+  """Tiny random SFT and reward checkpoints in WORKDIR/sft and WORKDIR/reward (the tiny
+  tokenizer's vocabulary), for phase tests of PPO, GRPO and LoRA. Returns (model config, sft
+  params, reward params)."""
+  import jax  # Here, not at the top: pytest_configure sets the cache variables before jax loads.
+  from rlhf_jax import checkpoints
+  from rlhf_jax.models import gpt_neo
+  from rlhf_jax.models import hf
+  tokenizer = hf.load_tokenizer(tokenizer_dir)
+  config = gpt_neo.tiny_config(vocab_size=len(tokenizer), hidden_size=32, num_heads=2,
+                               window_size=8, eos_token_id=tokenizer.eos_token_id,
+                               bos_token_id=tokenizer.eos_token_id)
+  model = gpt_neo.GPTNeo(config, score_head=True)
+  init = jax.jit(lambda key: gpt_neo.init_params(model, key))
+  sft_params = {k: v for k, v in init(jax.random.key(0)).items() if k != "score"}
+  reward_params = init(jax.random.key(1))
+  checkpoints.save_model(workdir / "sft", sft_params, config, kind=hf.CAUSAL_LM, phase="sft",
+                         tokenizer_dir=tokenizer_dir)
+  checkpoints.save_model(workdir / "reward", reward_params, config, kind=hf.REWARD,
+                         phase="reward", tokenizer_dir=tokenizer_dir,
+                         reward_stats={"mean": 0.5, "std": 2.0})
+  return config, sft_params, reward_params
+
+
+def tiny_ppo_config():
+  """configs/ppo.py shrunk for phase tests on `save_tiny_sft_and_reward`'s checkpoints: 16 training
+  prompts, 4 iterations of 4 prompts x 6 new tokens, checkpoints every 2, no held-out eval."""
+  from rlhf_jax.configs import ppo as ppo_config
+  config = ppo_config.get_config()
+  config.data.update(dict(num_train=16, num_eval=4))
+  config.eval_prompts = 0
+  config.rollout.update(dict(max_prompt_length=24, max_new_tokens=6))
+  config.train.update(dict(steps=4, batch_size=4, log_every=2, save_every=2, keep_checkpoints=2))
+  config.ppo.normalize_samples = 16
+  config.eval_batch_size = 8
+  return config

@@ -29,6 +29,8 @@ from rlhf_jax.models import lora
 from rlhf_jax.training import loop
 from rlhf_jax.training import optim
 from rlhf_jax.training import sft
+from conftest import save_tiny_sft_and_reward  # noqa: E402
+from conftest import tiny_ppo_config  # noqa: E402
 from conftest import write_pairs  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -376,32 +378,10 @@ def test_reward_with_lora_trains_adapters_and_head_and_exports_both_forms(lora_s
 
 
 def ppo_lora_config(value_model: str = "adapters"):
-  from rlhf_jax.configs import ppo as ppo_config
-  config = ppo_config.get_config()
-  config.data.update(dict(num_train=16, num_eval=4))
-  config.eval_prompts = 0
-  config.rollout.update(dict(max_prompt_length=24, max_new_tokens=6))
-  config.train.update(dict(steps=4, batch_size=4, log_every=2, save_every=2, keep_checkpoints=2))
-  config.ppo.normalize_samples = 16
-  config.eval_batch_size = 8
+  config = tiny_ppo_config()
   config.model.lora.update(rank=2, alpha=4.0)
   config.value_model = value_model
   return config
-
-
-def tiny_sft_and_reward(workdir: pathlib.Path, tokenizer_dir) -> None:
-  from rlhf_jax.models import hf
-  tokenizer = hf.load_tokenizer(tokenizer_dir)
-  config = gpt_neo.tiny_config(vocab_size=len(tokenizer), hidden_size=32, num_heads=2,
-                               window_size=8, eos_token_id=tokenizer.eos_token_id,
-                               bos_token_id=tokenizer.eos_token_id)
-  init = lambda seed, head: jax.device_get(gpt_neo.init_params(
-      gpt_neo.GPTNeo(config, score_head=head), jax.random.key(seed)))
-  checkpoints.save_model(workdir / "sft", init(0, False), config, kind=hf.CAUSAL_LM, phase="sft",
-                         tokenizer_dir=tokenizer_dir)
-  checkpoints.save_model(workdir / "reward", init(1, True), config, kind=hf.REWARD,
-                         phase="reward", tokenizer_dir=tokenizer_dir,
-                         reward_stats={"mean": 0.5, "std": 2.0})
 
 
 @pytest.mark.slow
@@ -409,7 +389,7 @@ def test_ppo_with_lora_saves_only_adapters_and_resumes_bit_exactly(tmp_path, tin
                                                                    capsys):
   """value_model=adapters: the policy and the value model are adapters (and a value head) on the
   one frozen SFT base, which is also the KL reference; nothing else is trained or saved."""
-  tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
+  save_tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
   main.run_phase("ppo", ppo_lora_config(), tmp_path)
   out = capsys.readouterr().out
   assert "LoRA rank 2" in out and "frozen (the reference)" in out
@@ -437,7 +417,7 @@ def test_ppo_with_lora_saves_only_adapters_and_resumes_bit_exactly(tmp_path, tin
 
 @pytest.mark.slow
 def test_ppo_with_lora_host_source_policy_head_and_held_out_eval(tmp_path, tiny_tokenizer_dir):
-  tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
+  save_tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
   config = ppo_lora_config(value_model="policy_head")
   config.reward.sources = "gold"
   config.eval_prompts, config.train.eval_every = 4, 2
@@ -485,7 +465,7 @@ def test_grpo_with_lora_starts_at_the_reference_and_saves_only_adapters(tmp_path
                                                                         tiny_tokenizer_dir,
                                                                         capsys):
   from rlhf_jax.configs import grpo as grpo_config
-  tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
+  save_tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
   config = grpo_config.get_config()
   config.data.update(dict(num_train=16, num_eval=4))
   config.eval_prompts = 0

@@ -33,6 +33,8 @@ import pytest
 import torch
 
 from conftest import left_padded
+from conftest import save_tiny_sft_and_reward
+from conftest import tiny_ppo_config
 from rlhf_jax import checkpoints
 from rlhf_jax import phases
 from rlhf_jax.configs import ppo as ppo_config
@@ -543,17 +545,6 @@ def test_rloo_advantages_are_normalised_per_sequence(toy):
 # Resume through the phase itself
 
 
-def _ppo_run_config():
-  config = ppo_config.get_config()
-  config.data.update(dict(num_train=16, num_eval=4))
-  config.eval_prompts = 0
-  config.rollout.update(dict(max_prompt_length=24, max_new_tokens=6))
-  config.train.update(dict(steps=4, batch_size=4, log_every=2, save_every=2, keep_checkpoints=2))
-  config.ppo.normalize_samples = 16
-  config.eval_batch_size = 8
-  return config
-
-
 def _saved_step(workdir: pathlib.Path, step: int) -> dict:
   """Params and train state of a saved step, as saved (no target tree needed)."""
   manager = ocp.CheckpointManager(workdir / "ppo" / "checkpoint",
@@ -566,34 +557,17 @@ def _saved_step(workdir: pathlib.Path, step: int) -> dict:
   return _host_copy({k: restored[k] for k in ("params", "train_state")})
 
 
-def _tiny_sft_and_reward(workdir: pathlib.Path, tokenizer_dir) -> tuple:
-  """Tiny random SFT and reward checkpoints in WORKDIR/sft and WORKDIR/reward (the tiny
-  tokenizer's vocabulary). Returns (model config, sft params, reward params)."""
-  tokenizer = hf.load_tokenizer(tokenizer_dir)
-  config = gpt_neo.tiny_config(vocab_size=len(tokenizer), hidden_size=32, num_heads=2,
-                               window_size=8, eos_token_id=tokenizer.eos_token_id,
-                               bos_token_id=tokenizer.eos_token_id)
-  sft_params = {k: v for k, v in _init_params(config, seed=0).items() if k != "score"}
-  reward_params = _init_params(config, seed=1)
-  checkpoints.save_model(workdir / "sft", sft_params, config, kind=hf.CAUSAL_LM, phase="sft",
-                         tokenizer_dir=tokenizer_dir)
-  checkpoints.save_model(workdir / "reward", reward_params, config, kind=hf.REWARD,
-                         phase="reward", tokenizer_dir=tokenizer_dir,
-                         reward_stats={"mean": 0.5, "std": 2.0})
-  return config, sft_params, reward_params
-
-
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_tokenizer_dir,
                                                                  capsys):
-  _, _, reward_params = _tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
+  _, _, reward_params = save_tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
 
-  phases.run_phase("ppo", _ppo_run_config(), tmp_path)
+  phases.run_phase("ppo", tiny_ppo_config(), tmp_path)
   uninterrupted = _saved_step(tmp_path, 4)
   # A crash after the step-2 checkpoint: its later checkpoint never happened.
   shutil.rmtree(tmp_path / "ppo" / "checkpoint" / "4")
   capsys.readouterr()
-  phases.run_phase("ppo", _ppo_run_config(), tmp_path)
+  phases.run_phase("ppo", tiny_ppo_config(), tmp_path)
   assert "resuming from step 2" in capsys.readouterr().out
   resumed = _saved_step(tmp_path, 4)
 
@@ -624,8 +598,8 @@ def test_a_run_on_a_host_reward_source_completes_and_logs_each_source(tmp_path, 
   the phase, written under the config's name; each source's mean is logged (reward/SOURCE), and
   the held-out evaluation gives eval/score, eval/kl, eval/gold_mean and eval/exact_match at
   steps 0, 2 and 4 (train.eval_every=2)."""
-  _tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
-  config = _ppo_run_config()
+  save_tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
+  config = tiny_ppo_config()
   config.name = f"ppo_{source}"
   config.reward.sources = source
   config.eval_prompts = 4
@@ -659,7 +633,7 @@ def test_the_full_pipelines_ppo_gold_runs_beside_ppo(tmp_path, tiny_tokenizer_di
   on the teacher's gold score, each finished, with its own source's mean logged and the held-out
   rows the eval phase reads (eval/score, eval/kl, eval/gold_mean)."""
   from rlhf_jax.configs import pipeline as pipeline_config
-  _tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
+  save_tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
   config = pipeline_config.get_config("full")
   config.phases = "ppo,ppo_gold"
   config.data.update(dict(num_train=16, num_eval=4))
@@ -684,9 +658,9 @@ def test_normalised_scores_of_sft_samples_have_mean_0_and_std_1(tmp_path, tiny_t
   """`ppo.score_normalizer` (Ziegler et al.'s gain and bias) on 256 SFT samples of the training
   prompts; other SFT samples (another seed) normalised with it have mean ~0 and std ~1."""
   from rlhf_jax.data import batching, records
-  model_config, sft_params, reward_params = _tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
+  model_config, sft_params, reward_params = save_tiny_sft_and_reward(tmp_path, tiny_tokenizer_dir)
   tokenizer = hf.load_tokenizer(tiny_tokenizer_dir)
-  config = _ppo_run_config()
+  config = tiny_ppo_config()
   config.reward.sources = "model=2,gold=0.5"
   weights = rewards.parse_sources(config.reward.sources)
   settings = ppo.settings_from_config(config, tokenizer, weights)
