@@ -32,12 +32,12 @@ Variants:
            judges samples of the current policy: round 1 the SFT policy, later the previous
            round's PPO policy), reward (from SFT, on every round's judgements so far:
            round_R/all_pairs.jsonl), ppo (from the previous round's policy, or with
-           --config.ppo_init=sft from the SFT policy; KL to SFT either way) and eval. A finished round is
-           skipped, a partial one resumes; after each round the gold score (RLHF's gold mean and
-           gold win-rate vs SFT on the test prompts) and the round's time are printed and saved
-           in WORKDIR/rounds.json. Per round 500 training + 100 held-out prompts are labelled (a
-           quarter of the default's), the reward model trains 200 steps, PPO runs 30 iterations; eval draws no best-of-n curve and RO
-           is the best of 4.
+           --config.ppo_init=sft from the SFT policy; KL to SFT either way) and eval. A finished
+           round is skipped, a partial one resumes; after each round the gold score (RLHF's gold
+           mean and gold win-rate vs SFT on the test prompts) and the round's time are printed
+           and saved in WORKDIR/rounds.json. Per round 500 training + 100 held-out prompts are labelled (a
+           quarter of the default's), the reward model trains 200 steps, PPO runs 30
+           iterations; eval draws no best-of-n curve and RO is the best of 4.
            Other round counts: --config.rounds=N (any pipeline variant's label/reward/ppo/eval
            sections run as rounds after its `phases`). To start from a finished run's SFT:
              mkdir -p runs/iterated && cp -r runs/default/{init,sft} runs/iterated/
