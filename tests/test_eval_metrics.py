@@ -283,6 +283,27 @@ def test_paired_win_rate_ci_contains_the_estimate_and_covers_the_truth():
   assert (high - low) / 2 == pytest.approx(half_width, rel=0.15)
 
 
+def test_gold_agreement_hand_computed_and_through_system_metrics():
+  gold = [3.0, 1.0, 2.0, 2.0, 5.0]
+  sft_gold = [1.0, 2.0, 2.0, 0.0, 1.0]
+  rewards = [0.9, 0.1, 0.4, 0.2, 0.3]
+  sft_rewards = [0.2, 0.5, 0.0, 0.7, 0.3]
+  # Gold-ordered prompts 0, 1, 3, 4 (prompt 2 is a gold tie, left out): the reward model agrees
+  # on 0 and 1, disagrees on 3, ties on 4 (half): (1 + 1 + 0 + 0.5) / 4.
+  assert metrics.gold_agreement(rewards, sft_rewards, gold, sft_gold) == pytest.approx(2.5 / 4)
+  assert metrics.gold_agreement([1.0], [0.0], [2.0], [2.0]) is None  # No gold-ordered prompt.
+  with pytest.raises(ValueError, match="differ"):
+    metrics.gold_agreement([1.0, 2.0], [0.0], [1.0], [0.0])
+  result = metrics.system_metrics(responses=["a"] * 5, references=["b"] * 5, rewards=rewards,
+                                  sft_rewards=sft_rewards, gold=gold, sft_gold=sft_gold,
+                                  num_resamples=100)
+  assert result["reward_model_gold_agreement_vs_sft"] == pytest.approx(2.5 / 4)
+  # Without the reward model's scores (or for SFT itself) there is nothing to agree with.
+  result = metrics.system_metrics(responses=["a"] * 5, references=["b"] * 5, gold=gold,
+                                  sft_gold=sft_gold, num_resamples=100)
+  assert result["reward_model_gold_agreement_vs_sft"] is None
+
+
 def test_paired_difference_ci_hand_computed():
   system = [1.0, 0.0, 1.0, 1.0, 0.0]
   sft = [0.0, 0.0, 1.0, 0.0, 1.0]

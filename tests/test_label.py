@@ -348,8 +348,11 @@ def test_eval_reports_gold_and_overoptimization_on_the_builtin_data(rewarded):
         assert metrics[key] is not None, (name, split, key)
       low, high = metrics["gold_win_rate_vs_sft_ci95"]
       assert low <= metrics["gold_win_rate_vs_sft"] <= high
+      agreement = metrics["reward_model_gold_agreement_vs_sft"]  # None: no gold-ordered pair.
+      assert agreement is None or 0.0 <= agreement <= 1.0, (name, split)
   sft = results["systems"]["SFT"]["splits"]["test"]
   assert sft["gold_mean"] is not None and sft["gold_win_rate_vs_sft"] is None
+  assert sft["reward_model_gold_agreement_vs_sft"] is None
   points = results["overoptimization"]
   best_of_n = [p for p in points if p["method"] == "best_of_n"]
   assert [p["n"] for p in best_of_n] == [1, 2, 4]
@@ -357,6 +360,11 @@ def test_eval_reports_gold_and_overoptimization_on_the_builtin_data(rewarded):
   # The proxy's expected best-of-n score can only grow with n.
   rewards = [p["reward_mean"] for p in best_of_n]
   assert rewards == sorted(rewards)
+  # Best-of-1 is SFT's own sample against SFT's answer: its expected win-rate is SFT's against
+  # itself over independent draws, and the teacher's pick wins at least as often as the proxy's.
+  for point in best_of_n:
+    assert 0.0 <= point["gold_win_rate_vs_sft"] <= point["gold_picked_win_rate_vs_sft"] <= 1.0
+  assert best_of_n[0]["gold_win_rate_vs_sft"] == best_of_n[0]["gold_picked_win_rate_vs_sft"]
   ppo = [p for p in points if p["method"] == "ppo"]
   assert [(p["step"], p["kl"], p["reward_mean"], p["gold_mean"]) for p in ppo] == [
       (0, 0.0, 0.1, None), (2, 0.5, 0.4, -1.0)]

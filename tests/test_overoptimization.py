@@ -49,6 +49,35 @@ def test_best_of_n_estimator_equals_brute_force_enumeration():
       gold[np.arange(5), np.asarray(metrics.best_of_n_indices(proxy))].mean())
 
 
+def test_best_of_n_win_rates_against_sft_equal_brute_force_enumeration():
+  """Each point's expected win-rate against SFT's answer (a tie half), by the proxy's pick and
+  by the teacher's own pick, equals the mean over every n-subset."""
+  rng = np.random.default_rng(1)
+  proxy = np.round(rng.normal(size=(6, 5)), 1)
+  gold = rng.integers(0, 4, size=(6, 5)).astype(float)  # Integer gold: ties with SFT occur.
+  sft_gold = rng.integers(0, 4, size=6).astype(float)
+  outcome = lambda g, prompt: 0.5 + 0.5 * np.sign(g - sft_gold[prompt])
+  points = overopt.best_of_n_points(proxy, gold, ns=(1, 2, 5), baseline_gold=sft_gold)
+  for point in points:
+    n = point["n"]
+    by_proxy, by_gold = [], []
+    for prompt in range(6):
+      for subset in itertools.combinations(range(5), n):
+        subset = list(subset)
+        pick = subset[int(np.asarray(metrics.best_of_n_indices(proxy[prompt, subset][None]))[0])]
+        by_proxy.append(outcome(gold[prompt, pick], prompt))
+        by_gold.append(outcome(gold[prompt, subset].max(), prompt))
+    assert point["gold_win_rate_vs_sft"] == pytest.approx(np.mean(by_proxy), abs=1e-12), n
+    assert point["gold_picked_win_rate_vs_sft"] == pytest.approx(np.mean(by_gold), abs=1e-12), n
+  # The teacher's pick never wins less than the reward model's, and more samples never hurt it.
+  assert all(p["gold_picked_win_rate_vs_sft"] >= p["gold_win_rate_vs_sft"] - 1e-12
+             for p in points)
+  assert np.all(np.diff([p["gold_picked_win_rate_vs_sft"] for p in points]) >= -1e-12)
+  assert "gold_win_rate_vs_sft" not in overopt.best_of_n_points(proxy, gold, ns=(1,))[0]
+  with pytest.raises(ValueError, match="baseline_gold"):
+    overopt.best_of_n_points(proxy, gold, ns=(1,), baseline_gold=sft_gold[:3])
+
+
 def test_best_of_n_weights_and_kl():
   for num_samples, n in ((16, 1), (16, 4), (16, 16), (5, 3)):
     weights = overopt.best_of_n_weights(num_samples, n)

@@ -34,6 +34,7 @@ SYSTEM_METRIC_KEYS = (
     "gold_ci95",
     "gold_win_rate_vs_sft",
     "gold_win_rate_vs_sft_ci95",
+    "reward_model_gold_agreement_vs_sft",
     "kl_to_sft",
     "length",
     "eos_fraction",
@@ -261,6 +262,31 @@ def paired_win_rate(
   return bootstrap_ci(outcomes, num_resamples=num_resamples, confidence=confidence, seed=seed)
 
 
+def gold_agreement(rewards, baseline_rewards, gold, baseline_gold) -> float | None:
+  """How often the reward model orders a system's and the baseline's response to a prompt as the
+  teacher does: the share of prompts whose two responses differ in gold score where the reward
+  model prefers the one the teacher prefers (a reward tie counts half).
+
+  It is the reward model's accuracy on the pairs that a policy's samples form with SFT's, the
+  pairs its win-rate is judged on (issue #21: where a policy optimised against the reward model
+  stops). None when no prompt has a gold difference.
+
+  Args:
+    rewards, baseline_rewards: float [num_prompts] reward-model scores of the two responses.
+    gold, baseline_gold: float [num_prompts] the teacher's gold scores of the same responses.
+  """
+  arrays = [np.asarray(x, np.float64).reshape(-1)
+            for x in (rewards, baseline_rewards, gold, baseline_gold)]
+  if len({a.size for a in arrays}) != 1:
+    raise ValueError(f"gold_agreement: sizes {[a.size for a in arrays]} differ")
+  gold_order = np.sign(arrays[2] - arrays[3])
+  ordered = gold_order != 0
+  if not ordered.any():
+    return None
+  reward_order = np.sign(arrays[0] - arrays[1])[ordered]
+  return float(np.mean(0.5 + 0.5 * reward_order * gold_order[ordered]))
+
+
 def best_of_n_indices(scores: jnp.ndarray) -> jnp.ndarray:
   """Index of the highest-scoring candidate per prompt; jit-safe.
 
@@ -343,7 +369,8 @@ def system_metrics(
       teacher, e.g. Dolly): gives `gold_mean` and `gold_ci95`.
     sft_gold: float [num_samples] its gold scores of SFT's responses to the same prompts, or
       None (SFT itself): with `gold` gives `gold_win_rate_vs_sft` (`paired_win_rate`: a win 1,
-      a tie 0.5) and its bootstrap CI.
+      a tie 0.5) and its bootstrap CI; with `rewards` and `sft_rewards` also
+      `reward_model_gold_agreement_vs_sft` (`gold_agreement`).
     num_resamples: bootstrap resamples for the CIs.
     seed: bootstrap seed.
 
@@ -352,7 +379,8 @@ def system_metrics(
     `reward_mean` (float), `reward_ci95` ([low, high]), `reward_vs_sft` (float) and
     `reward_vs_sft_ci95` ([low, high]), `exact_match` (fraction), `exact_match_vs_sft`
     (difference of fractions) and `exact_match_vs_sft_ci95`, `gold_mean` and `gold_ci95`,
-    `gold_win_rate_vs_sft` (fraction) and `gold_win_rate_vs_sft_ci95`, `kl_to_sft`
+    `gold_win_rate_vs_sft` (fraction) and `gold_win_rate_vs_sft_ci95`,
+    `reward_model_gold_agreement_vs_sft` (fraction), `kl_to_sft`
     (mean nats per sequence), `length` (mean tokens), `eos_fraction`, `num_samples` (int). A
     metric that does not apply or has no data is `None`.
   """
@@ -398,6 +426,9 @@ def system_metrics(
       rate, low, high = paired_win_rate(gold, sft_gold, **ci_args)
       metrics["gold_win_rate_vs_sft"] = rate
       metrics["gold_win_rate_vs_sft_ci95"] = [low, high]
+      if rewards is not None and sft_rewards is not None:
+        metrics["reward_model_gold_agreement_vs_sft"] = gold_agreement(rewards, sft_rewards,
+                                                                       gold, sft_gold)
   if kl is not None and num_samples:
     metrics["kl_to_sft"] = _none_if_nan(float(np.mean(np.asarray(kl, dtype=np.float64))))
   if (lengths is None) != (ended_with_eos is None):

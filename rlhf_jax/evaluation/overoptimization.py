@@ -65,7 +65,8 @@ def best_of_n_weights(num_samples: int, n: int) -> np.ndarray:
   return counts / math.comb(num_samples, n)
 
 
-def best_of_n_points(proxy_scores, gold_scores, *, ns: Sequence[int] = DEFAULT_NS) -> list[dict]:
+def best_of_n_points(proxy_scores, gold_scores, *, ns: Sequence[int] = DEFAULT_NS,
+                     baseline_gold=None) -> list[dict]:
   """Expected gold and proxy score of best-of-n, averaged over every n-subset of the samples.
 
   The proxy picks the best of n the way `metrics.best_of_n_indices` does: the highest proxy
@@ -77,10 +78,15 @@ def best_of_n_points(proxy_scores, gold_scores, *, ns: Sequence[int] = DEFAULT_N
     proxy_scores: float [num_prompts, num_samples], reward-model scores of SFT samples.
     gold_scores: float [num_prompts, num_samples], the teacher's gold scores of the same samples.
     ns: the n to evaluate, each in 1..num_samples.
+    baseline_gold: float [num_prompts] or None: the teacher's gold score of SFT's own answer to
+      each prompt (the eval's SFT system). Given, each point also has the expected gold win-rate
+      against it (a tie half) of the proxy's pick, `gold_win_rate_vs_sft`, and of the teacher's
+      own pick among the same n samples, `gold_picked_win_rate_vs_sft`: the most that choosing
+      among n SFT samples can win, whatever the reward model (issue #21's "where it stops").
 
   Returns:
     One point per n: `{"method": "best_of_n", "n", "kl" (analytic), "gold_mean",
-    "reward_mean"}`, means over prompts.
+    "reward_mean"}` (plus the two win-rates with `baseline_gold`), means over prompts.
   """
   proxy_scores = np.asarray(proxy_scores, np.float64)
   gold_scores = np.asarray(gold_scores, np.float64)
@@ -95,14 +101,29 @@ def best_of_n_points(proxy_scores, gold_scores, *, ns: Sequence[int] = DEFAULT_N
   order = np.lexsort((-index, proxy_scores), axis=-1)
   proxy_sorted = np.take_along_axis(proxy_scores, order, axis=-1)
   gold_sorted = np.take_along_axis(gold_scores, order, axis=-1)
+  mean_of_best = lambda sorted_values, weights: (
+      float(np.mean(sorted_values @ weights)) if num_prompts else None)
+  if baseline_gold is not None:
+    baseline_gold = np.asarray(baseline_gold, np.float64).reshape(-1)
+    if baseline_gold.shape != (num_prompts,):
+      raise ValueError(f"best_of_n_points: baseline_gold {baseline_gold.shape} must be "
+                       f"[num_prompts] = [{num_prompts}]")
+    # Outcome of each sample against SFT's answer: a win 1, a tie 0.5, a loss 0.
+    outcomes = 0.5 + 0.5 * np.sign(gold_scores - baseline_gold[:, None])
+    outcomes_by_proxy = np.take_along_axis(outcomes, order, axis=-1)
+    # The teacher's pick: any of the samples with the highest gold score (equal gold, equal
+    # outcome), so sorting by gold alone ranks every subset's pick highest.
+    outcomes_by_gold = np.take_along_axis(outcomes, np.argsort(gold_scores, axis=-1), axis=-1)
   points = []
   for n in ns:
     weights = best_of_n_weights(num_samples, n)
-    points.append({
-        "method": BEST_OF_N, "n": int(n), "kl": best_of_n_kl(n),
-        "gold_mean": float(np.mean(gold_sorted @ weights)) if num_prompts else None,
-        "reward_mean": float(np.mean(proxy_sorted @ weights)) if num_prompts else None,
-    })
+    point = {"method": BEST_OF_N, "n": int(n), "kl": best_of_n_kl(n),
+             "gold_mean": mean_of_best(gold_sorted, weights),
+             "reward_mean": mean_of_best(proxy_sorted, weights)}
+    if baseline_gold is not None:
+      point["gold_win_rate_vs_sft"] = mean_of_best(outcomes_by_proxy, weights)
+      point["gold_picked_win_rate_vs_sft"] = mean_of_best(outcomes_by_gold, weights)
+    points.append(point)
   return points
 
 

@@ -152,6 +152,10 @@ def _markdown_table(systems: Mapping[str, Any], split: str) -> list[str]:
         ("gold win-rate vs SFT (95% CI)",
          lambda m: _format_percent_ci(m, "gold_win_rate_vs_sft", "gold_win_rate_vs_sft_ci95")),
     ]
+  if _has_metric(systems, split, "reward_model_gold_agreement_vs_sft"):
+    # The reward model's accuracy on the pairs each system's answers form with SFT's.
+    columns.append(("reward model agrees with gold vs SFT",
+                    lambda m: _format_percent(m.get("reward_model_gold_agreement_vs_sft"))))
   columns.append(("exact match", lambda m: _format_percent(m.get("exact_match"))))
   if _has_metric(systems, split, "exact_match_vs_sft"):
     columns.append(("exact match - SFT (points, paired 95% CI)",
@@ -203,17 +207,26 @@ def _overoptimization_markdown(points: Sequence[Mapping[str, Any]],
   lines = ["## Over-optimisation (`overoptimization.png`)", "",
            "Gold (teacher) and reward-model score of best-of-n samples from SFT and of PPO along "
            "training, on held-out prompts, against d = sqrt(KL to SFT).", "",
-           "| method | n / step | KL (nats) | sqrt(KL) | gold | reward-model score |",
-           "|---|---:|---:|---:|---:|---:|"]
+           "| method | n / step | KL (nats) | sqrt(KL) | gold | reward-model score "
+           "| gold win-rate vs SFT: reward model's pick / teacher's pick |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
   for point in points:
     kl = _number(point.get("kl"))
     where = point.get("n", point.get("step"))
+    win_rates = (f"{_format_percent(point.get('gold_win_rate_vs_sft'))} / "
+                 f"{_format_percent(point.get('gold_picked_win_rate_vs_sft'))}"
+                 if point.get("gold_win_rate_vs_sft") is not None else _MISSING)
     lines.append(
         f"| {point.get('method')} | {_MISSING if where is None else where} "
         f"| {_format(kl, '.3f')} "
         f"| {_MISSING if kl is None else format(math.sqrt(max(kl, 0.0)), '.3f')} "
-        f"| {_format(point.get('gold_mean'), '.3f')} | {_format(point.get('reward_mean'), '.3f')} |")
+        f"| {_format(point.get('gold_mean'), '.3f')} | {_format(point.get('reward_mean'), '.3f')} "
+        f"| {win_rates} |")
   lines.append("")
+  if any(point.get("gold_win_rate_vs_sft") is not None for point in points):
+    lines += ["The win-rates are best-of-n's against SFT's own answer to each prompt (a tie "
+              "half): picked by the reward model, and picked by the teacher among the same n "
+              "samples (the most that choosing among SFT's samples can win).", ""]
   if fits:
     lines += ["Fits of Gao et al. (2022)'s forms to the score minus the starting point's "
               "(least squares):", ""]

@@ -132,7 +132,7 @@ def run(config, workdir: pathlib.Path) -> None:
     donor = np.empty_like(order)
     donor[order] = np.roll(order, -1)
     answers: dict[str, tuple[decode.Responses, np.ndarray]] = {}
-    oracle = None
+    oracle = curve_args = None
     gold: dict[str, np.ndarray] = {}
     rr = decode.Responses([references[d] for d in donor], [], [], None, None)
     answers["RR"] = (rr, scorer(prompts, rr.texts))
@@ -164,13 +164,17 @@ def run(config, workdir: pathlib.Path) -> None:
           candidate_gold = np.stack(
               [gold_fn(split_records, c.texts) for c in candidates[:curve_n]], 1)
           gold["RO"] = candidate_gold[np.arange(len(prompts)), choice]
-          points += overoptimization.best_of_n_points(
-              scores[:, :curve_n], candidate_gold,
+          curve_args = dict(
+              proxy_scores=scores[:, :curve_n], gold_scores=candidate_gold,
               ns=[n for n in overoptimization.DEFAULT_NS if n <= config.overoptimization_samples])
     if gold_fn is not None:
       for name, (responses, _) in answers.items():
         if name not in gold:
           gold[name] = gold_fn(split_records, responses.texts)
+    if curve_args is not None:
+      # Best-of-n win-rates against SFT's own answer (by the reward model's pick and by the
+      # teacher's): where learning from this reward model, and from SFT's samples, stops.
+      points += overoptimization.best_of_n_points(**curve_args, baseline_gold=gold["SFT"])
     sft_scores, sft_texts = answers["SFT"][1], answers["SFT"][0].texts
     for name, (responses, scores) in answers.items():
       kl = responses.extras.get("kl")
