@@ -54,7 +54,11 @@ Variants:
            default run's SFT, labels and reward model:
              mkdir -p runs/overopt && cp -r runs/default/{init,sft,label,reward} runs/overopt/
              python -m rlhf_jax.main --config=configs/pipeline.py:overoptimize --workdir=runs/overopt
-           Time and result: README, "Over-optimisation".
+           Machine: 2 cores of an AMD EPYC, jax 0.10.2 on CPU. Time: PPO 17.5 min, eval 3 min
+           (from seed 0's default sft/label/reward, commit 6948608). Result: the reward-model
+           score rises 1.08 -> 2.26 over the 150 iterations while the gold score peaks at 2.86
+           (KL 3.5 nats, iteration 30) and ends at 2.03, below SFT's 2.19, at KL 20; the final
+           policy wins 53.5% against SFT on test (docs/results.md, "Over-optimisation").
 A pipeline entry whose name is not a phase names the phase it runs in its config's `phase` field
 and its WORKDIR subdirectory in `name`.
 """

@@ -147,3 +147,41 @@ def test_the_phase_table_names_existing_functions():
     module, function = target.split(":")
     tree = ast.parse(MODULES[f"rlhf_jax.phases.{module}"].read_text())
     assert function in {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}, name
+
+
+def _readme_layout() -> dict[str, str]:
+  """The README's layout block, split by package directory: {"": the top-level lines,
+  "phases": that entry's lines, ...}."""
+  readme = (PACKAGE.parent / "README.md").read_text()
+  block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+  sections, current = {"": ""}, ""
+  for line in block.splitlines():
+    stripped = line.strip()
+    if line.startswith("  ") and not line.startswith("   ") and stripped.split()[0].endswith("/"):
+      current = stripped.split()[0].rstrip("/")
+      sections[current] = ""
+    elif not line.startswith(" ") and stripped:
+      # The package's own line starts the top-level entry; configs/, launch/, ... are outside it.
+      current = "" if stripped.startswith("rlhf_jax/") else None
+    if current is not None:
+      sections[current] += line + "\n"
+  return sections
+
+
+def test_the_readme_layout_names_every_module_and_only_existing_ones():
+  """The README's layout section matches the tree (issue #20): each module of the package is
+  named, as NAME.py, in its directory's entry, and each NAME.py an entry names exists there."""
+  import re
+  sections = _readme_layout()
+  for path in sorted(PACKAGE.rglob("*.py")):
+    if path.name == "__init__.py":
+      continue
+    directory = path.parent.relative_to(PACKAGE).as_posix()
+    section = sections.get("" if directory == "." else directory)
+    assert section is not None, f"README layout has no entry for rlhf_jax/{directory}/"
+    assert re.search(rf"(?<![\w/]){re.escape(path.name)}\b", section), (
+        f"README layout does not name rlhf_jax/{path.relative_to(PACKAGE)}")
+  for directory, section in sections.items():
+    for name in re.findall(r"(?<![\w/])(\w+\.py)\b", section):
+      assert (PACKAGE / directory / name).is_file(), (
+          f"README layout names {name} under rlhf_jax/{directory}, which does not exist")

@@ -371,9 +371,6 @@ def _plot_overoptimization(points: Sequence[Mapping[str, Any]],
   colors = _system_colors(methods)
   figure = _new_figure()
   panels = figure.subplots(1, 2)
-  max_d = max((math.sqrt(max(_number(point.get("kl")) or 0.0, 0.0)) for point in points),
-              default=0.0)
-  grid = np.linspace(0.0, max(max_d, 1e-3) * 1.05, 200)
   for axes, (metric, ylabel, title) in zip(panels, (
       ("gold_mean", "mean gold score (simulated teacher's units)", "Gold score"),
       ("reward_mean", "mean reward-model score (reward-model units)", "Reward-model score"))):
@@ -385,7 +382,9 @@ def _plot_overoptimization(points: Sequence[Mapping[str, Any]],
       if not of_method:
         continue
       drawn = True
-      of_method.sort(key=lambda point: point["kl"])
+      # In training order (PPO's steps) or n order (best-of-n, whose KL grows with n): a PPO
+      # run's KL goes up and down under its controller, and its path is what the line shows.
+      of_method.sort(key=lambda point: (point.get("step", point.get("n")) or 0, point["kl"]))
       d = [math.sqrt(max(point["kl"], 0.0)) for point in of_method]
       axes.plot(d, [point[metric] for point in of_method], marker="o", linewidth=2,
                 color=colors[method], label=method)
@@ -393,6 +392,9 @@ def _plot_overoptimization(points: Sequence[Mapping[str, Any]],
         for x, point in zip(d, of_method):
           axes.annotate(f"n={point.get('n')}", (x, point[metric]), xytext=(4, -12),
                         textcoords="offset points", fontsize=9, color=colors[method])
+      # Each fit is drawn over its own points' range (plus 20%): a quadratic best-of-n fit
+      # extrapolated to PPO's far larger KL would dive off the chart and hide the data.
+      grid = np.linspace(0.0, max(max(d), 1e-3) * 1.2, 200)
       for fit in fits:
         if fit["method"] == method and fit["metric"] == metric:
           axes.plot(grid, fit["baseline"] + overopt.gao_curve(method, grid, fit["a"], fit["b"]),
