@@ -45,7 +45,7 @@ Variants:
            Machine: 2 cores of an AMD EPYC, jax 0.10.2 on CPU. Time: 11.5 minutes a round (34 min
            for three, from seed 0's SFT). Result (commit 8f7e10c, 200 test prompts): RLHF's gold
            win-rate vs SFT 61.8% -> 65.0% -> 63.5% after rounds 1-3, exact match 38.5 -> 43.5 ->
-           43.0% (SFT 38.0%), KL 1.2-1.3 (README, "Iterated rounds").
+           43.0% (SFT 38.0%), KL 1.2-1.3 (docs/results.md, "Iterated rounds").
   overoptimize  the default pipeline, but PPO with a small fixed KL coefficient (0.01, no
            adaptive controller) for 150 iterations with a held-out evaluation every 10: the
            over-optimisation experiment of issue #21 item 6 (Gao et al. 2022). In its workdir
