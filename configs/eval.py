@@ -2,13 +2,12 @@
 
 Built-in default (offline, after sft, reward and ppo in the same workdir):
   python -m rlhf_jax.main --phase=eval --config=configs/eval.py --workdir=runs/default
-  (`--phase=test` is an alias.) Machine: 2 cores of an AMD EPYC, jax 0.10.2 on CPU. Time: under
-  a minute (37 s; 200 prompts per split, 4 splits). Writes WORKDIR/eval/ eval.json, eval.md,
-  reward_by_system.png, ood_robustness.png, samples.jsonl. Result (main job at commit c5a8eca),
-  reward-model score minus SFT's on the same 200 test prompts (paired 95% CI): RO (best of 8)
-  +0.25 [+0.17, +0.35], RLHF +0.01 [-0.12, +0.14] (no gain); exact match SFT 53.0%, RLHF 45.0%.
-  (Measured before the teacher's gold metrics, RLHF-gold and the over-optimisation curve, whose
-  16 SFT samples per test prompt replace RO's 8: time with them not yet measured.)
+  (`--phase=test` is an alias.) Machine: 2 cores of an AMD EPYC, jax 0.10.2 on CPU. Time: 3 min
+  38 s at seed 2 (200 prompts per split, 4 splits, 16 SFT samples per test prompt for RO and the
+  best-of-n curve; commit 4b86b25, the main job). Writes WORKDIR/eval/ eval.json, eval.md,
+  reward_by_system.png, ood_robustness.png, overoptimization.png, samples.jsonl. Result, seeds
+  0/1/2: RLHF's gold win-rate against SFT on `test` 66.8% / 61.0% / 58.2%, RO (best of 8)
+  66.5% / 61.3% / 64.8% (README "What the main job reaches", docs/results.md).
 
 GPT-Neo 125M on Dolly (after the gpt_neo_125m variants of the other phases):
   python -m rlhf_jax.main --phase=eval --config=configs/eval.py:gpt_neo_125m --workdir=runs/neo

@@ -3,9 +3,14 @@
 Built-in default (offline, after the sft and label phases in the same workdir):
   python -m rlhf_jax.main --phase=reward --config=configs/reward.py --workdir=runs/default
   Pairs: the label phase's judgements of the SFT policy's own samples (WORKDIR/label/pairs.jsonl;
-  configs/label.py gives their numbers). Result on them: not yet measured.
-  Without a label phase (or --config.pairs.source=build), pairs built from the built-in set: each training record gets one negative, each validation
-  record three (the held-out pairs), by these strategies and shares:
+  configs/label.py gives their numbers). Machine: 2 cores of an AMD EPYC, jax 0.10.2 on CPU.
+  Time: 8 min 11 s at seed 2 (400 steps of 32 pairs; commit 4b86b25, the main job). Result,
+  seeds 0/1/2: agreement with the teacher's noiseless order on the held-out judged pairs that
+  have one 78.4% / 73.2% / 78.2% (the labels' ceiling ~87%); accuracy on the noisy held-out
+  labels 60.7% / 60.4% / 64.1% (README "What the main job reaches").
+  With --config.pairs.source=build (or no label phase), pairs built from the built-in set: each
+  training record gets one negative, each validation record three (the held-out pairs), by
+  these strategies and shares:
     corrupted       0.45  the reference with a wrong answer ("... is Berlin." for Paris). The
                           negatives that teach factual correctness, which PPO needs: the
                           largest share.
@@ -14,9 +19,8 @@ Built-in default (offline, after the sft and label phases in the same workdir):
     other_response  0.15  another question's answer.
     truncated       0.10  the answer cut at a word boundary.
     shuffled        0.10  the answer's words in a random order.
-  Machine: 2 cores of an AMD EPYC, jax 0.10.2 on CPU. Time: about 2.5 minutes (146 s, sampling
-  the policy negatives included; 400 steps of 32 pairs). Result (main job at commit c5a8eca):
-  held-out pairwise accuracy 74.2% on 600 pairs; hardest policy_sample 52.9%, corrupted 64.7%.
+  On the single-style set of commit c5a8eca (146 s on a faster machine): held-out pairwise
+  accuracy 74.2% on 600 pairs; hardest policy_sample 52.9%, corrupted 64.7%.
 
 Anthropic HH-RLHF helpful pairs (a file under $RLHF_JAX_DATA, or --config.pairs.source=FILE; a
 small GPT-Neo from a random-init HF checkpoint with the GPT-2 tokenizer, as in bench/RESULTS.md):
