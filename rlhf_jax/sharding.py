@@ -164,31 +164,50 @@ def global_from_host(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(put, tree)
 
 
+def batch_devices(mesh: Mesh) -> int:
+  """How many ways a batch's rows are split: the size of data x fsdp."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def rows_sharding(mesh: Mesh, x: np.ndarray, global_rows: int) -> NamedSharding:
+  """The one rule for a batch array: rows split over data x fsdp when they divide, else
+  replicated (a batch smaller than the device count, or not a multiple of it, still runs: every
+  device then computes all of it)."""
+  if x.ndim and global_rows % batch_devices(mesh) == 0:
+    return batch_sharding(mesh, x.ndim)
+  return replicated(mesh)
+
+
 def global_batch(batch: Any, mesh: Mesh) -> Any:
   """Host arrays that every process holds in full (e.g. the same prompts everywhere) as global
   arrays with rows split over data x fsdp, or replicated where that does not divide the rows.
 
   Generation and scoring then run data-parallel like training; read results with `to_host`.
   """
-  rows = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-
   def put(x):
     x = np.asarray(x)
-    sharding = (batch_sharding(mesh, x.ndim) if x.ndim and x.shape[0] % rows == 0
-                else replicated(mesh))
-    return global_from_host(x, sharding)
+    return global_from_host(x, rows_sharding(mesh, x, x.shape[0] if x.ndim else 0))
   return jax.tree.map(put, batch)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Places a host-local batch (this process's rows) as global arrays split over data x fsdp."""
-  def put(x):
+  """Places a host-local batch (this process's rows) as global arrays split over data x fsdp.
+
+  In one process, rows that data x fsdp does not divide are replicated (`rows_sharding`); across
+  processes each holds only its own rows, so they must divide: a UserError says so.
+  """
+  def put(name, x):
     x = np.asarray(x)
-    sharding = batch_sharding(mesh, x.ndim)
+    global_rows = x.shape[0] * jax.process_count() if x.ndim else 0
+    sharding = rows_sharding(mesh, x, global_rows)
     if jax.process_count() == 1:
       return jax.device_put(x, sharding)
+    if sharding.spec != batch_sharding(mesh, x.ndim).spec:
+      raise UserError(f"batch field {name!r}: {global_rows} rows over {jax.process_count()} "
+                      f"processes cannot be split over the {batch_devices(mesh)} data x fsdp "
+                      "devices; make --config.train.batch_size a multiple of that count")
     return jax.make_array_from_process_local_data(sharding, x)
-  return {k: put(v) for k, v in batch.items()}
+  return {k: put(k, v) for k, v in batch.items()}
 
 
 def _on_cloud_tpu_vm() -> bool:

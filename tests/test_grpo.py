@@ -274,3 +274,55 @@ def test_grpo_on_the_verifier_reward_learns_to_answer(tmp_path, tiny_tokenizer_d
   assert reward[:3].mean() < 0.15
   assert reward[-5:].mean() > reward[:3].mean() + 0.4, reward
   assert all(np.isfinite(row["loss"]) for row in rows)
+
+
+_EIGHT_DEVICE_RUN = """
+import pathlib, sys
+sys.path.insert(0, {tests!r})
+import jax
+import test_grpo
+from rlhf_jax import phases
+assert jax.device_count() == 8, jax.devices()
+workdir = pathlib.Path({workdir!r})
+phases.run_phase("grpo", test_grpo._run_config(workdir / "lucky.jsonl", steps=2, save_every=0,
+                                                batch_size={batch_size}), workdir)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size", [8, 4])
+def test_a_host_reward_on_eight_devices_trains_like_one_device(tmp_path, tiny_tokenizer_dir,
+                                                               batch_size):
+  """The verifier (a host reward source: `ppo.HostRewardStep`, a compiled rollout, decoding and
+  scoring on the host, a compiled update) on a mesh of 8 fake devices: the responses gathered
+  from the shards are scored and put back in the right rows, so two iterations give the one-device
+  run's rewards, losses and parameters (to float32 summation order). 8 prompts an iteration are
+  split over the devices; 4 do not divide by 8 and are replicated (`sharding.rows_sharding`)."""
+  import subprocess
+  import sys
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  from launch import local
+  one, eight = tmp_path / "one", tmp_path / "eight"
+  for workdir in (one, eight):
+    workdir.mkdir()
+    _records_file(workdir)
+    _tiny_sft(workdir, tiny_tokenizer_dir)
+  phases.run_phase("grpo", _run_config(one / "lucky.jsonl", steps=2, save_every=0,
+                                       batch_size=batch_size), one)
+  script = _EIGHT_DEVICE_RUN.format(tests=str(pathlib.Path(__file__).parent), workdir=str(eight),
+                                    batch_size=batch_size)
+  result = subprocess.run([sys.executable, "-c", script], env=local.fake_devices_env(8),
+                          cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  rows = {name: [r for r in _metrics_rows(w / "grpo") if "loss" in r]
+          for name, w in (("one", one), ("eight", eight))}
+  assert [r["step"] for r in rows["one"]] == [r["step"] for r in rows["eight"]] == [1, 2]
+  for single, sharded in zip(rows["one"], rows["eight"]):
+    # The verifier's mean reward counts exact 0/1 verdicts: the same responses, the same rows.
+    assert sharded["reward/verifier"] == single["reward/verifier"]
+    for key in ("loss", "policy_loss", "kl_loss", "response_length"):
+      np.testing.assert_allclose(sharded[key], single[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  load = lambda w: checkpoints.load_model(str(w / "grpo"))["params"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
+               load(one), load(eight))
