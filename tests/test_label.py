@@ -371,6 +371,17 @@ def test_eval_reports_gold_and_overoptimization_on_the_builtin_data(rewarded):
   assert (workdir / "eval" / "overoptimization.png").is_file()
   samples = read_rows(workdir / "eval" / "samples.jsonl")
   assert "gold" in samples[0]["systems"]["RLHF-gold"]
+  # Each system samples with a key of its own (seed, split, name): evaluated without RLHF-gold,
+  # every other system gives the same answers and figures on every split.
+  config.update(ppo_gold_checkpoint="", name="eval_without_gold")
+  main.run_phase("eval", config, workdir)
+  alone = json.loads((workdir / "eval_without_gold" / "eval.json").read_text())
+  assert "RLHF-gold" not in alone["systems"]
+  for name in ("RR", "SFT", "RO", "RLHF"):
+    assert alone["systems"][name]["splits"] == results["systems"][name]["splits"], name
+  alone_samples = read_rows(workdir / "eval_without_gold" / "samples.jsonl")
+  assert [row["systems"]["RLHF"] for row in alone_samples] == [
+      row["systems"]["RLHF"] for row in samples]
 
 
 def test_a_phase_writes_under_its_configs_name(tmp_path):

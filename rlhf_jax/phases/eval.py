@@ -34,6 +34,7 @@ ood_robustness.png, overoptimization.png (built-in data), samples.jsonl}.
 
 import math
 import pathlib
+import zlib
 
 import jax
 import numpy as np
@@ -72,6 +73,18 @@ def optional_policy_paths(config, workdir: pathlib.Path) -> list[tuple[str, str]
     elif checkpoints.find_checkpoint_dir(workdir / phase) is not None:
       found.append((system, str(workdir / phase)))
   return found
+
+
+def sampling_key(seed: int, split: str, system: str) -> jax.Array:
+  """The sampling key of one system on one split, from the eval seed and the two names only.
+
+  A system's answers then stay the same whichever other systems are evaluated beside it (a key
+  handed down a chain of splits would move every later draw when one more policy joined).
+  """
+  key = jax.random.key(seed)
+  for name in (split, system):
+    key = jax.random.fold_in(key, zlib.crc32(name.encode()))
+  return key
 
 
 def policy_points(workdir: pathlib.Path) -> list[dict]:
@@ -121,7 +134,6 @@ def run(config, workdir: pathlib.Path) -> None:
   systems.update({p.name: {"splits": {}} for p in policies[1:]})
   samples: list[dict] = []
   points: list[dict] = []
-  rng = jax.random.key(config.seed)
 
   for split, split_records in splits.items():
     prompts = [batching.record_prompt(r) for r in split_records]
@@ -139,19 +151,19 @@ def run(config, workdir: pathlib.Path) -> None:
     for policy in policies:
       settings = decode.SamplingSettings.from_config(
           config.sampling, policy.tokenizer.eos_token_id, policy.tokenizer.pad_token_id)
-      rng, policy_rng = jax.random.split(rng)
-      responses = evaluate.answer(policy, prompts, settings=settings, rng=policy_rng,
+      responses = evaluate.answer(policy, prompts, settings=settings,
+                                  rng=sampling_key(config.seed, split, policy.name),
                                   sft=sft if same_tokenizer(policy) else None, **settings_args)
       answers[policy.name] = (responses, scorer(prompts, responses.texts))
       if policy is sft:
-        rng, ro_rng = jax.random.split(rng)
         # On the in-distribution split one sampling pass serves RO (best of the first N) and
         # the over-optimisation curve (best-of-n for n up to overoptimization_samples).
         curve = (gold_fn is not None and split == report.IN_DISTRIBUTION_SPLIT
                  and config.overoptimization_samples > 0)
         num = max(config.best_of_n, config.overoptimization_samples if curve else 0,
                   ORACLE_N if check_fn is not None else 0)
-        candidates, scores = evaluate.sample_candidates(sft, scorer, prompts, num, rng=ro_rng,
+        candidates, scores = evaluate.sample_candidates(sft, scorer, prompts, num,
+                                                        rng=sampling_key(config.seed, split, "RO"),
                                                         settings=settings, **settings_args)
         oracle = metrics.oracle_exact_match(split_records,
                                             [c.texts for c in candidates[:ORACLE_N]], check_fn)
