@@ -57,10 +57,12 @@ google/tunix's `GRPOConfig`):
 
 import ml_collections
 
+from rlhf_jax.configs import common
 from rlhf_jax.configs import ppo as ppo_config
 
 
 def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
+  common.check_variant(variant, ("builtin", "gpt_neo_125m"))  # Not ppo's `verifier`.
   config = ppo_config.get_config(variant)
   config.name = "grpo"  # The WORKDIR subdirectory written.
   config.reward.sources = "verifier"

@@ -13,7 +13,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = {
     "sft": ("builtin", "gpt_neo_125m", "gpt_neo_1p3b", "gpt_neo_2p7b"),
     "reward": ("builtin", "hh_rlhf", "gpt_neo_125m", "gpt_neo_125m_hh_rlhf"),
-    "ppo": ("builtin", "gpt_neo_125m"),
+    "ppo": ("builtin", "verifier", "gpt_neo_125m"),
     "grpo": ("builtin", "gpt_neo_125m"),
     "dpo": ("builtin", "hh_rlhf"),
     "eval": ("builtin", "gpt_neo_125m"),
