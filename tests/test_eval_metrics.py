@@ -283,6 +283,26 @@ def test_paired_win_rate_ci_contains_the_estimate_and_covers_the_truth():
   assert (high - low) / 2 == pytest.approx(half_width, rel=0.15)
 
 
+def test_win_rate_against_samples_hand_computed_and_through_system_metrics():
+  gold = [2.0, 1.0, 0.0]
+  samples = [[1.0, 2.0, 3.0, 2.0],   # win, tie, loss, tie -> 0.5
+             [0.0, 0.0, 0.0, 0.0],   # all wins -> 1.0
+             [0.0, 1.0, 0.0, -1.0]]  # tie, loss, tie, win -> 0.5
+  rate, low, high = metrics.win_rate_against_samples(gold, samples, seed=0)
+  assert rate == pytest.approx((0.5 + 1.0 + 0.5) / 3)
+  assert low <= rate <= high
+  # With one sample per prompt it is paired_win_rate.
+  single = np.array(samples)[:, :1]
+  assert metrics.win_rate_against_samples(gold, single, seed=4) == pytest.approx(
+      metrics.paired_win_rate(gold, single[:, 0], seed=4))
+  with pytest.raises(ValueError, match="baseline samples of shape"):
+    metrics.win_rate_against_samples(gold, single[:2])
+  result = metrics.system_metrics(responses=["a"] * 3, references=["b"] * 3, gold=gold,
+                                  sft_sample_gold=samples, num_resamples=100)
+  assert result["gold_win_rate_vs_sft_samples"] == pytest.approx(2.0 / 3)
+  assert result["gold_win_rate_vs_sft"] is None  # No single SFT answer given.
+
+
 def test_gold_agreement_hand_computed_and_through_system_metrics():
   gold = [3.0, 1.0, 2.0, 2.0, 5.0]
   sft_gold = [1.0, 2.0, 2.0, 0.0, 1.0]

@@ -350,9 +350,13 @@ def test_eval_reports_gold_and_overoptimization_on_the_builtin_data(rewarded):
       assert low <= metrics["gold_win_rate_vs_sft"] <= high
       agreement = metrics["reward_model_gold_agreement_vs_sft"]  # None: no gold-ordered pair.
       assert agreement is None or 0.0 <= agreement <= 1.0, (name, split)
+      # Against all of RO's SFT samples of each prompt: the same rule, with its own CI.
+      low, high = metrics["gold_win_rate_vs_sft_samples_ci95"]
+      assert low <= metrics["gold_win_rate_vs_sft_samples"] <= high, (name, split)
   sft = results["systems"]["SFT"]["splits"]["test"]
   assert sft["gold_mean"] is not None and sft["gold_win_rate_vs_sft"] is None
   assert sft["reward_model_gold_agreement_vs_sft"] is None
+  assert 0.0 <= sft["gold_win_rate_vs_sft_samples"] <= 1.0  # SFT's one draw against its samples.
   points = results["overoptimization"]
   best_of_n = [p for p in points if p["method"] == "best_of_n"]
   assert [p["n"] for p in best_of_n] == [1, 2, 4]

@@ -34,6 +34,8 @@ SYSTEM_METRIC_KEYS = (
     "gold_ci95",
     "gold_win_rate_vs_sft",
     "gold_win_rate_vs_sft_ci95",
+    "gold_win_rate_vs_sft_samples",
+    "gold_win_rate_vs_sft_samples_ci95",
     "reward_model_gold_agreement_vs_sft",
     "kl_to_sft",
     "length",
@@ -262,6 +264,36 @@ def paired_win_rate(
   return bootstrap_ci(outcomes, num_resamples=num_resamples, confidence=confidence, seed=seed)
 
 
+def win_rate_against_samples(gold_system, gold_samples, *, seed: int = 0,
+                             num_resamples: int = 1000,
+                             confidence: float = 0.95) -> tuple[float, float, float]:
+  """Win-rate of a system's answer against several baseline samples to the same prompt.
+
+  Per prompt the outcome is the mean over the K baseline samples of win 1, tie 0.5, loss 0
+  (`paired_win_rate`'s rule); the rate is its mean over prompts, the CI the percentile bootstrap
+  over prompts. It estimates the same quantity as `paired_win_rate` against one baseline answer
+  per prompt (the chance that the system's answer beats a draw of the baseline), without the
+  noise of that one draw: on the built-in task one SFT answer per prompt moved a policy's rate by
+  several points between two draws.
+
+  Args:
+    gold_system: float [num_prompts], the judge's score of the system's answer per prompt.
+    gold_samples: float [num_prompts, K], its scores of K baseline samples per prompt.
+
+  Returns:
+    `(rate, low, high)` in [0, 1].
+  """
+  gold_system = np.asarray(gold_system, np.float64).reshape(-1)
+  gold_samples = np.asarray(gold_samples, np.float64)
+  if gold_samples.ndim != 2 or gold_samples.shape[0] != gold_system.size:
+    raise ValueError(f"win_rate_against_samples: {gold_system.size} system scores but baseline "
+                     f"samples of shape {gold_samples.shape}")
+  if not (np.all(np.isfinite(gold_system)) and np.all(np.isfinite(gold_samples))):
+    raise ValueError("win_rate_against_samples: non-finite scores")
+  outcomes = np.mean(0.5 + 0.5 * np.sign(gold_system[:, None] - gold_samples), axis=1)
+  return bootstrap_ci(outcomes, num_resamples=num_resamples, confidence=confidence, seed=seed)
+
+
 def gold_agreement(rewards, baseline_rewards, gold, baseline_gold) -> float | None:
   """How often the reward model orders a system's and the baseline's response to a prompt as the
   teacher does: the share of prompts whose two responses differ in gold score where the reward
@@ -342,6 +374,7 @@ def system_metrics(
     sft_responses: Sequence[str] | None = None,
     gold=None,
     sft_gold=None,
+    sft_sample_gold=None,
     num_resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -371,6 +404,10 @@ def system_metrics(
       None (SFT itself): with `gold` gives `gold_win_rate_vs_sft` (`paired_win_rate`: a win 1,
       a tie 0.5) and its bootstrap CI; with `rewards` and `sft_rewards` also
       `reward_model_gold_agreement_vs_sft` (`gold_agreement`).
+    sft_sample_gold: float [num_samples, K] the teacher's gold scores of K more SFT samples per
+      prompt, or None: with `gold` gives `gold_win_rate_vs_sft_samples` and its CI
+      (`win_rate_against_samples`), for SFT's own answer too (about 0.5: how lucky its one draw
+      was).
     num_resamples: bootstrap resamples for the CIs.
     seed: bootstrap seed.
 
@@ -380,14 +417,16 @@ def system_metrics(
     `reward_vs_sft_ci95` ([low, high]), `exact_match` (fraction), `exact_match_vs_sft`
     (difference of fractions) and `exact_match_vs_sft_ci95`, `gold_mean` and `gold_ci95`,
     `gold_win_rate_vs_sft` (fraction) and `gold_win_rate_vs_sft_ci95`,
-    `reward_model_gold_agreement_vs_sft` (fraction), `kl_to_sft`
+    `gold_win_rate_vs_sft_samples` and its `_ci95`, `reward_model_gold_agreement_vs_sft`
+    (fraction), `kl_to_sft`
     (mean nats per sequence), `length` (mean tokens), `eos_fraction`, `num_samples` (int). A
     metric that does not apply or has no data is `None`.
   """
   num_samples = len(responses)
   per_sample = {"references": references, "rewards": rewards, "kl": kl, "lengths": lengths,
                 "ended_with_eos": ended_with_eos, "records": records, "sft_rewards": sft_rewards,
-                "sft_responses": sft_responses, "gold": gold, "sft_gold": sft_gold}
+                "sft_responses": sft_responses, "gold": gold, "sft_gold": sft_gold,
+                "sft_sample_gold": sft_sample_gold}
   for name, value in per_sample.items():
     if value is not None and len(value) != num_samples:
       raise ValueError(f"system_metrics: {num_samples} responses but {len(value)} {name}")
@@ -429,6 +468,10 @@ def system_metrics(
       if rewards is not None and sft_rewards is not None:
         metrics["reward_model_gold_agreement_vs_sft"] = gold_agreement(rewards, sft_rewards,
                                                                        gold, sft_gold)
+    if sft_sample_gold is not None:
+      rate, low, high = win_rate_against_samples(gold, sft_sample_gold, **ci_args)
+      metrics["gold_win_rate_vs_sft_samples"] = rate
+      metrics["gold_win_rate_vs_sft_samples_ci95"] = [low, high]
   if kl is not None and num_samples:
     metrics["kl_to_sft"] = _none_if_nan(float(np.mean(np.asarray(kl, dtype=np.float64))))
   if (lengths is None) != (ended_with_eos is None):

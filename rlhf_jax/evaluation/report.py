@@ -152,6 +152,10 @@ def _markdown_table(systems: Mapping[str, Any], split: str) -> list[str]:
         ("gold win-rate vs SFT (95% CI)",
          lambda m: _format_percent_ci(m, "gold_win_rate_vs_sft", "gold_win_rate_vs_sft_ci95")),
     ]
+  if _has_metric(systems, split, "gold_win_rate_vs_sft_samples"):
+    columns.append(("gold win-rate vs SFT's samples (95% CI)",
+                    lambda m: _format_percent_ci(m, "gold_win_rate_vs_sft_samples",
+                                                 "gold_win_rate_vs_sft_samples_ci95")))
   if _has_metric(systems, split, "reward_model_gold_agreement_vs_sft"):
     # The reward model's accuracy on the pairs each system's answers form with SFT's.
     columns.append(("reward model agrees with gold vs SFT",

@@ -13,7 +13,10 @@ Systems, all answering the same prompts with the same sampler and settings:
   plus any extra checkpoints (`extra_checkpoints`, e.g. an exported HF model or a base model).
 On the built-in data every response is also judged by the simulated teacher (`data.teacher`):
 per system and split the gold mean with its CI, the gold win-rate against SFT's response to the
-same prompt (a tie half, bootstrap CI over prompts) and the paired exact-match difference to SFT
+same prompt (a tie half, bootstrap CI over prompts), the same against all of RO's SFT samples of
+that prompt (`gold_win_rate_vs_sft_samples`: the same quantity without the noise of SFT's one
+draw; RO's own pick is among them), the reward model's agreement with the teacher on the pairs a
+system's answers form with SFT's, and the paired exact-match difference to SFT
 (`metrics.system_metrics`); under SFT, per split, `oracle_best_of_8_exact_match`: the share of
 prompts where any of 8 SFT samples is right (the first 8 of the samples RO ranks), and under each
 other system `exact_match_oracle_gap_closed`, the share of the gap from SFT's exact match to that
@@ -144,7 +147,7 @@ def run(config, workdir: pathlib.Path) -> None:
     donor = np.empty_like(order)
     donor[order] = np.roll(order, -1)
     answers: dict[str, tuple[decode.Responses, np.ndarray]] = {}
-    oracle = curve_args = None
+    oracle = curve_args = candidate_gold = None
     gold: dict[str, np.ndarray] = {}
     rr = decode.Responses([references[d] for d in donor], [], [], None, None)
     answers["RR"] = (rr, scorer(prompts, rr.texts))
@@ -170,14 +173,16 @@ def run(config, workdir: pathlib.Path) -> None:
         ro, ro_scores, choice = evaluate.pick_best(candidates[:config.best_of_n],
                                                    scores[:, :config.best_of_n])
         answers["RO"] = (ro, ro_scores)
+        if gold_fn is not None:
+          # Every SFT sample judged once: RO's gold, the win-rates against SFT's samples and
+          # the curve.
+          candidate_gold = np.stack([gold_fn(split_records, c.texts) for c in candidates], 1)
+          gold["RO"] = candidate_gold[np.arange(len(prompts)), choice]
         if curve:
           # The curve stops at overoptimization_samples even when the oracle drew more.
           curve_n = max(config.overoptimization_samples, config.best_of_n)
-          candidate_gold = np.stack(
-              [gold_fn(split_records, c.texts) for c in candidates[:curve_n]], 1)
-          gold["RO"] = candidate_gold[np.arange(len(prompts)), choice]
           curve_args = dict(
-              proxy_scores=scores[:, :curve_n], gold_scores=candidate_gold,
+              proxy_scores=scores[:, :curve_n], gold_scores=candidate_gold[:, :curve_n],
               ns=[n for n in overoptimization.DEFAULT_NS if n <= config.overoptimization_samples])
     if gold_fn is not None:
       for name, (responses, _) in answers.items():
@@ -199,7 +204,8 @@ def run(config, workdir: pathlib.Path) -> None:
           lengths=responses.lengths, ended_with_eos=responses.ended, records=split_records,
           check_fn=check_fn, sft_rewards=None if is_sft else sft_scores,
           sft_responses=None if is_sft else sft_texts, gold=gold.get(name),
-          sft_gold=None if is_sft or not gold else gold["SFT"], seed=config.seed)
+          sft_gold=None if is_sft or not gold else gold["SFT"], sft_sample_gold=candidate_gold,
+          seed=config.seed)
     if oracle is not None:
       sft_split = systems["SFT"]["splits"][split]
       sft_split[f"oracle_best_of_{ORACLE_N}_exact_match"] = oracle
