@@ -74,6 +74,17 @@ def test_best_of_n_win_rates_against_sft_equal_brute_force_enumeration():
              for p in points)
   assert np.all(np.diff([p["gold_picked_win_rate_vs_sft"] for p in points]) >= -1e-12)
   assert "gold_win_rate_vs_sft" not in overopt.best_of_n_points(proxy, gold, ns=(1,))[0]
+  # Against K baseline samples per prompt: the mean over them of the one-answer rates; against
+  # the candidates themselves, best-of-1 is exactly 0.5 (every sample against every other).
+  many = rng.integers(0, 4, size=(6, 3)).astype(float)
+  against_many = overopt.best_of_n_points(proxy, gold, ns=(1, 2, 5), baseline_gold=many)
+  for k, point in enumerate(against_many):
+    one_by_one = [overopt.best_of_n_points(proxy, gold, ns=(point["n"],),
+                                           baseline_gold=many[:, j])[0] for j in range(3)]
+    for key in ("gold_win_rate_vs_sft", "gold_picked_win_rate_vs_sft"):
+      assert point[key] == pytest.approx(np.mean([p[key] for p in one_by_one]), abs=1e-12)
+  itself = overopt.best_of_n_points(proxy, gold, ns=(1,), baseline_gold=gold)[0]
+  assert itself["gold_win_rate_vs_sft"] == pytest.approx(0.5)
   with pytest.raises(ValueError, match="baseline_gold"):
     overopt.best_of_n_points(proxy, gold, ns=(1,), baseline_gold=sft_gold[:3])
 

@@ -78,11 +78,12 @@ def best_of_n_points(proxy_scores, gold_scores, *, ns: Sequence[int] = DEFAULT_N
     proxy_scores: float [num_prompts, num_samples], reward-model scores of SFT samples.
     gold_scores: float [num_prompts, num_samples], the teacher's gold scores of the same samples.
     ns: the n to evaluate, each in 1..num_samples.
-    baseline_gold: float [num_prompts] or None: the teacher's gold score of SFT's own answer to
-      each prompt (the eval's SFT system). Given, each point also has the expected gold win-rate
-      against it (a tie half) of the proxy's pick, `gold_win_rate_vs_sft`, and of the teacher's
-      own pick among the same n samples, `gold_picked_win_rate_vs_sft`: the most that choosing
-      among n SFT samples can win, whatever the reward model (issue #21's "where it stops").
+    baseline_gold: float [num_prompts] (SFT's one answer to each prompt) or [num_prompts, K]
+      (K SFT samples of each prompt: the win-rate against a random one of them), or None. Given,
+      each point also has the expected gold win-rate against it (a tie half) of the proxy's pick,
+      `gold_win_rate_vs_sft`, and of the teacher's own pick among the same n samples,
+      `gold_picked_win_rate_vs_sft`: the most that choosing among n SFT samples can win,
+      whatever the reward model (issue #21's "where it stops").
 
   Returns:
     One point per n: `{"method": "best_of_n", "n", "kl" (analytic), "gold_mean",
@@ -104,12 +105,16 @@ def best_of_n_points(proxy_scores, gold_scores, *, ns: Sequence[int] = DEFAULT_N
   mean_of_best = lambda sorted_values, weights: (
       float(np.mean(sorted_values @ weights)) if num_prompts else None)
   if baseline_gold is not None:
-    baseline_gold = np.asarray(baseline_gold, np.float64).reshape(-1)
-    if baseline_gold.shape != (num_prompts,):
+    baseline_gold = np.asarray(baseline_gold, np.float64)
+    if baseline_gold.ndim == 1:
+      baseline_gold = baseline_gold[:, None]
+    if baseline_gold.ndim != 2 or baseline_gold.shape[0] != num_prompts:
       raise ValueError(f"best_of_n_points: baseline_gold {baseline_gold.shape} must be "
-                       f"[num_prompts] = [{num_prompts}]")
-    # Outcome of each sample against SFT's answer: a win 1, a tie 0.5, a loss 0.
-    outcomes = 0.5 + 0.5 * np.sign(gold_scores - baseline_gold[:, None])
+                       f"[num_prompts] or [num_prompts, K] with num_prompts = {num_prompts}")
+    # Outcome of each sample against the baseline (a win 1, a tie 0.5, a loss 0), averaged over
+    # the baseline's K samples.
+    outcomes = np.mean(0.5 + 0.5 * np.sign(gold_scores[:, :, None] - baseline_gold[:, None, :]),
+                       axis=2)
     outcomes_by_proxy = np.take_along_axis(outcomes, order, axis=-1)
     # The teacher's pick: any of the samples with the highest gold score (equal gold, equal
     # outcome), so sorting by gold alone ranks every subset's pick highest.

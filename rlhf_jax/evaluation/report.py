@@ -228,7 +228,7 @@ def _overoptimization_markdown(points: Sequence[Mapping[str, Any]],
         f"| {win_rates} |")
   lines.append("")
   if any(point.get("gold_win_rate_vs_sft") is not None for point in points):
-    lines += ["The win-rates are best-of-n's against SFT's own answer to each prompt (a tie "
+    lines += ["The win-rates are best-of-n's against SFT's samples of each prompt (a tie "
               "half): picked by the reward model, and picked by the teacher among the same n "
               "samples (the most that choosing among SFT's samples can win).", ""]
   if fits:

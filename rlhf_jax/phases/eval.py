@@ -189,9 +189,11 @@ def run(config, workdir: pathlib.Path) -> None:
         if name not in gold:
           gold[name] = gold_fn(split_records, responses.texts)
     if curve_args is not None:
-      # Best-of-n win-rates against SFT's own answer (by the reward model's pick and by the
-      # teacher's): where learning from this reward model, and from SFT's samples, stops.
-      points += overoptimization.best_of_n_points(**curve_args, baseline_gold=gold["SFT"])
+      # Best-of-n win-rates against a random one of the same SFT samples (by the reward model's
+      # pick and by the teacher's): where learning from this reward model, and from SFT's
+      # samples, stops.
+      points += overoptimization.best_of_n_points(**curve_args,
+                                                  baseline_gold=curve_args["gold_scores"])
     sft_scores, sft_texts = answers["SFT"][1], answers["SFT"][0].texts
     for name, (responses, scores) in answers.items():
       kl = responses.extras.get("kl")
