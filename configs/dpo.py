@@ -8,7 +8,8 @@ Built-in default (offline, after init, sft and label in the same workdir):
   included; commit 6948608, the seed-0 main job's SFT and labels). Result at the default lr 3e-5:
   held-out pairs' rewards/accuracies 0.62; the eval phase's gold win-rate against SFT on 200
   `test` prompts 61.0% [56.0%, 65.5%] (ood_1 68.8%, ood_2 68.0%) at KL 1.02 nats, exact match
-  38.0% -> 39.5%, answers 15.8 -> 20.6 tokens. At lr 1e-4 the policy drifts (KL 9.3, answers twice
+  38.0% -> 39.5%, answers 15.8 -> 20.6 tokens; against SFT's 16 samples of each prompt (commit
+  117e989's eval) 60.8% [57.4%, 63.8%]. At lr 1e-4 the policy drifts (KL 9.3, answers twice
   as long, 59.8%), at 3e-4 further (KL 26, 48.5%): docs/experiments.md, "DPO".
 
 Anthropic HH-RLHF helpful pairs (`:hh_rlhf`, the reward phase's variant of the same pairs;

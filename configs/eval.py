@@ -6,8 +6,9 @@ Built-in default (offline, after sft, reward and ppo in the same workdir):
   38 s at seed 2 (200 prompts per split, 4 splits, 16 SFT samples per test prompt for RO and the
   best-of-n curve; commit 4b86b25, the main job). Writes WORKDIR/eval/ eval.json, eval.md,
   reward_by_system.png, ood_robustness.png, overoptimization.png, samples.jsonl. Result, seeds
-  0/1/2: RLHF's gold win-rate against SFT on `test` 66.8% / 61.0% / 58.2%, RO (best of 8)
-  66.5% / 61.3% / 64.8% (README "What the main job reaches", docs/results.md).
+  0/1/2 (commit 117e989, 3 min 15 s-3 min 24 s with RLHF-gold beside): RLHF's gold win-rate
+  against SFT's samples on `test` 63.0% / 58.4% / 61.9%, RO (best of 8) 62.7% / 63.0% / 65.4%
+  (README "What the main job reaches", docs/results.md).
 
 GPT-Neo 125M on Dolly (after the gpt_neo_125m variants of the other phases):
   python -m rlhf_jax.main --phase=eval --config=configs/eval.py:gpt_neo_125m --workdir=runs/neo
