@@ -18,8 +18,9 @@ reward: the value model starts from the reward model):
   Machine: 2 cores of an AMD EPYC, jax 0.10.2 on CPU. Time: 3 min 56 s. Result (seed 0's main-job
   SFT, commit 1658bb3): the eval phase's sampled exact match on 200 test prompts 38.0% -> 45.5%
   (+7.5 [+1.5, +14.0] points, paired) at KL 0.80 nats (target 1.0), 27% of the gap to the oracle
-  best-of-8 (66.0%); ood_1 +1.5, ood_2 +2.0, ood_3 +0.0 points (docs/results.md, "GRPO on the
-  verifier").
+  best-of-8 (66.0%); ood_1 +1.5, ood_2 +2.0, ood_3 +0.0 points. Evaluated again at commit
+  117e989 (other draws): 39.5% -> 50.5% (+11.0 [+5.0, +17.5]), 38% of the gap, KL 0.74
+  (docs/results.md, "GRPO and PPO on the verifier").
 
 GPT-Neo 125M on Dolly (after import, sft and reward with their gpt_neo_125m variants):
   python -m rlhf_jax.main --phase=ppo --config=configs/ppo.py:gpt_neo_125m --workdir=runs/neo
