@@ -11,6 +11,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -27,6 +28,7 @@ from rlhf_jax.data import preferences
 from rlhf_jax.data import records
 from rlhf_jax.data import teacher
 from rlhf_jax.errors import UserError
+from rlhf_jax.phases import eval as eval_phase
 from rlhf_jax.phases import label as label_phase
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -376,17 +378,35 @@ def test_eval_reports_gold_and_overoptimization_on_the_builtin_data(rewarded):
   assert (workdir / "eval" / "overoptimization.png").is_file()
   samples = read_rows(workdir / "eval" / "samples.jsonl")
   assert "gold" in samples[0]["systems"]["RLHF-gold"]
-  # Each system samples with a key of its own (seed, split, name): evaluated without RLHF-gold,
-  # every other system gives the same answers and figures on every split.
-  config.update(ppo_gold_checkpoint="", name="eval_without_gold")
-  main.run_phase("eval", config, workdir)
-  alone = json.loads((workdir / "eval_without_gold" / "eval.json").read_text())
-  assert "RLHF-gold" not in alone["systems"]
+
+
+def test_sampling_keys_depend_on_the_split_and_system_only():
+  keys = {(split, system): jax.random.key_data(eval_phase.sampling_key(3, split, system))
+          for split in ("test", "ood_1") for system in ("SFT", "RLHF", "RO")}
+  assert len({tuple(np.asarray(k).tolist()) for k in keys.values()}) == len(keys)  # All differ.
+  np.testing.assert_array_equal(jax.random.key_data(eval_phase.sampling_key(3, "test", "RLHF")),
+                                keys[("test", "RLHF")])  # And are the same every time.
+
+
+# Slow: two more eval runs; the default run has the key rule above and the eval phase itself.
+@pytest.mark.slow
+def test_adding_a_system_changes_no_other_systems_answers(rewarded, tmp_path):
+  """Each system samples with a key of its own (seed, split, name): evaluated with and without
+  RLHF-gold, every other system gives the same answers and figures on every split."""
+  config = data_config(eval_config.get_config())
+  config.update(ppo_checkpoint=str(rewarded / "init"), eval_prompts=6, best_of_n=2,
+                overoptimization_samples=4, eval_batch_size=8, num_samples=2)
+  results, samples = {}, {}
+  for name, gold in (("with_gold", str(rewarded / "init")), ("without_gold", "")):
+    config.update(ppo_gold_checkpoint=gold, name=f"eval_{name}")
+    main.run_phase("eval", config, rewarded)
+    results[name] = json.loads((rewarded / f"eval_{name}" / "eval.json").read_text())["systems"]
+    samples[name] = [row["systems"]["RLHF"] for row in
+                     read_rows(rewarded / f"eval_{name}" / "samples.jsonl")]
+  assert "RLHF-gold" in results["with_gold"] and "RLHF-gold" not in results["without_gold"]
   for name in ("RR", "SFT", "RO", "RLHF"):
-    assert alone["systems"][name]["splits"] == results["systems"][name]["splits"], name
-  alone_samples = read_rows(workdir / "eval_without_gold" / "samples.jsonl")
-  assert [row["systems"]["RLHF"] for row in alone_samples] == [
-      row["systems"]["RLHF"] for row in samples]
+    assert results["with_gold"][name]["splits"] == results["without_gold"][name]["splits"], name
+  assert samples["with_gold"] == samples["without_gold"]
 
 
 def test_a_phase_writes_under_its_configs_name(tmp_path):
