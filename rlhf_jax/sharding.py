@@ -202,7 +202,7 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     sharding = rows_sharding(mesh, x, global_rows)
     if jax.process_count() == 1:
       return jax.device_put(x, sharding)
-    if sharding.spec != batch_sharding(mesh, x.ndim).spec:
+    if x.ndim and sharding.spec == replicated(mesh).spec:
       raise UserError(f"batch field {name!r}: {global_rows} rows over {jax.process_count()} "
                       f"processes cannot be split over the {batch_devices(mesh)} data x fsdp "
                       "devices; make --config.train.batch_size a multiple of that count")

@@ -230,6 +230,21 @@ def paired_difference_ci(
                       confidence=confidence, seed=seed)
 
 
+def win_outcomes(gold, baseline_samples) -> np.ndarray:
+  """The judge's outcome of each answer against baseline samples: a win 1, a tie 0.5, a loss 0,
+  averaged over the samples.
+
+  Args:
+    gold: float [...], the judge's scores of the answers.
+    baseline_samples: float [..., K], its scores of K baseline samples per answer.
+
+  Returns:
+    float64 [...].
+  """
+  gold = np.asarray(gold, np.float64)
+  return np.mean(0.5 + 0.5 * np.sign(gold[..., None] - baseline_samples), axis=-1)
+
+
 def paired_win_rate(
     gold_system,
     gold_baseline,
@@ -260,7 +275,7 @@ def paired_win_rate(
                      f"{gold_baseline.size} baseline scores")
   if not (np.all(np.isfinite(gold_system)) and np.all(np.isfinite(gold_baseline))):
     raise ValueError("paired_win_rate: non-finite scores")
-  outcomes = 0.5 + 0.5 * np.sign(gold_system - gold_baseline)
+  outcomes = win_outcomes(gold_system, gold_baseline[:, None])
   return bootstrap_ci(outcomes, num_resamples=num_resamples, confidence=confidence, seed=seed)
 
 
@@ -270,7 +285,7 @@ def win_rate_against_samples(gold_system, gold_samples, *, seed: int = 0,
   """Win-rate of a system's answer against several baseline samples to the same prompt.
 
   Per prompt the outcome is the mean over the K baseline samples of win 1, tie 0.5, loss 0
-  (`paired_win_rate`'s rule); the rate is its mean over prompts, the CI the percentile bootstrap
+  (`win_outcomes`); the rate is its mean over prompts, the CI the percentile bootstrap
   over prompts. It estimates the same quantity as `paired_win_rate` against one baseline answer
   per prompt (the chance that the system's answer beats a draw of the baseline), without the
   noise of that one draw: on the built-in task one SFT answer per prompt moved a policy's rate by
@@ -290,7 +305,7 @@ def win_rate_against_samples(gold_system, gold_samples, *, seed: int = 0,
                      f"samples of shape {gold_samples.shape}")
   if not (np.all(np.isfinite(gold_system)) and np.all(np.isfinite(gold_samples))):
     raise ValueError("win_rate_against_samples: non-finite scores")
-  outcomes = np.mean(0.5 + 0.5 * np.sign(gold_system[:, None] - gold_samples), axis=1)
+  outcomes = win_outcomes(gold_system, gold_samples)
   return bootstrap_ci(outcomes, num_resamples=num_resamples, confidence=confidence, seed=seed)
 
 

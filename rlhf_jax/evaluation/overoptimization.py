@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_jax.evaluation import metrics
+
 BEST_OF_N = "best_of_n"
 PPO = "ppo"
 DEFAULT_NS = (1, 2, 4, 8, 16)
@@ -111,10 +113,8 @@ def best_of_n_points(proxy_scores, gold_scores, *, ns: Sequence[int] = DEFAULT_N
     if baseline_gold.ndim != 2 or baseline_gold.shape[0] != num_prompts:
       raise ValueError(f"best_of_n_points: baseline_gold {baseline_gold.shape} must be "
                        f"[num_prompts] or [num_prompts, K] with num_prompts = {num_prompts}")
-    # Outcome of each sample against the baseline (a win 1, a tie 0.5, a loss 0), averaged over
-    # the baseline's K samples.
-    outcomes = np.mean(0.5 + 0.5 * np.sign(gold_scores[:, :, None] - baseline_gold[:, None, :]),
-                       axis=2)
+    # Each sample against the baseline's K samples of its prompt: [num_prompts, num_samples].
+    outcomes = metrics.win_outcomes(gold_scores, baseline_gold[:, None, :])
     outcomes_by_proxy = np.take_along_axis(outcomes, order, axis=-1)
     # The teacher's pick: any of the samples with the highest gold score (equal gold, equal
     # outcome), so sorting by gold alone ranks every subset's pick highest.
