@@ -124,7 +124,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.eval.best_of_n = 4
     # Online rounds continue the policy (Bai et al. 2022's online RLHF): each round's PPO starts
     # from the last round's policy for 30 iterations (90 over three rounds, the default's 60 plus
-    # half), and its reward model trains 200 steps (half the default's) on all pairs so far.
+    # half), and its reward model trains 200 steps on all pairs so far (the default's steps now;
+    # half of the 400 they were when the rounds were measured).
     config.ppo_init = "last"
     config.reward.train.steps = 200
     config.ppo.train.steps = 30

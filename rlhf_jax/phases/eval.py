@@ -110,7 +110,6 @@ def run(config, workdir: pathlib.Path) -> None:
           "to evaluate again.")
     return
   mesh = sharding.mesh_from_config(config.mesh)
-  splits, levels = evaluate.splits_and_levels(config)
   settings_args = dict(batch_size=config.eval_batch_size,
                        max_prompt_length=config.max_prompt_length)
   checkpoint = lambda given, phase: checkpoints.resolve_checkpoint(given, workdir, phase,
@@ -128,6 +127,8 @@ def run(config, workdir: pathlib.Path) -> None:
   for entry in filter(None, (e.strip() for e in config.extra_checkpoints.split(","))):
     name, _, path = entry.rpartition("=")
     policies.append(evaluate.load_policy(name or pathlib.Path(path).name, path, config.model, mesh))
+  # After the checkpoints: a missing one is named before the built-in set is generated (seconds).
+  splits, levels = evaluate.splits_and_levels(config)
   builtin_data = config.data.source == "builtin"
   check_fn = builtin.check_answer if builtin_data else None
   # The simulated teacher judges built-in questions only (no gold on Dolly).
