@@ -7,7 +7,8 @@ Built-in default (offline, after init and sft in the same workdir):
   validation prompts (the built-in validation split's size; its first 128 are PPO's held-out
   prompts), all 6 pairs of each prompt's 4 samples (InstructGPT's K-choose-2: the most
   judgements per generated sample), minus pairs of identical samples: at most 12,000 training
-  and 1,200 held-out pairs, about one epoch of the reward phase's 400 steps x 32 pairs. Judged by
+  and 1,200 held-out pairs; the reward phase's 200 steps x 32 pairs see about two thirds of
+  them (twice the labels measured no better: docs/experiments.md, "Reward model"). Judged by
   the simulated teacher at its defaults (Bradley-Terry temperature 0.5, 10% flips; see
   rlhf_jax/data/teacher.py for why). Chunks of 250 prompts (1,000 samples) are the unit an
   interruption can lose.

@@ -16,11 +16,12 @@ Variants:
   default  init, sft, label, reward, ppo, eval. Budget: at most 10 minutes on 2 CPU cores (issue
            #21 item 7), not met: at seed 2 (commit 4b86b25) it took 34 min 23 s on 2 cores of an
            AMD EPYC, jax 0.10.2 on CPU, with other work beside it at the lowest priority (SFT
-           11 min, label 2, reward 8, PPO 9, eval 4; about 30 min alone, docs/results.md
-           "Time"). Result, seeds 0/1/2 (README "What the main job reaches"): reward model
-           78.4/73.2/78.2% against the teacher's gold order (labels' ceiling ~87%); RLHF gold
-           win-rate vs SFT's samples on 200 test prompts 63.0/58.4/61.9% (commit 117e989's
-           eval), each CI above 55%; exact match never below SFT's. The earlier single-style
+           11 min, label 2, reward 8, PPO 9, eval 4; docs/results.md "Time"); with the reward
+           phase at 200 steps since (commit bcd17df) the reward, ppo and eval phases take
+           14-15 min, about 27 min in all. Result, seeds 0/1/2 (README "What the main job
+           reaches", commit bcd17df): reward model 78.4/72.1/78.2% against the teacher's gold
+           order (labels' ceiling ~87%); RLHF gold win-rate vs SFT's samples on 200 test
+           prompts 61.1/58.9/63.3%, each CI above 55%; exact match never below SFT's. The earlier single-style
            pipeline (commit c5a8eca, 6 min 51 s, PPO gained nothing): docs/experiments.md.
   full     adds `ppo_gold` before eval: the ppo phase with `reward.sources=gold` (the teacher's
            gold score as the reward, the upper bound of RLHF), written to WORKDIR/ppo_gold, which

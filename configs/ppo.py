@@ -3,11 +3,13 @@
 Built-in default (offline, after the sft and reward phases in the same workdir):
   python -m rlhf_jax.main --phase=ppo --config=configs/ppo.py --workdir=runs/default
   Machine: 2 cores of an AMD EPYC, jax 0.10.2 on CPU. Time: 9 min 3 s at seed 2 (60 iterations
-  of 32 prompts x up to 56 new tokens; commit 4b86b25, the main job). Result, seeds 0/1/2: the
-  teacher's gold score on 128 held-out prompts 2.19 -> 2.99 / 1.74 -> 2.22 / 2.33 -> 2.81 at KL
-  1.00 / 1.30 / 1.12 nats (target 1.0); the eval phase's gold win-rate against SFT's samples on 200
-  test prompts 63.0% / 58.4% / 61.9% (commit 117e989; README "What the main job reaches"). On the single-style set
-  of earlier versions PPO gained nothing; what was tried: docs/experiments.md, "PPO".
+  of 32 prompts x up to 56 new tokens; commit 4b86b25, the main job). Result, seeds 0/1/2, with
+  the 200-step reward model (commit bcd17df): the teacher's gold score on 128 held-out prompts
+  2.19 -> 3.05 / 1.74 -> 2.07 / 2.33 -> 2.56 at KL 0.72 / 1.49 / 1.45 nats (target 1.0; what was
+  tried for the controller: docs/experiments.md, "The KL controller on the mixed set"); the eval
+  phase's gold win-rate against SFT's samples on 200 test prompts 61.1% / 58.9% / 63.3% (README
+  "What the main job reaches"). On the single-style set of earlier versions PPO gained nothing;
+  what was tried: docs/experiments.md, "PPO".
 
 PPO on the built-in verifier (`:verifier`; issue #22's verifier reward: 1 when the answer checker
 accepts the response, else 0), 30 iterations, written to WORKDIR/ppo_verifier (after sft and
