@@ -21,8 +21,9 @@ Variants:
            14-15 min, about 27 min in all. Result, seeds 0/1/2 (README "What the main job
            reaches", commit bcd17df): reward model 78.4/72.1/78.2% against the teacher's gold
            order (labels' ceiling ~87%); RLHF gold win-rate vs SFT's samples on 200 test
-           prompts 61.1/58.9/63.3%, each CI above 55%; exact match never below SFT's. The earlier single-style
-           pipeline (commit c5a8eca, 6 min 51 s, PPO gained nothing): docs/experiments.md.
+           prompts 61.1/58.9/63.3%, each CI above 55%; exact match never below SFT's. The
+           earlier single-style pipeline (commit c5a8eca, 6 min 51 s, PPO gained nothing):
+           docs/experiments.md.
   full     adds `ppo_gold` before eval: the ppo phase with `reward.sources=gold` (the teacher's
            gold score as the reward, the upper bound of RLHF), written to WORKDIR/ppo_gold, which
            eval reports as RLHF-gold, and `grpo` (configs/grpo.py: GRPO on the built-in verifier

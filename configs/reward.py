@@ -111,7 +111,7 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
   config.mesh = common.mesh()
   config.optim = common.optim(1e-3, warmup_steps=30, weight_decay=0.01)
   # 200 steps, about 0.65 epoch of the judged pairs: a second epoch (400 steps) gained nothing on
-  # seed 0 (docs/results.md, "The reward model's steps") and took 3 minutes more.
+  # seed 0 (docs/experiments.md, "On the judged pairs of the mixed set") and took 3 minutes more.
   config.train = common.train(steps=200, batch_size=32, log_every=25, eval_every=100,
                               save_every=100)
   config.eval_batch_size = 100
